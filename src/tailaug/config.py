@@ -1,0 +1,439 @@
+"""Typed, validated configuration.
+
+A config is a YAML file with the sections below. Every section forbids unknown keys; a
+misspelt key is reported with the closest valid key. Values given on the command line as
+``section.key=value`` (parsed as YAML scalars/lists) override the file.
+
+Defaults marked "decision" are choices that ``shared/spec/methods.md`` fixes where the
+papers are silent; each can be changed in a config.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import typing
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .errors import ConfigError
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# --------------------------------------------------------------------------- run / data
+
+
+class RunConfig(Section):
+    name: str = "run"
+    output_dir: str = "runs"
+    seed: int = Field(0, ge=0)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+class ShotThresholds(Section):
+    """many: n_c > many; few: n_c < few; medium: the rest (classifier-balancing rule)."""
+
+    many: int = Field(100, ge=1)
+    few: int = Field(20, ge=1)
+
+    @model_validator(mode="after")
+    def _ordered(self):
+        if self.few > self.many:
+            raise ValueError(f"few ({self.few}) must not exceed many ({self.many})")
+        return self
+
+
+class DataConfig(Section):
+    dataset: Literal["cifar10", "cifar100", "fashion_mnist", "mnist", "image_folder"] = "fashion_mnist"
+    root: str | None = None  # directory holding the data; None: look in the usual places
+    download: bool = False  # let torchvision download when the data is not on disk
+    profile: Literal["exponential", "step", "none"] = "exponential"
+    imbalance_factor: float = Field(100.0, ge=1.0)
+    n_max: int | None = Field(None, ge=1)  # per-class size of the balanced set; None: from the data
+    lt_seed: int = Field(0, ge=0)  # RandomState seed of the subset draw (protocol: 0)
+    val_per_class: int = Field(0, ge=0)  # held out of the LT train set as a validation split
+    test_per_class: int | None = Field(None, ge=1)  # subsample the (balanced) test set
+    shots: ShotThresholds = ShotThresholds()
+    # image_folder datasets: split files with "relative/path label" lines under root
+    train_split: str | None = None
+    val_split: str | None = None
+    test_split: str | None = None
+    num_classes: int | None = Field(None, ge=2)
+    image_size: int = Field(224, ge=8)
+    # batch augmentation
+    crop_padding: int = Field(4, ge=0)
+    flip: bool = True
+    num_workers: int = Field(2, ge=0)
+
+    @model_validator(mode="after")
+    def _image_folder_needs_splits(self):
+        if self.dataset == "image_folder":
+            missing = [k for k in ("root", "train_split", "test_split") if getattr(self, k) is None]
+            if missing:
+                raise ValueError(
+                    f"dataset 'image_folder' needs data.{', data.'.join(missing)}: an image root "
+                    "and split files with one 'relative/path label' line per image"
+                )
+        return self
+
+
+# --------------------------------------------------------------------------- model
+
+
+CIFAR_ARCHS = ("resnet20", "resnet32", "resnet44", "resnet56", "resnet110")
+TORCHVISION_ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnext50_32x4d")
+
+
+class ModelConfig(Section):
+    arch: Literal[CIFAR_ARCHS + TORCHVISION_ARCHS] = "resnet32"  # type: ignore[valid-type]
+    in_channels: int | None = Field(None, ge=1)  # None: from the dataset
+    head: Literal["linear", "cosine"] = "linear"
+    cosine_scale: float = Field(16.0, gt=0)  # logit scale of the cosine head
+    weights: str | None = None  # local .pt/.pth/.safetensors file with backbone weights
+
+
+# --------------------------------------------------------------------------- losses
+
+
+class _Loss(Section):
+    weight: float = Field(1.0, gt=0)
+
+
+class CELoss(_Loss):
+    name: Literal["ce"] = "ce"
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+
+
+class FocalLoss(_Loss):
+    name: Literal["focal"]
+    gamma: float = Field(2.0, ge=0)
+
+
+class LDAMLoss(_Loss):
+    name: Literal["ldam"]
+    max_margin: float = Field(0.5, gt=0)
+    scale: float = Field(30.0, gt=0)
+
+
+class BalancedSoftmaxLoss(_Loss):
+    name: Literal["balanced_softmax"]
+
+
+class LogitAdjustLoss(_Loss):
+    name: Literal["logit_adjust"]
+    tau: float = Field(1.0, ge=0)
+
+
+class LabelAwareSmoothingLoss(_Loss):
+    name: Literal["label_aware_smoothing"]
+    head_smoothing: float = Field(0.4, ge=0, lt=1)
+    tail_smoothing: float = Field(0.1, ge=0, lt=1)
+    shape: Literal["concave", "linear", "convex"] = "concave"
+    power: float = Field(2.0, gt=0)
+
+
+class SupConLoss(_Loss):
+    name: Literal["supcon"]
+    temperature: float = Field(0.07, gt=0)
+
+
+class ArcFaceLoss(_Loss):
+    name: Literal["arcface"]
+    margin: float = Field(0.5, ge=0)
+    scale: float = Field(30.0, gt=0)
+
+
+class CosFaceLoss(_Loss):
+    name: Literal["cosface"]
+    margin: float = Field(0.35, ge=0)
+    scale: float = Field(30.0, gt=0)
+
+
+class SphereFaceLoss(_Loss):
+    name: Literal["sphereface"]
+    margin: int = Field(4, ge=1)
+    scale: float = Field(30.0, gt=0)
+
+
+LossTerm = Annotated[
+    Union[
+        CELoss, FocalLoss, LDAMLoss, BalancedSoftmaxLoss, LogitAdjustLoss,
+        LabelAwareSmoothingLoss, SupConLoss, ArcFaceLoss, CosFaceLoss, SphereFaceLoss,
+    ],
+    Field(discriminator="name"),
+]
+
+
+class ReweightConfig(Section):
+    """Per-class loss weights; with start_epoch > 0 this is deferred re-weighting (DRW)."""
+
+    scheme: Literal["none", "effective_number", "inverse_frequency"] = "none"
+    beta: float = Field(0.9999, ge=0, lt=1)
+    start_epoch: int = Field(0, ge=0)
+
+
+class SamplerConfig(Section):
+    kind: Literal["instance", "class_balanced", "sqrt", "progressive"] = "instance"
+
+
+# --------------------------------------------------------------------------- stage 1
+
+
+class TrainConfig(Section):
+    epochs: int = Field(200, ge=1)
+    batch_size: int = Field(128, ge=1)
+    eval_batch_size: int = Field(512, ge=1)
+    lr: float = Field(0.1, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    nesterov: bool = False
+    weight_decay: float = Field(2e-4, ge=0)
+    warmup_epochs: int = Field(5, ge=0)
+    schedule: Literal["multistep", "cosine", "step"] = "multistep"
+    milestones: list[int] = [160, 180]
+    step_size: int = Field(10, ge=1)  # schedule "step": x gamma every step_size epochs
+    gamma: float = Field(0.1, gt=0, le=1)
+    min_lr: float = Field(0.0, ge=0)
+    mixup_alpha: float = Field(0.0, ge=0)  # 0 turns mixup off
+    loss: list[LossTerm] = Field(default_factory=lambda: [CELoss()], min_length=1)
+    reweight: ReweightConfig = ReweightConfig()
+    sampler: SamplerConfig = SamplerConfig()
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    channels_last: bool = True
+    grad_clip: float | None = Field(None, gt=0)
+    log_every: int = Field(50, ge=1)
+
+    @model_validator(mode="after")
+    def _milestones(self):
+        if sorted(self.milestones) != self.milestones:
+            raise ValueError(f"milestones {self.milestones} must be increasing")
+        return self
+
+
+# --------------------------------------------------------------------------- stages 2-3
+
+
+class FeaturesConfig(Section):
+    views: int = Field(0, ge=0)  # extra randomly augmented views per training image
+    batch_size: int = Field(512, ge=1)
+
+
+class HeadSetConfig(Section):
+    """Which classes train the generator. Decision: the many-shot classes."""
+
+    rule: Literal["many_shot", "threshold", "top_k"] = "many_shot"
+    threshold: int = Field(100, ge=1)  # rule threshold: n_c > threshold
+    top_k: int = Field(3, ge=1)  # rule top_k: the k largest classes
+
+
+class STGConfig(Section):
+    head: HeadSetConfig = HeadSetConfig()
+    memory_size: int = Field(1200, ge=0)
+    ema: float = Field(0.9, ge=0, lt=1)  # rho of the per-sample moving average of targets
+    min_neighbours: int = Field(2, ge=1)
+    token_std: float = Field(1.0, ge=0)
+    hidden_dims: list[int] = [256]
+    loss: Literal["mse", "kl"] = "mse"
+    epochs: int = Field(20, ge=1)
+    batch_size: int = Field(128, ge=2)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+
+
+class NoAugmenter(Section):
+    name: Literal["none"] = "none"
+
+
+class STGAugmenter(Section):
+    name: Literal["stg"]
+    lam: float = Field(1.5, ge=0)  # lambda of Eq. 3
+    t: float = Field(0.5, ge=0, le=1)  # fraction of coordinates replaced (Eq. 4)
+    mu_scale: float = Field(1.0, ge=0)  # scale of the mean term; 0 turns it off
+    token: Literal["prototype", "classifier"] = "prototype"
+    targets: Literal["tail", "all"] = "tail"
+
+
+class NoiseAugmenter(Section):
+    name: Literal["noise"]
+    std: float = Field(1.0, gt=0)
+    targets: Literal["tail", "all"] = "tail"
+
+
+class DropoutAugmenter(Section):
+    name: Literal["dropout"]
+    p: float = Field(0.1, gt=0, lt=1)
+    targets: Literal["tail", "all"] = "tail"
+
+
+AugmenterConfig = Annotated[
+    Union[NoAugmenter, STGAugmenter, NoiseAugmenter, DropoutAugmenter],
+    Field(discriminator="name"),
+]
+
+
+class RetrainConfig(Section):
+    method: Literal["crt", "lws", "tau_norm", "ncm"] = "crt"
+    epochs: int = Field(30, ge=1)
+    batch_size: int = Field(128, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    sampler: SamplerConfig = SamplerConfig(kind="class_balanced")
+    augmenter: AugmenterConfig = NoAugmenter()
+    tau: float | None = Field(None, ge=0)  # tau-norm; None: chosen on the validation split
+    seed: int | None = Field(None, ge=0)  # None: run.seed
+
+
+class EvalConfig(Section):
+    ece_bins: int = Field(15, ge=1)
+    logit_adjust_tau: float = Field(0.0, ge=0)  # post-hoc logit adjustment; 0 turns it off
+
+
+class Config(Section):
+    run: RunConfig = RunConfig()
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    features: FeaturesConfig = FeaturesConfig()
+    stg: STGConfig = STGConfig()
+    retrain: RetrainConfig = RetrainConfig()
+    eval: EvalConfig = EvalConfig()
+
+    def section_hash(self, *sections: str) -> str:
+        """A short hash of the named sections (dotted paths allowed), for stage caching."""
+        dumped = self.model_dump(mode="json")
+        picked = {}
+        for path in sections:
+            node: Any = dumped
+            for part in path.split("."):
+                node = node[part]
+            picked[path] = node
+        blob = json.dumps(picked, sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:12]
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``a.b.c=value`` -> (["a", "b", "c"], value parsed as YAML)."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {text!r} is not of the form section.key=value (e.g. train.epochs=5)")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {text!r}: the value is not valid YAML ({exc.problem})") from None
+    return key.strip().split("."), value
+
+
+def apply_override(tree: dict, path: list[str], value: Any) -> None:
+    node: Any = tree
+    for i, part in enumerate(path[:-1]):
+        if isinstance(node, list):
+            node = node[_list_index(node, part, path[: i + 1])]
+            continue
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        node = child
+    last = path[-1]
+    if isinstance(node, list):
+        node[_list_index(node, last, path)] = value
+    elif isinstance(node, dict):
+        node[last] = value
+    else:
+        raise ConfigError(f"override {'.'.join(path)}: {'.'.join(path[:-1])} is a value, not a section")
+
+
+def _list_index(node: list, part: str, path: list[str]) -> int:
+    if not part.isdigit() or int(part) >= len(node):
+        raise ConfigError(
+            f"override {'.'.join(path)}: {part!r} is not an index of a list of length {len(node)}"
+        )
+    return int(part)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    tree: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist; the shipped configs are in configs/")
+        try:
+            tree = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{path} must hold a mapping of sections (run, data, model, ...)")
+    for text in overrides:
+        apply_override(tree, *parse_override(text))
+    return validate_config(tree, source=str(path) if path else "config")
+
+
+def validate_config(tree: dict, source: str = "config") -> Config:
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as exc:
+        lines = [_describe(err) for err in exc.errors()]
+        raise ConfigError(f"{source} is not valid:\n  " + "\n  ".join(lines)) from None
+
+
+def _describe(err: dict) -> str:
+    loc = [str(p) for p in err["loc"]]
+    where = ".".join(loc)
+    if err["type"] == "extra_forbidden":
+        allowed = _allowed_keys(err["loc"][:-1])
+        hint = difflib.get_close_matches(loc[-1], allowed, n=1, cutoff=0.5)
+        fix = f"did you mean '{'.'.join(loc[:-1] + hint)}'?" if hint else f"valid keys: {', '.join(allowed)}"
+        return f"unknown key '{where}': {fix}"
+    value = err.get("input")
+    shown = "" if isinstance(value, dict) else f" = {value!r}"
+    return f"{where}{shown}: {err['msg']}"
+
+
+def _allowed_keys(loc: tuple) -> list[str]:
+    """The field names of the model reached by following ``loc`` from Config."""
+    tp: Any = Config
+    for part in loc:
+        tp = _strip(tp)
+        if isinstance(tp, type) and issubclass(tp, BaseModel):
+            field = tp.model_fields.get(str(part))
+            if field is None:
+                return []
+            tp = field.annotation
+        elif typing.get_origin(tp) is list:
+            tp = typing.get_args(tp)[0]
+        elif typing.get_origin(tp) is Union:
+            members = [m for m in typing.get_args(tp) if _tag(m) == part]
+            if not members:
+                return []
+            tp = members[0]
+        else:
+            return []
+    tp = _strip(tp)
+    if isinstance(tp, type) and issubclass(tp, BaseModel):
+        return list(tp.model_fields)
+    return []
+
+
+def _strip(tp: Any) -> Any:
+    while typing.get_origin(tp) is Annotated:
+        tp = typing.get_args(tp)[0]
+    return tp
+
+
+def _tag(model: Any) -> str | None:
+    field = getattr(model, "model_fields", {}).get("name")
+    if field is None:
+        return None
+    args = typing.get_args(field.annotation)
+    return args[0] if args else None

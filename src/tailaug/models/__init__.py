@@ -1,0 +1,77 @@
+"""Models: a backbone that returns pooled features and a head that maps them to logits."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from ..config import CIFAR_ARCHS, ModelConfig
+from ..engine.checkpoint import load_tensors
+from ..errors import CheckpointError
+from .cifar_resnet import CifarResNet
+from .heads import CosineHead, LinearHead, build_head
+from .torchvision_models import torchvision_backbone
+
+__all__ = ["Network", "Output", "build_model", "CosineHead", "LinearHead", "build_head"]
+
+
+class Output(NamedTuple):
+    features: torch.Tensor  # [N, d] after global pooling
+    logits: torch.Tensor  # [N, C]
+
+
+class Network(nn.Module):
+    def __init__(self, backbone: nn.Module, head: nn.Module):
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+        self.feature_dim = backbone.feature_dim
+
+    def forward(self, x: torch.Tensor) -> Output:
+        features = self.backbone(x)
+        return Output(features, self.head(features))
+
+
+BACKBONES = {name: (lambda ch, d=int(name[6:]): CifarResNet(d, ch)) for name in CIFAR_ARCHS}
+
+
+def build_backbone(arch: str, in_channels: int) -> nn.Module:
+    if arch in BACKBONES:
+        return BACKBONES[arch](in_channels)
+    return torchvision_backbone(arch, in_channels)
+
+
+def build_model(cfg: ModelConfig, num_classes: int, in_channels: int) -> Network:
+    backbone = build_backbone(cfg.arch, cfg.in_channels or in_channels)
+    if cfg.weights:
+        load_backbone_weights(backbone, cfg.weights)
+    return Network(backbone, build_head(cfg.head, backbone.feature_dim, num_classes, cfg.cosine_scale))
+
+
+def load_backbone_weights(backbone: nn.Module, path: str | Path) -> None:
+    """Load backbone weights from a local file (safetensors or a torch state dict).
+
+    A classifier (``fc.*``/``head.*``) in the file is ignored and a ``module.``/``backbone.``
+    prefix is stripped, so torchvision ImageNet weights and tailaug checkpoints both load.
+    """
+    state = load_tensors(path)
+    if "model" in state and isinstance(state["model"], dict):
+        state = state["model"]
+    cleaned = {}
+    for key, value in state.items():
+        for prefix in ("module.", "backbone."):
+            key = key.removeprefix(prefix)
+        if not key.startswith(("fc.", "head.")):
+            cleaned[key] = value
+    own = backbone.state_dict()
+    missing = sorted(set(own) - set(cleaned))
+    mismatched = [k for k in own if k in cleaned and cleaned[k].shape != own[k].shape]
+    if missing or mismatched:
+        raise CheckpointError(
+            f"weights in {path} do not fit this backbone: {len(missing)} missing keys "
+            f"(e.g. {missing[:3]}), shape mismatch in {mismatched[:3]}; check model.arch and model.in_channels"
+        )
+    backbone.load_state_dict({k: cleaned[k] for k in own})

@@ -1,0 +1,239 @@
+"""The feature-augmenter interface that stage 3 calls on every mini-batch.
+
+Stage 3 (classifier re-training on cached features, ``tailaug.stages.classifier``) drives an
+augmenter through four hooks and knows nothing else about it:
+
+1. :meth:`FeatureAugmenter.fit` once before re-training, with an :class:`AugmentContext`
+   (all training features and labels, class counts, the head classes, the stage-1
+   classifier). Explicit augmenters build their statistics here (class prototypes, class
+   means and covariances, ...).
+2. :meth:`FeatureAugmenter.set_epoch` at the start of every epoch (for schedules such as
+   ISDA's ramp of lambda, or augmenters that switch on late like RSG).
+3. :meth:`FeatureAugmenter.forward` on every batch: ``(features, labels) -> (features,
+   labels)``. It may replace rows, append rows (then it appends their labels too), or do
+   nothing. All randomness comes from the ``generator`` argument, so that a seeded stage 3
+   is reproducible.
+4. :meth:`FeatureAugmenter.logits_hook` after the classifier: implicit methods (ISDA,
+   MetaSAug) change the logits that enter the cross-entropy instead of the features.
+
+Parameters that the augmenter wants trained jointly with the classifier are returned by
+:meth:`FeatureAugmenter.trainable_parameters` (default: none); stage 3 adds them to its
+optimiser. The ``targets`` option of every augmenter: ``"tail"`` augments only samples of
+non-head classes, ``"all"`` every sample.
+
+New augmenters register with :func:`register_augmenter`; :func:`build_augmenter` turns a
+config section (``retrain.augmenter``) into a module.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Iterable, Mapping
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+
+TARGETS = ("tail", "all")
+
+
+@dataclasses.dataclass(kw_only=True)
+class AugmentContext:
+    """What an augmenter may look at before re-training (all on one device).
+
+    ``features`` [N, d] and ``labels`` [N] are the stage-3 training set; ``class_counts``
+    [C] the number of training images per class (for beta_y of STG, the count of images,
+    not of rows when several views are cached); ``head_classes`` the classes that count as
+    head (their samples are not augmented with ``targets="tail"``); ``classifier_weight``
+    [C, d] and ``classifier_bias`` [C] the stage-1 classifier, or None when unknown.
+    """
+
+    features: torch.Tensor
+    labels: torch.Tensor
+    class_counts: torch.Tensor
+    head_classes: list[int]
+    classifier_weight: torch.Tensor | None = None
+    classifier_bias: torch.Tensor | None = None
+    num_classes: int | None = None
+    index: torch.Tensor | None = None  # dataset index per row (several views share one)
+
+    def __post_init__(self):
+        self.features = torch.as_tensor(self.features)
+        if self.features.ndim != 2:
+            raise ValueError(f"features must be [N, d], got shape {tuple(self.features.shape)}")
+        self.labels = torch.as_tensor(self.labels, device=self.features.device).long()
+        if self.labels.shape != (self.features.shape[0],):
+            raise ValueError(
+                f"labels must be [N] with N={self.features.shape[0]}, got shape {tuple(self.labels.shape)}"
+            )
+        self.class_counts = torch.as_tensor(self.class_counts, device=self.features.device).long()
+        if self.num_classes is None:
+            self.num_classes = int(self.class_counts.numel())
+        if self.class_counts.shape != (self.num_classes,):
+            raise ValueError(
+                f"class_counts must have one entry per class ({self.num_classes}), "
+                f"got shape {tuple(self.class_counts.shape)}"
+            )
+        if self.labels.numel() and (int(self.labels.min()) < 0 or int(self.labels.max()) >= self.num_classes):
+            raise ValueError(f"labels must lie in 0..{self.num_classes - 1}")
+        self.head_classes = sorted(int(c) for c in self.head_classes)
+        bad = [c for c in self.head_classes if not 0 <= c < self.num_classes]
+        if bad:
+            raise ValueError(f"head classes {bad} are not in 0..{self.num_classes - 1}")
+        d = self.features.shape[1]
+        if self.classifier_weight is not None:
+            self.classifier_weight = torch.as_tensor(self.classifier_weight, device=self.features.device)
+            if self.classifier_weight.shape != (self.num_classes, d):
+                raise ValueError(
+                    f"classifier_weight must be [C, d] = [{self.num_classes}, {d}], "
+                    f"got {tuple(self.classifier_weight.shape)}"
+                )
+        if self.classifier_bias is not None:
+            self.classifier_bias = torch.as_tensor(self.classifier_bias, device=self.features.device)
+            if self.classifier_bias.shape != (self.num_classes,):
+                raise ValueError(f"classifier_bias must be [C], got {tuple(self.classifier_bias.shape)}")
+
+    @property
+    def dim(self) -> int:
+        return int(self.features.shape[1])
+
+    @property
+    def head_mask(self) -> torch.Tensor:
+        """Bool [C], True for head classes."""
+        mask = torch.zeros(self.num_classes, dtype=torch.bool, device=self.features.device)
+        if self.head_classes:
+            mask[torch.tensor(self.head_classes, device=mask.device)] = True
+        return mask
+
+    def class_means(self, classes: Iterable[int] | None = None) -> torch.Tensor:
+        """Mean feature of each listed class (default: all), [len(classes), d]; zero if empty."""
+        classes = list(range(self.num_classes)) if classes is None else [int(c) for c in classes]
+        feats = self.features.float()
+        sums = torch.zeros(self.num_classes, feats.shape[1], dtype=feats.dtype, device=feats.device)
+        sums.index_add_(0, self.labels, feats)
+        counts = torch.bincount(self.labels, minlength=self.num_classes).clamp_min(1).to(feats.dtype)
+        means = sums / counts[:, None]
+        return means[torch.tensor(classes, dtype=torch.long, device=feats.device)]
+
+
+class FeatureAugmenter(nn.Module):
+    """Base class: the identity augmenter. Subclasses override what they need."""
+
+    name = "none"
+
+    def __init__(self, targets: str = "tail"):
+        super().__init__()
+        if targets not in TARGETS:
+            raise ConfigError(f"augmenter targets must be one of {', '.join(TARGETS)}, got {targets!r}")
+        self.targets = targets
+        self.register_buffer("target_classes", None, persistent=False)  # bool [C] after fit
+        self.fitted = False
+
+    # ------------------------------------------------------------------ hooks
+
+    def fit(self, ctx: AugmentContext) -> None:
+        """Called once before re-training. Subclasses call ``super().fit(ctx)`` first."""
+        if self.targets == "all":
+            self.target_classes = torch.ones(ctx.num_classes, dtype=torch.bool, device=ctx.features.device)
+        else:
+            self.target_classes = ~ctx.head_mask
+        self.fitted = True
+
+    def set_epoch(self, epoch: int, total_epochs: int) -> None:
+        """Called at the start of every stage-3 epoch (0-based)."""
+
+    def forward(
+        self, features: torch.Tensor, labels: torch.Tensor, *, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One training batch in, the batch to train on out (rows may be replaced or appended)."""
+        return features, labels
+
+    def logits_hook(
+        self, logits: torch.Tensor, features: torch.Tensor, labels: torch.Tensor, classifier: nn.Module
+    ) -> torch.Tensor:
+        """The logits that enter the loss; implicit augmenters (ISDA-like) change them here."""
+        return logits
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """Parameters to optimise together with the classifier (default: none)."""
+        return []
+
+    # ------------------------------------------------------------------ helpers
+
+    def target_rows(self, labels: torch.Tensor) -> torch.Tensor:
+        """Bool [B]: which rows of a batch this augmenter augments."""
+        if not self.fitted or self.target_classes is None:
+            raise RuntimeError(f"{type(self).__name__}.fit(ctx) must be called before augmenting")
+        return self.target_classes.to(labels.device)[labels]
+
+    def extra_repr(self) -> str:
+        return f"targets={self.targets!r}"
+
+
+# --------------------------------------------------------------------------- registry
+
+AugmenterFactory = Callable[..., FeatureAugmenter]  # (cfg, generator_module=None) -> module
+_REGISTRY: dict[str, AugmenterFactory] = {}
+
+
+def register_augmenter(name: str, factory: AugmenterFactory | None = None):
+    """Register ``factory(cfg, generator_module=None) -> FeatureAugmenter`` under ``name``.
+
+    Usable as a decorator on a class with a ``from_config`` classmethod, or called with a
+    factory function.
+    """
+
+    def _add(obj):
+        fn = obj.from_config if isinstance(obj, type) else obj
+        if name in _REGISTRY and _REGISTRY[name] is not fn:
+            raise ValueError(f"an augmenter named {name!r} is already registered")
+        _REGISTRY[name] = fn
+        return obj
+
+    return _add(factory) if factory is not None else _add
+
+
+def _none_factory(cfg=None, generator_module=None) -> FeatureAugmenter:
+    return FeatureAugmenter()
+
+
+register_augmenter("none", _none_factory)
+
+
+def _load_builtins() -> None:
+    # the built-in augmenters register themselves on import (imported lazily: they import this module)
+    from . import noise, stg  # noqa: F401
+
+
+def available_augmenters() -> list[str]:
+    _load_builtins()
+    return sorted(_REGISTRY)
+
+
+def build_augmenter(cfg: Any, generator_module: nn.Module | None = None) -> FeatureAugmenter:
+    """A :class:`FeatureAugmenter` from a ``retrain.augmenter`` config section (or a mapping).
+
+    ``generator_module`` is the trained stage-2 generator, needed by ``stg``.
+    """
+    _load_builtins()
+    if cfg is None:
+        cfg = {"name": "none"}
+    if isinstance(cfg, Mapping):
+        from pydantic import TypeAdapter, ValidationError
+
+        from ..config import AugmenterConfig
+
+        name = cfg.get("name")
+        if name in _REGISTRY and name not in ("none", "stg", "noise", "dropout"):
+            return _REGISTRY[name](cfg, generator_module=generator_module)
+        try:
+            cfg = TypeAdapter(AugmenterConfig).validate_python(dict(cfg))
+        except ValidationError as exc:
+            raise ConfigError(f"retrain.augmenter is not valid: {exc}") from None
+    name = getattr(cfg, "name", None)
+    if name not in _REGISTRY:
+        raise ConfigError(
+            f"unknown augmenter {name!r}; available: {', '.join(sorted(_REGISTRY))} (retrain.augmenter.name)"
+        )
+    return _REGISTRY[name](cfg, generator_module=generator_module)

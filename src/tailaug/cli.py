@@ -1,0 +1,88 @@
+"""The ``tailaug`` command."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from .errors import TailaugError
+
+USAGE_EXAMPLES = """examples:
+  tailaug train configs/fmnist_lt/ce.yaml train.epochs=5 data.imbalance_factor=50
+  tailaug train configs/fmnist_lt/ce.yaml --resume
+  tailaug evaluate runs/fmnist_lt_ce
+  tailaug datasets describe configs/cifar10_lt/if100.yaml
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tailaug", description=__doc__, epilog=USAGE_EXAMPLES,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def with_config(p):
+        p.add_argument("config", help="YAML config file")
+        p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.epochs=5")
+        p.add_argument("--no-progress", action="store_true", help="no progress bars")
+        p.add_argument("--debug", action="store_true", help="show tracebacks")
+        return p
+
+    train = with_config(sub.add_parser("train", help="stage 1: train backbone and classifier"))
+    train.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
+
+    run = with_config(sub.add_parser("run", help="all three stages, reusing finished ones"))
+    run.add_argument("--resume", action="store_true", help=argparse.SUPPRESS)
+
+    ev = sub.add_parser("evaluate", help="evaluate a run directory's last checkpoint on the test set")
+    ev.add_argument("run_dir")
+    ev.add_argument("overrides", nargs="*", help="e.g. eval.logit_adjust_tau=1.0")
+    ev.add_argument("--debug", action="store_true")
+
+    ds = sub.add_parser("datasets", help="dataset tools")
+    ds_sub = ds.add_subparsers(dest="action", required=True)
+    with_config(ds_sub.add_parser("describe", help="per-class counts, shot groups and totals"))
+
+    an = sub.add_parser("analyze", help="analyses of a finished run")
+    an_sub = an.add_subparsers(dest="what", required=True)
+    stg = an_sub.add_parser("stg", help="KL table (paper Table 5) and t-SNE of augmented tail features")
+    stg.add_argument("run_dir")
+    stg.add_argument("--debug", action="store_true")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return _dispatch(args)
+    except TailaugError as exc:
+        if args.debug:
+            raise
+        print(f"tailaug: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("tailaug: interrupted; the last finished epoch's checkpoint is kept (use --resume)", file=sys.stderr)
+        return 130
+
+
+def _dispatch(args) -> int:
+    from . import commands
+
+    if args.command == "train":
+        commands.train(args.config, args.overrides, resume=args.resume, progress=not args.no_progress)
+    elif args.command == "run":
+        commands.run(args.config, args.overrides, progress=not args.no_progress)
+    elif args.command == "evaluate":
+        commands.evaluate(Path(args.run_dir), args.overrides)
+    elif args.command == "datasets":
+        commands.describe(args.config, args.overrides)
+    elif args.command == "analyze":
+        commands.analyze_stg(Path(args.run_dir))
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("MPLBACKEND", "Agg")
+    sys.exit(main())

@@ -1,0 +1,150 @@
+"""Long-tailed train/val/test splits built from a config.
+
+Balanced sources (CIFAR, Fashion-MNIST, MNIST) are cut to a class-count profile with the
+protocol of methods.md section 1; image folders come long-tailed already through their
+split files.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from ..config import DataConfig
+from ..errors import DataError
+from .profiles import long_tail_indices, profile_counts
+from .transforms import MEAN_STD
+
+# Per-class size of the balanced training set (n_max of the profile). MNIST's smallest
+# class has 5,421 training images, so that is the largest n_max every class can give.
+BALANCED_SIZE = {"cifar10": 5000, "cifar100": 500, "fashion_mnist": 6000, "mnist": 5421}
+NUM_CLASSES = {"cifar10": 10, "cifar100": 100, "fashion_mnist": 10, "mnist": 10}
+
+
+@dataclass
+class Split:
+    """Labels plus either in-memory uint8 images [N,C,H,W] or a Dataset of (image, label)."""
+
+    labels: np.ndarray
+    images: torch.Tensor | None = None
+    dataset: torch.utils.data.Dataset | None = None
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+@dataclass
+class LTData:
+    name: str
+    num_classes: int
+    in_channels: int
+    class_counts: list[int]
+    train: Split
+    test: Split
+    val: Split | None = None
+    mean: tuple = field(default=(0.5,))
+    std: tuple = field(default=(0.5,))
+
+
+def planned_counts(cfg: DataConfig) -> list[int]:
+    """Training-set class counts of the config, computed without loading any image."""
+    if cfg.dataset == "image_folder":
+        from .sources import read_split_file
+
+        _, labels = read_split_file(cfg.root, cfg.train_split, cfg.num_classes)
+        return np.bincount(labels, minlength=cfg.num_classes or 0).tolist()
+    n_max = cfg.n_max or BALANCED_SIZE[cfg.dataset]
+    counts = profile_counts(cfg.profile, n_max, NUM_CLASSES[cfg.dataset], cfg.imbalance_factor)
+    if cfg.val_per_class:
+        counts = [n - max(0, cfg.val_per_class - (BALANCED_SIZE[cfg.dataset] - n)) for n in counts]
+    return counts
+
+
+def build_data(cfg: DataConfig) -> LTData:
+    if cfg.dataset == "image_folder":
+        return _image_folder(cfg)
+    from .sources import load_cifar, load_idx
+
+    if cfg.dataset.startswith("cifar"):
+        load = lambda train: load_cifar(cfg.root, NUM_CLASSES[cfg.dataset], train, cfg.download)  # noqa: E731
+    else:
+        load = lambda train: load_idx(cfg.root, cfg.dataset, train, cfg.download)  # noqa: E731
+    train_x, train_y = load(True)
+    test_x, test_y = load(False)
+    num_classes = NUM_CLASSES[cfg.dataset]
+    train_y, test_y = train_y.numpy(), test_y.numpy()
+    n_max = cfg.n_max or BALANCED_SIZE[cfg.dataset]
+    counts = profile_counts(cfg.profile, n_max, num_classes, cfg.imbalance_factor)
+    keep = long_tail_indices(train_y, counts, cfg.lt_seed)
+    val = None
+    if cfg.val_per_class:
+        keep, val_idx = _hold_out_validation(train_y, keep, cfg.val_per_class, cfg.lt_seed)
+        val = Split(train_y[val_idx], train_x[val_idx])
+    if cfg.test_per_class:
+        test_idx = long_tail_indices(test_y, [cfg.test_per_class] * num_classes, cfg.lt_seed)
+        test_x, test_y = test_x[test_idx], test_y[test_idx]
+    mean, std = MEAN_STD[cfg.dataset]
+    train_labels = train_y[keep]
+    return LTData(
+        name=cfg.dataset, num_classes=num_classes, in_channels=train_x.shape[1],
+        class_counts=np.bincount(train_labels, minlength=num_classes).tolist(),
+        train=Split(train_labels, train_x[torch.from_numpy(keep)]), test=Split(test_y, test_x),
+        val=val, mean=mean, std=std,
+    )
+
+
+def _hold_out_validation(labels: np.ndarray, keep: np.ndarray, per_class: int, seed: int):
+    """A balanced validation split, disjoint from train and test.
+
+    Decision: it is drawn from the training images the long-tail draw left unused; a class
+    with fewer unused images than ``per_class`` (the largest class has none) gives up the
+    missing ones from the end of its long-tailed subset.
+    """
+    rng = np.random.RandomState(seed + 1)
+    in_train = np.zeros(len(labels), dtype=bool)
+    in_train[keep] = True
+    val, removed = [], set()
+    for c in range(int(labels.max()) + 1):
+        unused = np.where((labels == c) & ~in_train)[0]
+        rng.shuffle(unused)
+        take = list(unused[:per_class])
+        short = per_class - len(take)
+        if short:
+            mine = keep[labels[keep] == c]
+            if short >= len(mine):
+                raise DataError(
+                    f"class {c} has too few images for a validation split of {per_class} per class; "
+                    "lower data.val_per_class"
+                )
+            take += list(mine[-short:])
+            removed.update(mine[-short:].tolist())
+        val.extend(take)
+    kept = np.array([i for i in keep if i not in removed], dtype=np.int64)
+    return kept, np.array(val, dtype=np.int64)
+
+
+def _image_folder(cfg: DataConfig) -> LTData:
+    from .sources import ImageFolderDataset, read_split_file
+
+    def split(path):
+        if path is None:
+            return None
+        paths, labels = read_split_file(cfg.root, path, cfg.num_classes)
+        return Split(labels, dataset=ImageFolderDataset(paths, labels, cfg.image_size))
+
+    train = split(cfg.train_split)
+    num_classes = cfg.num_classes or int(train.labels.max()) + 1
+    counts = np.bincount(train.labels, minlength=num_classes)
+    empty = np.where(counts == 0)[0]
+    if len(empty):
+        raise DataError(
+            f"classes {empty[:10].tolist()} have no training images in {cfg.train_split}; "
+            "every class needs at least one (or set data.num_classes to the number of classes present)"
+        )
+    mean, std = MEAN_STD["image_folder"]
+    return LTData(
+        name="image_folder", num_classes=num_classes, in_channels=3, class_counts=counts.tolist(),
+        train=train, test=split(cfg.test_split), val=split(cfg.val_split), mean=mean, std=std,
+    )

@@ -1,0 +1,72 @@
+"""Class-count profiles and the long-tailed subset draw (methods.md section 1)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..errors import DataError
+
+
+def exponential_counts(n_max: int, num_classes: int, imbalance_factor: float) -> list[int]:
+    """n_c = int(n_max * (1/IF) ** (c / (C - 1))) for c = 0..C-1 (Cao et al. 2019)."""
+    _check(n_max, num_classes, imbalance_factor)
+    if num_classes == 1:
+        return [n_max]
+    return [int(n_max * (1.0 / imbalance_factor) ** (c / (num_classes - 1))) for c in range(num_classes)]
+
+
+def step_counts(n_max: int, num_classes: int, imbalance_factor: float) -> list[int]:
+    """The first half of the classes keep n_max, the rest int(n_max / IF)."""
+    _check(n_max, num_classes, imbalance_factor)
+    half = num_classes // 2
+    return [n_max] * half + [int(n_max / imbalance_factor)] * (num_classes - half)
+
+
+def profile_counts(profile: str, n_max: int, num_classes: int, imbalance_factor: float) -> list[int]:
+    if profile == "exponential":
+        counts = exponential_counts(n_max, num_classes, imbalance_factor)
+    elif profile == "step":
+        counts = step_counts(n_max, num_classes, imbalance_factor)
+    elif profile == "none":
+        counts = [n_max] * num_classes
+    else:
+        raise DataError(f"unknown profile {profile!r}; use exponential, step or none")
+    empty = [c for c, n in enumerate(counts) if n < 1]
+    if empty:
+        raise DataError(
+            f"the {profile} profile with n_max={n_max} and imbalance factor {imbalance_factor:g} leaves "
+            f"class(es) {empty} with no samples; lower data.imbalance_factor (at most {n_max}) "
+            "or raise data.n_max"
+        )
+    return counts
+
+
+def long_tail_indices(labels: np.ndarray, counts: list[int], seed: int = 0) -> np.ndarray:
+    """Indices of the long-tailed subset: per class, shuffle its indices and keep the first n_c.
+
+    Uses ``np.random.RandomState(seed)`` with classes visited in order, the protocol that
+    gives the published CIFAR-LT sizes.
+    """
+    labels = np.asarray(labels)
+    rng = np.random.RandomState(seed)
+    kept = []
+    for c, n_c in enumerate(counts):
+        idx = np.where(labels == c)[0]
+        if len(idx) < n_c:
+            raise DataError(
+                f"class {c} has {len(idx)} images but the profile asks for {n_c}; "
+                "lower data.n_max or check the labels of the data"
+            )
+        rng.shuffle(idx)
+        kept.append(idx[:n_c])
+    return np.concatenate(kept) if kept else np.zeros(0, dtype=np.int64)
+
+
+def _check(n_max: int, num_classes: int, imbalance_factor: float) -> None:
+    if imbalance_factor < 1:
+        raise DataError(
+            f"imbalance factor {imbalance_factor:g} is below 1; it is n_max / n_min, so use a value >= 1 "
+            "(1 keeps the set balanced)"
+        )
+    if n_max < 1 or num_classes < 1:
+        raise DataError(f"n_max ({n_max}) and the number of classes ({num_classes}) must be positive")

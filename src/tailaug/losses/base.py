@@ -1,0 +1,129 @@
+"""Shared pieces of the loss terms: the input bundle, the term base class, helpers.
+
+Conventions every term follows:
+
+* Terms compute in float32 (float64 inputs stay float64, so ``gradcheck`` works); half or
+  bfloat16 inputs from autocast are upcast first.
+* A term that uses per-class weights reduces with the *weighted mean*
+  ``sum_i w[y_i] * l_i / sum_i w[y_i]`` (what ``F.cross_entropy(weight=w)`` does); with no
+  weights it is the plain mean over the batch.
+* Log-probabilities come from ``log_softmax`` (a logsumexp), never ``log(softmax)``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from ..errors import DataError, TailaugError
+
+
+@dataclass
+class LossInputs:
+    """Everything a loss term may look at for one batch.
+
+    ``logits`` [N, C] is the head output and ``targets`` [N] the int64 labels. ``features``
+    [N, d] are the pooled features (SupCon); with two views of each image, rows [0:N/2] and
+    [N/2:N] are the two views of the same images and ``targets`` has all N labels.
+    ``cosine`` [N, C] holds the cosine similarities in [-1, 1] when the head is cosine
+    (NormedLinear), else None.
+    """
+
+    logits: torch.Tensor
+    targets: torch.Tensor
+    features: torch.Tensor | None = None
+    cosine: torch.Tensor | None = None
+
+
+class BaseLossTerm(nn.Module):
+    """One configured loss term. ``forward(inputs, class_weight)`` returns a scalar.
+
+    ``class_weight`` is the current [C] per-class weight vector, or None when re-weighting
+    is off (scheme ``none`` or before ``reweight.start_epoch``). Terms with
+    ``uses_class_weights = False`` ignore it.
+    """
+
+    name: str = ""
+    uses_class_weights: bool = True
+    needs_cosine: bool = False  # raises without inputs.cosine
+    uses_cosine: bool = False  # reads inputs.cosine when given (needs_cosine implies it)
+    needs_two_views: bool = False
+
+    def forward(self, inputs: LossInputs, class_weight: torch.Tensor | None = None) -> torch.Tensor:
+        raise NotImplementedError
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def as_compute(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in the dtype losses compute in: float64 stays, everything else float32."""
+    return t if t.dtype == torch.float64 else t.float()
+
+
+def check_class_counts(class_counts: Sequence[int] | torch.Tensor) -> tuple[int, ...]:
+    """Validate per-class training counts and return them as a tuple of ints.
+
+    Every class needs at least one training image: priors, margins and class-balanced
+    weights are all undefined (log 0, 1/0) for an empty class.
+    """
+    if isinstance(class_counts, torch.Tensor):
+        raw = class_counts.detach().cpu().reshape(-1).tolist()
+    else:
+        try:
+            raw = [c.item() if hasattr(c, "item") else c for c in class_counts]
+        except TypeError:
+            raise TailaugError(
+                f"class_counts must be a sequence of per-class image counts, got {type(class_counts).__name__}"
+            ) from None
+    counts = []
+    for c, n in enumerate(raw):
+        if isinstance(n, bool) or not isinstance(n, (int, float)) or float(n) != math.floor(float(n)):
+            raise TailaugError(f"class_counts[{c}] = {n!r} is not a whole number of training images")
+        counts.append(int(n))
+    if len(counts) < 2:
+        raise TailaugError(f"class_counts has {len(counts)} entries; a classifier needs at least 2 classes")
+    empty = [c for c, n in enumerate(counts) if n < 1]
+    if empty:
+        raise DataError(
+            f"class(es) {empty} have no training images; the long-tailed losses need n_c >= 1 for "
+            "every class (log prior and margins are undefined otherwise): lower "
+            "data.imbalance_factor, raise data.n_max, or drop the empty classes from the split"
+        )
+    return tuple(counts)
+
+
+def log_prior(class_counts: Sequence[int]) -> torch.Tensor:
+    """log(n_c / N) as a float64 [C] tensor."""
+    counts = torch.tensor(class_counts, dtype=torch.float64)
+    return torch.log(counts / counts.sum())
+
+
+def per_sample_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """-log softmax(logits)[i, y_i] for every row, [N]."""
+    logp = torch.log_softmax(logits, dim=1)
+    return -logp.gather(1, targets[:, None]).squeeze(1)
+
+
+def weighted_mean(
+    per_sample: torch.Tensor, targets: torch.Tensor, class_weight: torch.Tensor | None
+) -> torch.Tensor:
+    """``sum_i w[y_i] l_i / sum_i w[y_i]``, or the plain mean when ``class_weight`` is None."""
+    if per_sample.numel() == 0:
+        return per_sample.sum()
+    if class_weight is None:
+        return per_sample.mean()
+    w = class_weight.to(device=per_sample.device, dtype=per_sample.dtype)[targets]
+    return (w * per_sample).sum() / w.sum()
+
+
+def replace_target_column(
+    values: torch.Tensor, targets: torch.Tensor, target_values: torch.Tensor
+) -> torch.Tensor:
+    """``values`` [N, C] with entry (i, y_i) replaced by ``target_values[i]`` (differentiably)."""
+    is_target = torch.nn.functional.one_hot(targets, values.shape[1]).bool()
+    return torch.where(is_target, target_values[:, None].to(values.dtype), values)

@@ -1,0 +1,58 @@
+"""LDAM: label-distribution-aware margin loss (Cao et al. 2019)."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from ..config import LDAMLoss
+from .base import (
+    BaseLossTerm,
+    LossInputs,
+    as_compute,
+    check_class_counts,
+    per_sample_nll,
+    replace_target_column,
+    weighted_mean,
+)
+
+
+def ldam_margins(class_counts: Sequence[int], max_margin: float = 0.5) -> torch.Tensor:
+    """[C] float32 margins m_c = K / n_c^(1/4), with K chosen so that max_c m_c = max_margin.
+
+    The largest margin goes to the smallest class; m_a / m_b = (n_b / n_a)^(1/4).
+    """
+    counts = torch.tensor(check_class_counts(class_counts), dtype=torch.float64)
+    raw = counts.pow(-0.25)
+    return (raw * (max_margin / raw.max())).to(torch.float32)
+
+
+class LDAMTerm(BaseLossTerm):
+    """l_i = CE(s * z'_i, y_i) where z'_{i,c} = z_{i,c} - m_c [c = y_i].
+
+    z is ``inputs.cosine`` when the head is cosine (the NormedLinear setting of the paper,
+    where s = 30 makes sense) and the raw ``inputs.logits`` otherwise. With a linear head
+    s still multiplies the raw logits; set ``scale: 1.0`` there to get the plain
+    additive-margin CE on the logits. Class weights (DRW) give the weighted mean.
+    """
+
+    name = "ldam"
+    uses_cosine = True
+
+    def __init__(self, cfg: LDAMLoss, class_counts: tuple[int, ...]):
+        super().__init__()
+        self.scale = float(cfg.scale)
+        self.max_margin = float(cfg.max_margin)
+        self.register_buffer("margins", ldam_margins(class_counts, cfg.max_margin))
+
+    def forward(self, inputs: LossInputs, class_weight: torch.Tensor | None = None) -> torch.Tensor:
+        z = as_compute(inputs.cosine if inputs.cosine is not None else inputs.logits)
+        targets = inputs.targets
+        m = self.margins.to(device=z.device, dtype=z.dtype)[targets]
+        z_target = z.gather(1, targets[:, None]).squeeze(1)
+        adjusted = replace_target_column(z, targets, z_target - m)
+        return weighted_mean(per_sample_nll(self.scale * adjusted, targets), targets, class_weight)
+
+    def extra_repr(self) -> str:
+        return f"max_margin={self.max_margin}, scale={self.scale}"

@@ -1,0 +1,304 @@
+"""Stage 3: re-train (or re-balance) the classifier on cached features (methods.md 4 and 6).
+
+:func:`retrain_classifier` maps plain tensors to a module ``features [N, d] -> logits [N, C]``:
+
+``crt``
+    a re-initialised linear classifier trained with cross-entropy (Eq. 5) on batches drawn
+    by ``cfg.sampler`` (class-balanced by default), Adam, ``cfg.epochs`` epochs of N
+    samples each; the augmenter is applied to every batch.
+``lws``
+    learnable weight scaling: the stage-1 weights and bias stay frozen and one scale f_c
+    per class (initialised to 1) is trained like cRT; logits_c = f_c * (w_c . a + b_c).
+``tau_norm``
+    w_c / ||w_c||^tau, no training. Decision (Kang et al.'s implementation): the stage-1
+    bias is dropped. tau = cfg.tau, or when None the best of 0, 0.1, ..., 2.0 by accuracy on
+    ``val`` (ties: smaller tau); without ``val``, tau = 1 with a warning. Never pass the test
+    set as ``val``.
+``ncm``
+    nearest class mean: logits are the cosine similarities between the L2-normalised
+    feature and the class means of the L2-normalised training features.
+
+Everything random (initialisation, sampling, augmentation) derives from ``seed`` through
+private generators, so the same inputs and seed give the same module on the CPU.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..augment.base import AugmentContext, FeatureAugmenter
+from ..augment.stg import head_classes as _head_classes
+from ..data.samplers import build_sampler
+from ..errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
+
+TAU_GRID = tuple(round(0.1 * i, 1) for i in range(21))
+
+
+# --------------------------------------------------------------------------- classifiers
+
+
+class LinearClassifier(nn.Linear):
+    """The cRT classifier: a plain linear layer."""
+
+
+class LWSClassifier(nn.Module):
+    """Frozen stage-1 linear classifier with a learnt per-class scale f_c."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
+        super().__init__()
+        self.register_buffer("weight", weight.detach().clone().float())
+        self.register_buffer("bias", None if bias is None else bias.detach().clone().float())
+        self.scales = nn.Parameter(torch.ones(weight.shape[0]))
+
+    @property
+    def effective_weight(self) -> torch.Tensor:
+        return self.scales.detach()[:, None] * self.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = F.linear(x, self.weight, self.bias)
+        return logits * self.scales
+
+
+class TauNormClassifier(nn.Module):
+    """Linear classifier with weights w_c / ||w_c||^tau (and an optional bias, None by default)."""
+
+    def __init__(self, weight: torch.Tensor, tau: float, bias: torch.Tensor | None = None):
+        super().__init__()
+        weight = weight.detach().float()
+        norms = weight.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        self.tau = float(tau)
+        self.register_buffer("weight", weight / norms.pow(self.tau))
+        self.register_buffer("bias", None if bias is None else bias.detach().clone().float())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"tau={self.tau}"
+
+
+class NCMClassifier(nn.Module):
+    """Cosine similarity to the class means of L2-normalised training features."""
+
+    EMPTY_LOGIT = -2.0  # below every cosine: a class without training samples is never predicted
+
+    def __init__(self, means: torch.Tensor, present: torch.Tensor):
+        super().__init__()
+        self.register_buffer("means", F.normalize(means.float(), dim=1))
+        self.register_buffer("present", present.bool())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        cos = F.normalize(x.float(), dim=1) @ self.means.T
+        return torch.where(self.present, cos, torch.full_like(cos, self.EMPTY_LOGIT))
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def accuracy(model: nn.Module, features: torch.Tensor, labels: torch.Tensor, batch_size: int = 4096) -> float:
+    """Top-1 accuracy of ``model`` on (features, labels)."""
+    correct = 0
+    with torch.no_grad():
+        for start in range(0, features.shape[0], batch_size):
+            logits = model(features[start : start + batch_size])
+            correct += int((logits.argmax(1) == labels[start : start + batch_size]).sum())
+    return correct / max(1, features.shape[0])
+
+
+def _as_inputs(features, labels, num_classes: int, what: str, device) -> tuple[torch.Tensor, torch.Tensor]:
+    features = torch.as_tensor(features).float()
+    labels = torch.as_tensor(labels).long().reshape(-1)
+    if features.ndim != 2:
+        raise DataError(f"{what} features must be [N, d], got shape {tuple(features.shape)}")
+    if labels.numel() != features.shape[0]:
+        raise DataError(f"{what}: {labels.numel()} labels for {features.shape[0]} feature rows")
+    if features.shape[0] == 0:
+        raise DataError(f"{what} features are empty")
+    if int(labels.min()) < 0 or int(labels.max()) >= num_classes:
+        raise DataError(f"{what} labels must lie in 0..{num_classes - 1} (num_classes={num_classes})")
+    if not torch.isfinite(features).all():
+        raise DataError(f"{what} features contain NaN or inf; re-extract them")
+    return features.to(device), labels.to(device)
+
+
+def _stage1(init_weight, init_bias, num_classes: int, dim: int, method: str, device):
+    if init_weight is None:
+        raise ConfigError(
+            f"retrain.method = {method} needs the stage-1 classifier weights (init_weight); "
+            "use method crt or ncm when they are not available"
+        )
+    weight = torch.as_tensor(init_weight).float().to(device)
+    if weight.shape != (num_classes, dim):
+        raise DataError(f"init_weight must be [C, d] = [{num_classes}, {dim}], got {tuple(weight.shape)}")
+    bias = None
+    if init_bias is not None:
+        bias = torch.as_tensor(init_bias).float().to(device)
+        if bias.shape != (num_classes,):
+            raise DataError(f"init_bias must be [C] = [{num_classes}], got {tuple(bias.shape)}")
+    return weight, bias
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def retrain_classifier(
+    train_features,
+    train_labels,
+    class_counts,
+    cfg,
+    *,
+    num_classes: int,
+    seed: int,
+    augmenter: FeatureAugmenter | None = None,
+    init_weight=None,
+    init_bias=None,
+    val=None,
+    progress: bool = True,
+    device: str | torch.device = "cpu",
+    head_classes: Sequence[int] | None = None,
+) -> nn.Module:
+    """Stage 3 on cached features; returns a module (eval mode) mapping [N, d] -> [N, C].
+
+    ``cfg`` is a :class:`~tailaug.config.RetrainConfig`. ``class_counts`` [C] are the
+    training-image counts (beta_y and the head set of the augmenter). ``augmenter`` is used
+    by ``crt`` and ``lws``; when it has not been fitted yet it is fitted here, with head
+    classes ``head_classes`` (default: the many-shot rule n_c > 100) and the stage-1
+    classifier ``init_weight``/``init_bias``. ``val`` = (features, labels) of a validation
+    split, used to choose tau of ``tau_norm`` and logged per epoch otherwise (no model
+    selection). The module carries ``history`` (per-epoch loss / val accuracy) and, for
+    tau_norm, ``tau_scores``.
+    """
+    x, y = _as_inputs(train_features, train_labels, num_classes, "training", device)
+    dim = x.shape[1]
+    counts = torch.as_tensor(class_counts).long().reshape(-1)
+    if counts.numel() != num_classes:
+        raise DataError(f"class_counts has {counts.numel()} entries for num_classes={num_classes}")
+    val_xy = None
+    if val is not None:
+        val_xy = _as_inputs(val[0], val[1], num_classes, "validation", device)
+        if val_xy[0].shape[1] != dim:
+            raise DataError(f"validation features are {val_xy[0].shape[1]}-d, training features {dim}-d")
+
+    method = cfg.method
+    if method in ("tau_norm", "ncm") and augmenter is not None and type(augmenter) is not FeatureAugmenter:
+        log.warning("retrain.method = %s does not train, so the augmenter %s is not used", method, augmenter.name)
+
+    if method == "ncm":
+        model = _fit_ncm(x, y, num_classes)
+        model.history = []
+    elif method == "tau_norm":
+        weight, _ = _stage1(init_weight, init_bias, num_classes, dim, method, device)
+        model = _fit_tau_norm(weight, cfg.tau, val_xy)
+        model.history = []
+    elif method in ("crt", "lws"):
+        if method == "crt":
+            model = LinearClassifier(dim, num_classes)
+            _init_linear(model, seed)
+        else:
+            weight, bias = _stage1(init_weight, init_bias, num_classes, dim, method, device)
+            model = LWSClassifier(weight, bias)
+        model.to(device)
+        if augmenter is not None and not augmenter.fitted:
+            heads = list(head_classes) if head_classes is not None else _head_classes(counts)
+            augmenter.fit(
+                AugmentContext(
+                    features=x,
+                    labels=y,
+                    class_counts=counts.to(device),
+                    head_classes=heads,
+                    classifier_weight=None if init_weight is None else torch.as_tensor(init_weight).float().to(device),
+                    classifier_bias=None if init_bias is None else torch.as_tensor(init_bias).float().to(device),
+                    num_classes=num_classes,
+                )
+            )
+        model.history = _train(model, x, y, cfg, num_classes, seed, augmenter, val_xy, progress, device)
+    else:
+        raise ConfigError(f"unknown retrain.method {method!r}; use crt, lws, tau_norm or ncm")
+    return model.eval()
+
+
+def _init_linear(layer: nn.Linear, seed: int) -> None:
+    """PyTorch's default nn.Linear initialisation, drawn from a private seeded generator."""
+    gen = torch.Generator().manual_seed(seed)
+    bound = 1.0 / math.sqrt(layer.in_features)
+    with torch.no_grad():
+        layer.weight.copy_(torch.rand(layer.weight.shape, generator=gen) * 2 * bound - bound)
+        layer.bias.copy_(torch.rand(layer.bias.shape, generator=gen) * 2 * bound - bound)
+
+
+def _train(model, x, y, cfg, num_classes, seed, augmenter, val_xy, progress, device) -> list[dict]:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if augmenter is not None:
+        augmenter.to(device).train()
+        params += list(augmenter.trainable_parameters())
+    optimiser = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sampler = build_sampler(cfg.sampler, y.cpu(), num_classes, seed=seed, total_epochs=cfg.epochs)
+    aug_rng = torch.Generator(device=device).manual_seed(seed + 1)
+    history: list[dict] = []
+    bar = tqdm(range(cfg.epochs), desc=f"stage 3 ({cfg.method})", disable=not progress, leave=False)
+    for epoch in bar:
+        model.train()
+        sampler.set_epoch(epoch)
+        if augmenter is not None:
+            augmenter.set_epoch(epoch, cfg.epochs)
+        order = torch.as_tensor(list(sampler), dtype=torch.long, device=device)
+        total, seen = 0.0, 0
+        for start in range(0, order.numel(), cfg.batch_size):
+            b = order[start : start + cfg.batch_size]
+            xb, yb = x[b], y[b]
+            if augmenter is not None:
+                xb, yb = augmenter(xb, yb, generator=aug_rng)
+            logits = model(xb)
+            if augmenter is not None:
+                logits = augmenter.logits_hook(logits, xb, yb, model)
+            loss = F.cross_entropy(logits, yb)
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            optimiser.step()
+            total += float(loss.detach()) * yb.numel()
+            seen += yb.numel()
+        record = {"epoch": epoch, "loss": total / max(1, seen)}
+        if val_xy is not None:
+            model.eval()
+            record["val_acc"] = accuracy(model, *val_xy)
+        history.append(record)
+        bar.set_postfix({k: f"{v:.4f}" for k, v in record.items() if k != "epoch"})
+    if augmenter is not None:
+        augmenter.eval()
+    return history
+
+
+def _fit_tau_norm(weight: torch.Tensor, tau: float | None, val_xy) -> TauNormClassifier:
+    if tau is not None:
+        return TauNormClassifier(weight, tau)
+    if val_xy is None:
+        log.warning(
+            "tau_norm: retrain.tau is not set and there is no validation split, so tau = 1; set "
+            "retrain.tau or data.val_per_class > 0 to choose it on validation data (never on the test set)"
+        )
+        return TauNormClassifier(weight, 1.0)
+    scores = {t: accuracy(TauNormClassifier(weight, t), *val_xy) for t in TAU_GRID}
+    best = max(TAU_GRID, key=lambda t: (scores[t], -t))
+    log.info("tau_norm: tau = %.1f chosen on the validation split (accuracy %.4f)", best, scores[best])
+    model = TauNormClassifier(weight, best)
+    model.tau_scores = scores
+    return model
+
+
+def _fit_ncm(x: torch.Tensor, y: torch.Tensor, num_classes: int) -> NCMClassifier:
+    normed = F.normalize(x, dim=1)
+    sums = torch.zeros(num_classes, x.shape[1], device=x.device).index_add_(0, y, normed)
+    counts = torch.bincount(y, minlength=num_classes)
+    present = counts > 0
+    if not bool(present.all()):
+        log.warning("ncm: class(es) %s have no training sample and are never predicted", (~present).nonzero().flatten().tolist())
+    return NCMClassifier(sums / counts.clamp_min(1)[:, None].float(), present).to(x.device)

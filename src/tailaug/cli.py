@@ -27,7 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("config", help="YAML config file")
         p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.epochs=5")
         p.add_argument("--no-progress", action="store_true", help="no progress bars")
-        p.add_argument("--debug", action="store_true", help="show tracebacks")
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
         return p
 
     train = with_config(sub.add_parser("train", help="stage 1: train backbone and classifier"))
@@ -39,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("evaluate", help="evaluate a run directory's last checkpoint on the test set")
     ev.add_argument("run_dir")
     ev.add_argument("overrides", nargs="*", help="e.g. eval.logit_adjust_tau=1.0")
-    ev.add_argument("--debug", action="store_true")
+    ev.add_argument("--debug", action="store_true", default=argparse.SUPPRESS)
 
     ds = sub.add_parser("datasets", help="dataset tools")
     ds_sub = ds.add_subparsers(dest="action", required=True)
@@ -49,12 +49,19 @@ def build_parser() -> argparse.ArgumentParser:
     an_sub = an.add_subparsers(dest="what", required=True)
     stg = an_sub.add_parser("stg", help="KL table (paper Table 5) and t-SNE of augmented tail features")
     stg.add_argument("run_dir")
-    stg.add_argument("--debug", action="store_true")
+    stg.add_argument("--debug", action="store_true", default=argparse.SUPPRESS)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # overrides may stand before or after flags: collect the stragglers argparse leaves over
+    args, extra = parser.parse_known_args(argv)
+    stray = [e for e in extra if e.startswith("-") or "=" not in e or not hasattr(args, "overrides")]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
     try:
         return _dispatch(args)
     except TailaugError as exc:

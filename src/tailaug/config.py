@@ -388,7 +388,7 @@ def validate_config(tree: dict, source: str = "config") -> Config:
 
 
 def _describe(err: dict) -> str:
-    loc = [str(p) for p in err["loc"]]
+    loc = _display_loc(err["loc"])
     where = ".".join(loc)
     if err["type"] == "extra_forbidden":
         allowed = _allowed_keys(err["loc"][:-1])
@@ -398,6 +398,29 @@ def _describe(err: dict) -> str:
     value = err.get("input")
     shown = "" if isinstance(value, dict) else f" = {value!r}"
     return f"{where}{shown}: {err['msg']}"
+
+
+def _display_loc(loc: tuple) -> list[str]:
+    """``loc`` as the user wrote it: without the tag segment pydantic inserts after a
+    discriminated union (``train.loss.0.focal.gama`` -> ``train.loss.0.gama``)."""
+    shown: list[str] = []
+    tp: Any = Config
+    for part in loc:
+        tp = _strip(tp)
+        if typing.get_origin(tp) is Union:
+            members = [m for m in typing.get_args(tp) if _tag(m) == part]
+            if members:
+                tp = members[0]
+                continue
+        shown.append(str(part))
+        if isinstance(tp, type) and issubclass(tp, BaseModel):
+            field = tp.model_fields.get(str(part))
+            tp = field.annotation if field is not None else None
+        elif typing.get_origin(tp) is list:
+            tp = typing.get_args(tp)[0]
+        else:
+            tp = None
+    return shown
 
 
 def _allowed_keys(loc: tuple) -> list[str]:

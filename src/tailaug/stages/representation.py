@@ -222,8 +222,7 @@ class Trainer:
             results["epoch"] = self.cfg.train.epochs - 1
             write_json(self.run_dir / "results.json", {"stage1": results})
             write_json(self.run_dir / "stage1.json", {"key": stage1_key(self.cfg), "epochs": self.cfg.train.epochs})
-            if self.show_progress:
-                print(format_table([("stage 1 (last epoch)", results)]))
+            print(format_table([("stage 1 (last epoch)", results)]))
         distributed.barrier()
         return results
 

@@ -1,0 +1,129 @@
+"""Each kind of bad input ends with a short error (exit 2, no traceback) and destroys nothing."""
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tailaug.cli import main
+
+from synthetic import class_images, write_fashion_mnist
+
+CONFIG = "configs/fmnist_lt/demo.yaml"
+QUICK = ["train.epochs=1", "train.batch_size=16", "model.arch=resnet20", "train.precision=fp32",
+         "data.num_workers=0", "--no-progress"]
+
+
+def run_cli(capsys, *args):
+    code = main(list(args))
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "Traceback" not in err and err.startswith("tailaug: error:")
+    return err
+
+
+@pytest.fixture()
+def out(tmp_path):
+    """A run directory holding earlier output that no failing command may touch."""
+    earlier = tmp_path / "runs" / "fmnist_lt_demo"
+    earlier.mkdir(parents=True)
+    (earlier / "results.json").write_text('{"stage1": {"top1": 1.0}}')
+    yield tmp_path / "runs"
+    assert (earlier / "results.json").read_text() == '{"stage1": {"top1": 1.0}}'
+
+
+def test_config_typo_names_the_closest_key(capsys, out):
+    err = run_cli(capsys, "train", CONFIG, "train.epchs=5", f"run.output_dir={out}")
+    assert "unknown key 'train.epchs'" in err and "did you mean 'train.epochs'" in err
+
+
+def test_imbalance_factor_below_one(capsys, out):
+    err = run_cli(capsys, "datasets", "describe", CONFIG, "data.imbalance_factor=0.5")
+    assert "data.imbalance_factor = 0.5" in err and "greater than or equal to 1" in err
+
+
+def test_missing_dataset_directory(capsys, out, tmp_path):
+    err = run_cli(capsys, "train", CONFIG, "data.dataset=cifar10", f"data.root={tmp_path / 'nowhere'}",
+                  f"run.output_dir={out}", *QUICK)
+    assert "nowhere" in err and "data.download" in err
+
+
+def test_class_left_with_no_samples(capsys, out):
+    err = run_cli(capsys, "datasets", "describe", CONFIG, "data.profile=step", "data.n_max=50")
+    assert "no samples" in err and "data.imbalance_factor" in err
+
+
+def write_image_folder(root, *, corrupt=False):
+    rng = np.random.default_rng(0)
+    lines = []
+    labels = np.repeat(np.arange(3), [12, 6, 3])
+    for i, (img, c) in enumerate(zip(class_images(labels, rng, size=16, channels=3), labels)):
+        path = root / "img" / f"{i}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(img.transpose(1, 2, 0)).save(path)
+        lines.append(f"img/{i}.png {c}")
+    if corrupt:
+        (root / "img" / "0.png").write_bytes(b"not an image")
+    (root / "train.txt").write_text("\n".join(lines) + "\n")
+    (root / "test.txt").write_text("\n".join(lines[:6]) + "\n")
+    return root
+
+
+def folder_args(root, out):
+    return [f"data.root={root}", "data.dataset=image_folder", "data.train_split=train.txt",
+            "data.test_split=test.txt", "data.num_classes=3", "data.image_size=16",
+            "model.in_channels=3", f"run.output_dir={out}", *QUICK]
+
+
+def test_split_file_with_missing_image(capsys, out, tmp_path):
+    root = write_image_folder(tmp_path / "folder")
+    (root / "img" / "4.png").unlink()
+    err = run_cli(capsys, "train", CONFIG, *folder_args(root, out))
+    assert "line 5" in err and "4.png" in err
+
+
+def test_split_file_label_out_of_range(capsys, out, tmp_path):
+    root = write_image_folder(tmp_path / "folder")
+    text = (root / "train.txt").read_text().replace("img/2.png 0", "img/2.png 7")
+    (root / "train.txt").write_text(text)
+    err = run_cli(capsys, "train", CONFIG, *folder_args(root, out))
+    assert "line 3" in err and "7" in err
+
+
+def test_corrupt_image_file(capsys, out, tmp_path):
+    root = write_image_folder(tmp_path / "folder", corrupt=True)
+    err = run_cli(capsys, "train", CONFIG, *folder_args(root, out))
+    assert "0.png" in err
+
+
+def test_image_folder_trains(capsys, tmp_path):
+    root = write_image_folder(tmp_path / "folder")
+    assert main(["train", CONFIG, *folder_args(root, tmp_path / "runs")]) == 0
+    assert "stage 1 (last epoch)" in capsys.readouterr().out
+
+
+def test_resume_from_missing_checkpoint(capsys, out, tmp_path):
+    data = write_fashion_mnist(tmp_path / "fm", per_class_train=20, per_class_test=4)
+    err = run_cli(capsys, "train", CONFIG, f"data.root={data}", "data.n_max=20", "data.imbalance_factor=5",
+                  "run.name=fresh", f"run.output_dir={out}", "--resume", *QUICK)
+    assert "does not exist" in err and "without --resume" in err
+
+
+def test_resume_from_truncated_checkpoint(capsys, out, tmp_path):
+    data = write_fashion_mnist(tmp_path / "fm", per_class_train=20, per_class_test=4)
+    args = ["train", CONFIG, f"data.root={data}", "data.n_max=20", "data.imbalance_factor=5",
+            "run.name=cut", f"run.output_dir={out}", *QUICK]
+    assert main(args) == 0
+    ckpt = out / "cut" / "checkpoints" / "last.pt"
+    ckpt.write_bytes(ckpt.read_bytes()[:1000])
+    before = {p.name: p.read_bytes() for p in (out / "cut").iterdir() if p.is_file()}
+    capsys.readouterr()
+    err = run_cli(capsys, *args, "--resume")
+    assert "truncated" in err and str(ckpt) in err
+    assert {p.name: p.read_bytes() for p in (out / "cut").iterdir() if p.is_file()} == before
+
+
+def test_debug_shows_the_traceback(out):
+    from tailaug.errors import ConfigError
+
+    with pytest.raises(ConfigError):
+        main(["--debug", "train", CONFIG, "train.epchs=5", f"run.output_dir={out}"])

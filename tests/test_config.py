@@ -1,0 +1,352 @@
+"""Config: validation, error messages that name the key and the fix, overrides, hashing, YAML."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tailaug.config import (
+    Config,
+    FocalLoss,
+    LDAMLoss,
+    STGAugmenter,
+    apply_override,
+    load_config,
+    parse_override,
+    validate_config,
+)
+from tailaug.errors import ConfigError, TailaugError
+
+REPO = Path(__file__).resolve().parents[1]
+SHIPPED = sorted((REPO / "configs").rglob("*.yaml")) + sorted((REPO / "configs").rglob("*.yml"))
+
+
+def error_of(overrides: list[str], path=None) -> str:
+    with pytest.raises(ConfigError) as info:
+        load_config(path, overrides)
+    return str(info.value)
+
+
+# --------------------------------------------------------------------------- defaults
+
+
+def test_defaults_validate_and_equal_empty_config():
+    cfg = load_config()
+    assert cfg == Config()
+    assert validate_config({}) == Config()
+    assert cfg.train.epochs == 200 and cfg.train.milestones == [160, 180]
+    assert cfg.train.loss[0].name == "ce"
+    assert cfg.retrain.augmenter.name == "none"
+    assert cfg.retrain.sampler.kind == "class_balanced"
+    assert cfg.data.imbalance_factor == 100.0
+
+
+def test_config_error_is_a_tailaug_error():
+    assert issubclass(ConfigError, TailaugError)
+
+
+# --------------------------------------------------------------------------- unknown keys
+
+
+@pytest.mark.parametrize(
+    "override, unknown, suggestion",
+    [
+        ("train.epchs=5", "train.epchs", "train.epochs"),
+        ("run.nme=x", "run.nme", "run.name"),
+        ("stg.head.rul=top_k", "stg.head.rul", "stg.head.rule"),
+        ("data.shots.manny=5", "data.shots.manny", "data.shots.many"),
+        # inside a discriminated union: the path is the one the user wrote, without the tag
+        ("train.loss=[{name: focal, gama: 1}]", "train.loss.0.gama", "train.loss.0.gamma"),
+        ("train.loss=[{name: ce}, {name: ldam, scael: 2}]", "train.loss.1.scael", "train.loss.1.scale"),
+        ("retrain.augmenter={name: stg, lamb: 1}", "retrain.augmenter.lamb", "retrain.augmenter.lam"),
+        ("retrain.augmenter={name: noise, sdt: 1}", "retrain.augmenter.sdt", "retrain.augmenter.std"),
+    ],
+)
+def test_misspelt_key_names_key_and_closest_valid_key(override, unknown, suggestion):
+    msg = error_of([override])
+    assert f"unknown key '{unknown}'" in msg
+    assert f"did you mean '{suggestion}'?" in msg
+    # the union tag (focal / ldam / stg / noise) is not a path segment the user wrote
+    for tag in ("focal.", "ldam.", "stg.", "noise."):
+        assert f".{tag}" not in msg
+
+
+def test_unknown_key_with_no_close_match_lists_valid_keys():
+    msg = error_of(["run.zzzzzzzz=1"])
+    assert "unknown key 'run.zzzzzzzz'" in msg
+    assert "valid keys: name, output_dir, seed, device" in msg
+
+
+def test_unknown_key_in_yaml_file(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  loss:\n    - name: focal\n      gama: 1\n")
+    msg = error_of([], path)
+    assert msg.startswith(f"{path} is not valid:")
+    assert "unknown key 'train.loss.0.gama': did you mean 'train.loss.0.gamma'?" in msg
+
+
+def test_bad_value_inside_union_shows_clean_path():
+    msg = error_of(["train.loss=[{name: focal, gamma: -1}]"])
+    assert "train.loss.0.gamma = -1" in msg and "greater than or equal to 0" in msg
+    msg = error_of(["retrain.augmenter={name: stg, t: 2}"])
+    assert "retrain.augmenter.t = 2" in msg and "less than or equal to 1" in msg
+
+
+def test_unknown_union_tag_lists_the_valid_tags():
+    msg = error_of(["train.loss=[{name: focl}]"])
+    assert "train.loss.0" in msg and "'focl'" in msg
+    for tag in ("'ce'", "'focal'", "'ldam'", "'balanced_softmax'", "'sphereface'"):
+        assert tag in msg
+
+
+def test_every_error_is_reported_at_once():
+    msg = error_of(["train.epchs=5", "model.arch=resnet33"])
+    assert "train.epchs" in msg and "model.arch" in msg
+
+
+# --------------------------------------------------------------------------- bad values
+
+
+def test_imbalance_factor_below_one():
+    msg = error_of(["data.imbalance_factor=0.5"])
+    assert "data.imbalance_factor = 0.5" in msg
+    assert "greater than or equal to 1" in msg
+
+
+def test_unknown_arch_lists_allowed_archs():
+    msg = error_of(["model.arch=resnet33"])
+    assert "model.arch = 'resnet33'" in msg
+    for arch in ("resnet20", "resnet32", "resnet110", "resnet18", "resnext50_32x4d"):
+        assert f"'{arch}'" in msg
+
+
+def test_decreasing_milestones():
+    msg = error_of(["train.milestones=[180,160]"])
+    assert "milestones [180, 160] must be increasing" in msg
+    assert "train" in msg
+
+
+def test_shot_thresholds_out_of_order():
+    msg = error_of(["data.shots.few=200"])
+    assert "few (200) must not exceed many (100)" in msg
+
+
+def test_image_folder_names_missing_keys():
+    msg = error_of(["data.dataset=image_folder"])
+    assert "data.root" in msg and "data.train_split" in msg and "data.test_split" in msg
+
+
+def test_validate_assignment():
+    cfg = Config()
+    with pytest.raises(Exception):
+        cfg.train.epochs = 0
+
+
+# --------------------------------------------------------------------------- overrides
+
+
+@pytest.mark.parametrize(
+    "text, path, value",
+    [
+        ("train.epochs=5", ["train", "epochs"], 5),
+        ("train.lr=0.05", ["train", "lr"], 0.05),
+        ("train.lr=1.0e-3", ["train", "lr"], 1e-3),
+        ("train.milestones=[10, 20]", ["train", "milestones"], [10, 20]),
+        ("data.flip=false", ["data", "flip"], False),
+        ("train.nesterov=true", ["train", "nesterov"], True),
+        ("data.root=null", ["data", "root"], None),
+        ("data.root=", ["data", "root"], None),
+        ("run.name=my run", ["run", "name"], "my run"),
+        ("run.name=a=b", ["run", "name"], "a=b"),
+        (" train.epochs =7", ["train", "epochs"], 7),
+        ("retrain.augmenter={name: stg, lam: 2}", ["retrain", "augmenter"], {"name": "stg", "lam": 2}),
+    ],
+)
+def test_parse_override(text, path, value):
+    assert parse_override(text) == (path, value)
+
+
+def test_overrides_reach_the_config():
+    cfg = load_config(None, [
+        "train.epochs=5", "train.lr=0.05", "train.milestones=[2, 4]", "data.flip=false",
+        "data.n_max=null", "train.grad_clip=1.5", "retrain.augmenter={name: stg, lam: 2}",
+    ])
+    assert cfg.train.epochs == 5 and isinstance(cfg.train.epochs, int)
+    assert cfg.train.lr == 0.05
+    assert cfg.train.milestones == [2, 4]
+    assert cfg.data.flip is False
+    assert cfg.data.n_max is None
+    assert cfg.train.grad_clip == 1.5
+    assert cfg.retrain.augmenter == STGAugmenter(name="stg", lam=2.0)
+
+
+def test_yaml_1_1_exponent_without_dot_still_gives_a_float():
+    # PyYAML reads 1e-3 as the string "1e-3" (YAML 1.1); pydantic turns it into the float
+    assert parse_override("train.lr=1e-3") == (["train", "lr"], "1e-3")
+    cfg = load_config(None, ["train.lr=1e-3"])
+    assert cfg.train.lr == pytest.approx(1e-3) and isinstance(cfg.train.lr, float)
+
+
+def test_override_beats_file(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  epochs: 12\n  lr: 0.2\n")
+    cfg = load_config(path, ["train.epochs=3"])
+    assert cfg.train.epochs == 3 and cfg.train.lr == 0.2
+
+
+def test_override_indexes_into_list_from_file(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  loss:\n    - name: ce\n    - name: ldam\n      scale: 30\n")
+    cfg = load_config(path, ["train.loss.1.scale=20", "train.loss.0.weight=0.5"])
+    assert cfg.train.loss[1] == LDAMLoss(name="ldam", scale=20.0)
+    assert cfg.train.loss[0].weight == 0.5
+
+
+def test_override_indexes_into_list_from_earlier_override():
+    cfg = load_config(None, ["train.loss=[{name: ldam}, {name: focal}]", "train.loss.0.scale=20",
+                             "train.loss.1.gamma=1"])
+    assert cfg.train.loss[0] == LDAMLoss(name="ldam", scale=20.0)
+    assert cfg.train.loss[1] == FocalLoss(name="focal", gamma=1.0)
+
+
+def test_override_replaces_whole_list_item():
+    cfg = load_config(None, ["train.loss=[{name: ce}]", "train.loss.0={name: focal, gamma: 3}"])
+    assert cfg.train.loss == [FocalLoss(name="focal", gamma=3.0)]
+
+
+@pytest.mark.parametrize("text", ["train.epochs", "=5", "  =5", ""])
+def test_malformed_override(text):
+    with pytest.raises(ConfigError, match="is not of the form section.key=value"):
+        parse_override(text)
+    with pytest.raises(ConfigError, match=r"e\.g\. train\.epochs=5"):
+        load_config(None, [text])
+
+
+def test_override_value_not_yaml():
+    with pytest.raises(ConfigError) as info:
+        parse_override("train.milestones=[1, 2")
+    assert str(info.value).startswith("override 'train.milestones=[1, 2': the value is not valid YAML")
+
+
+@pytest.mark.parametrize("index", ["2", "7", "x", "-1"])
+def test_override_list_index_out_of_range(index):
+    overrides = ["train.loss=[{name: ce}, {name: focal}]", f"train.loss.{index}.weight=2"]
+    msg = error_of(overrides)
+    assert f"override train.loss.{index}" in msg
+    assert f"'{index}' is not an index of a list of length 2" in msg
+
+
+def test_override_list_index_out_of_range_at_the_leaf():
+    msg = error_of(["train.milestones=[1, 2]", "train.milestones.2=3"])
+    assert "'2' is not an index of a list of length 2" in msg
+
+
+def test_override_into_a_value():
+    tree = {"train": {"epochs": 5}}
+    with pytest.raises(ConfigError, match="train.epochs is a value, not a section"):
+        apply_override(tree, ["train", "epochs", "x"], 1)
+
+
+def test_apply_override_creates_sections():
+    tree: dict = {}
+    apply_override(tree, ["stg", "head", "rule"], "top_k")
+    assert tree == {"stg": {"head": {"rule": "top_k"}}}
+
+
+# --------------------------------------------------------------------------- files
+
+
+def test_missing_config_file(tmp_path):
+    path = tmp_path / "nope.yaml"
+    msg = error_of([], path)
+    assert str(path) in msg and "does not exist" in msg and "configs/" in msg
+
+
+@pytest.mark.parametrize("text", ["- a\n- b\n", "just a string\n", "42\n"])
+def test_non_mapping_yaml_file(tmp_path, text):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    msg = error_of([], path)
+    assert f"{path} must hold a mapping of sections" in msg
+
+
+def test_invalid_yaml_file(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train: [1, 2\n")
+    msg = error_of([], path)
+    assert f"{path} is not valid YAML" in msg
+
+
+def test_empty_yaml_file_is_defaults(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("# nothing\n")
+    assert load_config(path) == Config()
+
+
+# --------------------------------------------------------------------------- hash and round trip
+
+
+def test_section_hash_tracks_only_the_named_sections():
+    base = Config()
+    h = base.section_hash("model", "train")
+    assert len(h) == 12 and int(h, 16) >= 0
+    assert Config().section_hash("model", "train") == h  # stable
+
+    changed_train = load_config(None, ["train.epochs=7"])
+    changed_model = load_config(None, ["model.head=cosine"])
+    changed_other = load_config(None, ["retrain.epochs=7", "run.name=other", "eval.ece_bins=10"])
+    assert changed_train.section_hash("model", "train") != h
+    assert changed_model.section_hash("model", "train") != h
+    assert changed_other.section_hash("model", "train") == h
+    # the names are part of the hash: the same content under another name differs
+    assert base.section_hash("model") != base.section_hash("train")
+
+
+def test_section_hash_dotted_path():
+    base = Config()
+    h = base.section_hash("train.loss")
+    assert load_config(None, ["train.epochs=3"]).section_hash("train.loss") == h
+    assert load_config(None, ["train.loss=[{name: focal}]"]).section_hash("train.loss") != h
+
+
+def test_to_yaml_round_trip(tmp_path):
+    cfg = load_config(None, [
+        "run.name=rt", "train.loss=[{name: ldam, scale: 20}, {name: focal, gamma: 1.5, weight: 0.5}]",
+        "retrain.augmenter={name: stg, lam: 2, t: 0.25}", "data.root=/tmp/x", "train.milestones=[3, 9]",
+        "model.head=cosine", "train.grad_clip=5", "stg.hidden_dims=[64, 32]",
+    ])
+    path = tmp_path / "rt.yaml"
+    path.write_text(cfg.to_yaml())
+    again = load_config(path)
+    assert again == cfg
+    assert again.section_hash("train", "retrain") == cfg.section_hash("train", "retrain")
+    assert again.to_yaml() == cfg.to_yaml()
+
+
+def test_to_yaml_round_trip_defaults(tmp_path):
+    path = tmp_path / "d.yaml"
+    path.write_text(Config().to_yaml())
+    assert load_config(path) == Config()
+
+
+# --------------------------------------------------------------------------- shipped configs
+
+
+def test_there_are_shipped_configs():
+    assert SHIPPED, "no YAML files under configs/"
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: str(p.relative_to(REPO / "configs")))
+def test_shipped_config_validates(path):
+    cfg = load_config(path)
+    assert isinstance(cfg, Config)
+    # a shipped config survives its own round trip
+    assert validate_config(cfg.model_dump(mode="json")) == cfg
+
+
+@pytest.mark.xfail(strict=True, reason="known bug: an index override into a list the file does not set (the "
+                   "default train.loss) builds a dict and fails with 'train.loss: Input should be a valid list'")
+def test_override_indexes_into_default_list():
+    cfg = load_config(None, ["train.loss.0.label_smoothing=0.1"])
+    assert cfg.train.loss[0].label_smoothing == 0.1

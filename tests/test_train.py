@@ -1,0 +1,89 @@
+"""Stage-1 training end to end on a tiny synthetic Fashion-MNIST: learning, determinism, resume."""
+
+import json
+
+import pytest
+import torch
+
+from tailaug import commands
+from tailaug.cli import main
+from tailaug.config import load_config
+from tailaug.stages.representation import Trainer
+
+from synthetic import write_fashion_mnist
+
+TINY = [
+    "data.n_max=100", "data.imbalance_factor=10", "data.num_workers=0",
+    "model.arch=resnet20", "train.epochs=8", "train.batch_size=32", "train.warmup_epochs=1",
+    "train.lr=0.05", "train.mixup_alpha=0", "train.schedule=cosine", "train.precision=fp32", "train.log_every=1",
+]
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    # 100 per class before the profile: IF 10 leaves 100..10 images per class
+    return write_fashion_mnist(tmp_path_factory.mktemp("fmnist"), per_class_train=100)
+
+
+def tiny_args(data_root, out, name="tiny", extra=()):
+    return ["configs/fmnist_lt/demo.yaml", *TINY, f"data.root={data_root}",
+            f"run.output_dir={out}", f"run.name={name}", *extra]
+
+
+def train(data_root, out, name="tiny", extra=(), resume=False):
+    args = tiny_args(data_root, out, name, extra)
+    return commands.train(args[0], args[1:], resume=resume, progress=False)
+
+
+def test_tiny_run_learns_and_leaves_a_complete_run_dir(data_root, tmp_path):
+    results = train(data_root, tmp_path)
+    assert results["top1"] > 50  # chance is 10%
+    run = tmp_path / "tiny"
+    for name in ("config.yaml", "checkpoints/last.pt", "metrics.jsonl", "results.json", "stage1.json"):
+        assert (run / name).is_file(), name
+    assert any((run / "tensorboard").iterdir())
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == list(range(8))
+    saved = json.loads((run / "results.json").read_text())["stage1"]
+    assert saved["top1"] == results["top1"] and saved["groups"] == {"many": 0, "medium": 7, "few": 3}
+    assert load_config(run / "config.yaml").data.root == str(data_root)
+
+
+def test_same_seed_same_numbers_and_resume_is_exact(data_root, tmp_path, monkeypatch):
+    first = train(data_root, tmp_path, "a")
+    second = train(data_root, tmp_path, "b")
+    assert first["top1"] == second["top1"] and first["per_class"] == second["per_class"]
+    assert first["ece"] == second["ece"]
+
+    real_epoch = Trainer.train_epoch
+
+    def crash_in_epoch_2(self, epoch):
+        if epoch == 5:
+            raise KeyboardInterrupt
+        return real_epoch(self, epoch)
+
+    monkeypatch.setattr(Trainer, "train_epoch", crash_in_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        train(data_root, tmp_path, "c")
+    monkeypatch.setattr(Trainer, "train_epoch", real_epoch)
+    assert torch.load(tmp_path / "c" / "checkpoints" / "last.pt", weights_only=True)["epoch"] == 4
+    resumed = train(data_root, tmp_path, "c", resume=True)
+    assert resumed["per_class"] == first["per_class"] and resumed["ece"] == first["ece"]
+    epochs = [json.loads(x)["epoch"] for x in (tmp_path / "c" / "metrics.jsonl").read_text().splitlines()]
+    assert epochs == list(range(8))
+
+
+def test_mixup_and_evaluate_command(data_root, tmp_path, capsys):
+    train(data_root, tmp_path, "mix", extra=["train.mixup_alpha=1.0", "train.epochs=2"])
+    capsys.readouterr()
+    assert main(["evaluate", str(tmp_path / "mix")]) == 0
+    out = capsys.readouterr().out
+    assert "top1" in out and "stage 1 (last epoch)" in out
+
+
+def test_training_refuses_to_overwrite_a_run(data_root, tmp_path, capsys):
+    train(data_root, tmp_path, "once", extra=["train.epochs=1"])
+    before = (tmp_path / "once" / "checkpoints" / "last.pt").read_bytes()
+    assert main(["train", *tiny_args(data_root, tmp_path, "once"), "--no-progress"]) == 2
+    assert "--resume" in capsys.readouterr().err
+    assert (tmp_path / "once" / "checkpoints" / "last.pt").read_bytes() == before

@@ -7,23 +7,14 @@ import torch
 
 from tailaug.augment.base import AugmentContext, FeatureAugmenter, build_augmenter
 from tailaug.augment.stg import head_classes
+from tailaug.data.profiles import exponential_counts
 from tailaug.config import NoiseAugmenter, RetrainConfig, STGAugmenter, STGConfig
 from tailaug.errors import ConfigError
 from tailaug.stages.classifier import TAU_GRID, accuracy, retrain_classifier
 from tailaug.stages.generator import train_generator
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny tensors: one intra-op thread is much faster on a shared 2-core machine
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def exp_counts(n_max, num_classes, imbalance):
-    return [int(n_max * (1 / imbalance) ** (c / (num_classes - 1))) for c in range(num_classes)]
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def long_tailed_problem(seed=0, d=32, n_nuisance=24, nuisance_std=2.0, noise_std=0.3, sep=0.8, n_test=100):
@@ -38,7 +29,7 @@ def long_tailed_problem(seed=0, d=32, n_nuisance=24, nuisance_std=2.0, noise_std
     """
     g = torch.Generator().manual_seed(seed)
     num_classes = 10
-    counts = exp_counts(500, num_classes, 100)
+    counts = exponential_counts(500, num_classes, 100)
     means = torch.zeros(num_classes, d)
     means[:, n_nuisance:] = torch.randn(num_classes, d - n_nuisance, generator=g) * sep
     std = torch.full((d,), noise_std)

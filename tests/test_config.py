@@ -345,8 +345,6 @@ def test_shipped_config_validates(path):
     assert validate_config(cfg.model_dump(mode="json")) == cfg
 
 
-@pytest.mark.xfail(strict=True, reason="known bug: an index override into a list the file does not set (the "
-                   "default train.loss) builds a dict and fails with 'train.loss: Input should be a valid list'")
 def test_override_indexes_into_default_list():
     cfg = load_config(None, ["train.loss.0.label_smoothing=0.1"])
     assert cfg.train.loss[0].label_smoothing == 0.1

@@ -24,13 +24,7 @@ from tailaug.models import (
 from tailaug.models.cifar_resnet import CifarResNet
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The inputs are tiny; one intra-op thread avoids thread spin on a shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def n_params(module: nn.Module) -> int:

@@ -24,13 +24,7 @@ from tailaug.stages.generator import load_generator, save_generator, sidecar_pat
 T = torch.tensor
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny tensors: one intra-op thread is much faster on a shared 2-core machine
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class FixedGenerator(nn.Module):

@@ -49,7 +49,7 @@ def evaluate(run_dir: Path, overrides: list[str] = ()) -> dict:
     cfg = load_run_config(run_dir, overrides)
     trainer = Trainer(cfg, run_dir, progress=False)
     trainer.model.load_state_dict(load_checkpoint(checkpoint_path(run_dir), trainer.device)["model"])
-    results = trainer.evaluate(trainer.data.test)
+    results = trainer.report(trainer.data.test)
     write_json(run_dir / "results.json", {"stage1": results})
     print(format_table([("stage 1 (last epoch)", results)]))
     return results

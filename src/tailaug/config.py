@@ -10,6 +10,7 @@ papers are silent; each can be changed in a config.
 
 from __future__ import annotations
 
+import copy
 import difflib
 import hashlib
 import json
@@ -337,13 +338,15 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 def apply_override(tree: dict, path: list[str], value: Any) -> None:
     node: Any = tree
+    default: Any = Config().model_dump(mode="json")  # a list the file leaves out starts as its default
     for i, part in enumerate(path[:-1]):
+        default = _default_child(default, part)
         if isinstance(node, list):
             node = node[_list_index(node, part, path[: i + 1])]
             continue
         child = node.get(part)
         if child is None:
-            child = node[part] = {}
+            child = node[part] = copy.deepcopy(default) if isinstance(default, list) else {}
         node = child
     last = path[-1]
     if isinstance(node, list):
@@ -352,6 +355,14 @@ def apply_override(tree: dict, path: list[str], value: Any) -> None:
         node[last] = value
     else:
         raise ConfigError(f"override {'.'.join(path)}: {'.'.join(path[:-1])} is a value, not a section")
+
+
+def _default_child(default: Any, part: str) -> Any:
+    if isinstance(default, dict):
+        return default.get(part)
+    if isinstance(default, list) and part.isdigit() and int(part) < len(default):
+        return default[int(part)]
+    return None
 
 
 def _list_index(node: list, part: str, path: list[str]) -> int:
@@ -363,20 +374,39 @@ def _list_index(node: list, part: str, path: list[str]) -> int:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
-    tree: dict = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist; the shipped configs are in configs/")
-        try:
-            tree = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path} is not valid YAML: {exc}") from None
-        if not isinstance(tree, dict):
-            raise ConfigError(f"{path} must hold a mapping of sections (run, data, model, ...)")
+    tree = read_tree(Path(path)) if path is not None else {}
     for text in overrides:
         apply_override(tree, *parse_override(text))
     return validate_config(tree, source=str(path) if path else "config")
+
+
+def read_tree(path: Path, _seen: tuple = ()) -> dict:
+    """The YAML mapping of ``path``; a top-level ``base: FILE`` (relative to ``path``) is
+    read first and deep-merged under it (mappings merge, everything else is replaced; a
+    mapping whose ``name`` differs from the base's replaces it whole)."""
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist; the shipped configs are in configs/")
+    if path.resolve() in _seen:
+        raise ConfigError(f"{path}: 'base' files include each other in a loop")
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path} must hold a mapping of sections (run, data, model, ...)")
+    base = tree.pop("base", None)
+    if base is None:
+        return tree
+    return _merge(read_tree(path.parent / str(base), (*_seen, path.resolve())), tree)
+
+
+def _merge(base: dict, top: dict) -> dict:
+    if "name" in top and top["name"] != base.get("name", top["name"]):
+        return dict(top)  # another member of a union (loss, augmenter): nothing to inherit
+    out = dict(base)
+    for key, value in top.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
 
 
 def validate_config(tree: dict, source: str = "config") -> Config:

@@ -193,3 +193,21 @@ def plot_tsne(
     ax.set_yticks([])
     ax.set_title(title or f"t-SNE of {n} features")
     return _save(fig, path)
+
+
+def plot_results(logits, labels, class_counts, results: dict, out_dir: str | os.PathLike, name: str, *,
+                 many: int = 100, few: int = 20, bins: int = 15) -> list[Path]:
+    """Per-class accuracy against class size and a reliability diagram for one evaluated model."""
+    import torch
+
+    from .metrics import reliability_bins
+
+    out = Path(out_dir)
+    stem = "".join(ch if ch.isalnum() else "_" for ch in name.lower()).strip("_")
+    probs = torch.softmax(torch.as_tensor(logits).float(), dim=1).numpy()
+    return [
+        plot_per_class_accuracy(results["per_class"], class_counts, out / f"{stem}_per_class.png",
+                                many=many, few=few, title=f"{name}: accuracy per class"),
+        plot_reliability(reliability_bins(probs, np.asarray(labels), bins), out / f"{stem}_reliability.png",
+                         title=f"{name}: reliability"),
+    ]

@@ -13,8 +13,6 @@ import hashlib
 import json
 import logging
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..augment.stg import SemanticTransformationGenerator, TargetEstimator, generator_loss, head_classes
+from ..engine.checkpoint import atomic_write
 from ..errors import CheckpointError, ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -138,20 +137,6 @@ def sidecar_path(path: str | Path) -> Path:
     return path.with_suffix(".json")
 
 
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def _sha256(path: str | Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
@@ -172,7 +157,7 @@ def save_generator(path: str | Path, model: SemanticTransformationGenerator, cfg
     side = sidecar_path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"format": FORMAT}))
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"format": FORMAT}))
     meta = {
         "format": FORMAT,
         "version": VERSION,
@@ -187,7 +172,7 @@ def save_generator(path: str | Path, model: SemanticTransformationGenerator, cfg
         with open(tmp, "w") as fh:
             fh.write(text)
 
-    _atomic_write(side, _write_json)
+    atomic_write(side, _write_json)
     return path
 
 

@@ -26,6 +26,7 @@ from ..engine.schedule import lr_at
 from ..engine.seed import seed_everything
 from ..errors import ConfigError, TailaugError
 from ..evaluation.metrics import evaluate_logits
+from ..evaluation.plots import plot_results
 from ..evaluation.report import format_table, write_json
 from ..losses import LossInputs, adjust_logits, build_loss
 from ..models import Network, build_model
@@ -214,11 +215,20 @@ class Trainer:
     def evaluate(self, split) -> dict:
         return score(self.outputs(split)["logits"], split.labels, self.data.class_counts, self.cfg)
 
+    def report(self, split) -> dict:
+        """Test metrics plus per-class and reliability plots in run_dir/plots."""
+        logits = self.outputs(split)["logits"]
+        results = score(logits, split.labels, self.data.class_counts, self.cfg)
+        shots = self.cfg.data.shots
+        plot_results(logits, split.labels, self.data.class_counts, results, self.run_dir / "plots", "stage 1",
+                     many=shots.many, few=shots.few, bins=self.cfg.eval.ece_bins)
+        return results
+
     def finish(self) -> dict:
         """Evaluate the last epoch on the test set, write results.json and stage1.json."""
         results = {}
         if self.dist.is_main:
-            results = self.evaluate(self.data.test)
+            results = self.report(self.data.test)
             results["epoch"] = self.cfg.train.epochs - 1
             write_json(self.run_dir / "results.json", {"stage1": results})
             write_json(self.run_dir / "stage1.json", {"key": stage1_key(self.cfg), "epochs": self.cfg.train.epochs})

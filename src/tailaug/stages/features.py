@@ -1,0 +1,71 @@
+"""Stage 2a: features of the frozen stage-1 backbone, cached in the run directory.
+
+The cache is one safetensors file per (stage-1 model, features config) key, so every later
+stage and every variant of it reads features instead of running the backbone again.
+Keys: ``train_features``/``train_labels``/``train_index`` (un-augmented rows first, then
+``views`` randomly augmented views per image), ``test_*``, ``val_*`` when there is a
+validation split, ``head_weight``/``head_bias`` of the stage-1 classifier and
+``class_counts``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..data.loaders import Batches
+from ..engine.checkpoint import atomic_write, load_checkpoint, load_tensors
+from ..engine.inference import collect_outputs
+from .representation import Trainer, checkpoint_path, stage1_key
+
+
+def features_key(cfg) -> str:
+    return f"{stage1_key(cfg)}-{cfg.section_hash('features')}"
+
+
+def cache_path(run_dir: Path, cfg) -> Path:
+    return Path(run_dir) / "features" / f"{features_key(cfg)}.safetensors"
+
+
+def extract_features(cfg, run_dir: Path, *, progress: bool = True) -> dict[str, torch.Tensor]:
+    """Load the cache for this config, or run the backbone once and write it."""
+    path = cache_path(run_dir, cfg)
+    if path.is_file():
+        return load_tensors(path)
+    trainer = Trainer(cfg, run_dir, progress=False)
+    trainer.model.load_state_dict(load_checkpoint(checkpoint_path(run_dir), trainer.device)["model"])
+    data, size = trainer.data, cfg.features.batch_size
+
+    def run(split, augment=False, view=0):
+        batches = Batches(split, size, trainer.transform, trainer.device, augment=augment,
+                          seed=cfg.run.seed + 7919 * view, num_workers=cfg.data.num_workers)
+        return collect_outputs(trainer.model, batches, trainer.device, trainer.dtype)
+
+    train = [run(data.train)] + [run(data.train, True, v) for v in range(1, cfg.features.views + 1)]
+    cache = {
+        "train_features": torch.cat([t["features"] for t in train]),
+        "train_labels": torch.cat([t["labels"] for t in train]),
+        "train_index": torch.cat([t["index"] for t in train]),
+        "class_counts": torch.tensor(data.class_counts),
+        "head_weight": trainer.model.head.weight.detach().float().cpu(),
+        "head_bias": _bias(trainer.model.head),
+    }
+    for name, split in (("val", data.val), ("test", data.test)):
+        if split is not None:
+            out = run(split)
+            cache[f"{name}_features"], cache[f"{name}_labels"] = out["features"], out["labels"]
+            cache[f"{name}_logits"] = out["logits"]
+    from safetensors.torch import save_file
+
+    tensors = {k: v.contiguous() for k, v in cache.items()}
+    atomic_write(path, lambda tmp: save_file(tensors, tmp))
+    if progress:
+        print(f"cached {len(cache['train_features']):,} training and {len(cache['test_features']):,} "
+              f"test features in {path}")
+    return cache
+
+
+def _bias(head) -> torch.Tensor:
+    bias = getattr(head, "bias", None)
+    return torch.zeros(head.weight.shape[0]) if bias is None else bias.detach().float().cpu()

@@ -1,0 +1,74 @@
+"""`tailaug run` and `tailaug analyze stg` end to end on a tiny synthetic Fashion-MNIST."""
+
+import json
+
+import pytest
+
+from tailaug import commands
+from tailaug.cli import main
+from tailaug.stages import classifier, generator, pipeline
+
+from synthetic import write_fashion_mnist
+
+TINY = [
+    "data.n_max=100", "data.imbalance_factor=10", "data.num_workers=0", "model.arch=resnet20",
+    "train.epochs=3", "train.batch_size=32", "train.warmup_epochs=1", "train.lr=0.05",
+    "train.mixup_alpha=0", "train.precision=fp32", "stg.head.rule=top_k", "stg.head.top_k=3",
+    "stg.epochs=3", "stg.memory_size=64", "retrain.epochs=20", "retrain.augmenter={name: stg, lam: 1.5}",
+    "features.views=1",
+]
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pipe")
+    data = write_fashion_mnist(root / "fm", per_class_train=100)
+    args = ["configs/fmnist_lt/demo.yaml", *TINY, f"data.root={data}", f"run.output_dir={root / 'runs'}",
+            "run.name=pipe"]
+    results = commands.run(args[0], args[1:], progress=False)
+    return root / "runs" / "pipe", args, results
+
+
+def test_run_prints_three_rows_and_saves_them(finished_run):
+    run_dir, _, results = finished_run
+    assert list(results) == ["stage 1", "cRT", "cRT + STG (lambda 1.5)"]
+    saved = json.loads((run_dir / "results.json").read_text())
+    assert saved.keys() == results.keys()
+    assert all(r["top1"] > 40 for r in results.values())  # chance: 10%
+    assert len(list((run_dir / "features").glob("*.safetensors"))) == 1
+    assert len(list((run_dir / "generator").glob("*.safetensors"))) == 1
+
+
+def test_second_run_reuses_every_stage(finished_run, monkeypatch, capsys):
+    run_dir, args, results = finished_run
+
+    def forbidden(*a, **k):
+        raise AssertionError("a finished stage ran again")
+
+    for module, name in ((pipeline, "train_stage1"), (pipeline, "train_generator"),
+                         (pipeline, "retrain_classifier"), (classifier, "retrain_classifier")):
+        monkeypatch.setattr(module, name, forbidden)
+    again = commands.run(args[0], args[1:], progress=False)
+    assert again == results
+    out = capsys.readouterr().out
+    assert "stage 1: reusing" in out and "stage 2: reusing" in out
+
+
+def test_changed_stage3_option_reruns_only_stage3(finished_run, monkeypatch):
+    run_dir, args, _ = finished_run
+    monkeypatch.setattr(pipeline, "train_stage1", lambda *a, **k: pytest.fail("stage 1 ran again"))
+    monkeypatch.setattr(pipeline, "train_generator", lambda *a, **k: pytest.fail("stage 2 ran again"))
+    results = commands.run(args[0], [*args[1:], "retrain.augmenter={name: noise, std: 0.5}"], progress=False)
+    assert "cRT + noise (std 0.5)" in results
+
+
+def test_analyze_stg_writes_table_and_tsne(finished_run, capsys):
+    run_dir, _, _ = finished_run
+    assert main(["analyze", "stg", str(run_dir)]) == 0
+    report = json.loads((run_dir / "analysis" / "stg_kl.json").read_text())
+    kl = report["kl"]
+    assert len(kl) == 5 and all(kl[i][i] == pytest.approx(0, abs=1e-4) for i in range(5))
+    assert all(kl[i][j] >= 0 for i in range(5) for j in range(5))
+    assert set(report["most_similar_head_class"]) <= set(report["head_classes"])
+    assert (run_dir / "analysis" / "stg_tsne.png").stat().st_size > 1000
+    assert "most similar head class" in capsys.readouterr().out

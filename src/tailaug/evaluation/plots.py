@@ -186,7 +186,7 @@ def plot_tsne(
                     for c in classes.tolist()]
     if m is not None:
         handles += [Line2D([], [], marker="o", linestyle="", color="black", label="original"),
-                    Line2D([], [], marker="x", linestyle="", color="black", label="marked (e.g. augmented)")]
+                    Line2D([], [], marker="x", linestyle="", color="black", label="augmented")]
     if handles:
         ax.legend(handles=handles, fontsize=7, loc="best", ncol=2 if len(handles) > 10 else 1)
     ax.set_xticks([])

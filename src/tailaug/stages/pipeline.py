@@ -162,7 +162,7 @@ def analyze_generator(cfg: Config, run_dir: Path, *, num_samples: int = 5) -> di
     kl = transformation_kl_matrix(mu, sigma)
     names = [f"sample {i + 1}" for i in range(num_samples)]
     table = [(n, {m: float(kl[i, j]) for j, m in enumerate(names)}) for i, n in enumerate(names)]
-    table.append(("most similar head class", {m: int(tokens[j]) for j, m in enumerate(names)}))
+    table.append(("most similar head class", {m: str(int(tokens[j])) for j, m in enumerate(names)}))
     text = markdown_table(table, columns=names)
     out = run_dir / "analysis"
     out.mkdir(exist_ok=True)
@@ -184,6 +184,6 @@ def analyze_generator(cfg: Config, run_dir: Path, *, num_samples: int = 5) -> di
     point_labels = torch.cat([labels[real], base_y])
     markers = torch.cat([torch.zeros(int(real.sum()), dtype=torch.bool), torch.ones(len(aug_f), dtype=torch.bool)])
     png = plot_tsne(points.numpy(), point_labels.numpy(), out / "stg_tsne.png", markers=markers.numpy(),
-                    seed=cfg.run.seed)
+                    seed=cfg.run.seed, title=f"real and STG-augmented features of tail classes {shown}")
     print(f"wrote {out / 'stg_kl.md'}, {out / 'stg_kl.json'} and {png}")
     return report

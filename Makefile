@@ -32,7 +32,7 @@ demo: setup data
 	$(VENV)/bin/tailaug run configs/fmnist_lt/demo.yaml
 
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest
 
 bench: setup data
 	$(PY) benchmarks/stage1_speed.py

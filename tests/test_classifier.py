@@ -221,3 +221,14 @@ def test_stage3_drives_all_augmenter_hooks():
     n_batches = -(-len(y) // 64)  # an epoch is N samples
     assert aug.calls == 2 * n_batches
     assert aug.batch_sizes[0] == 64 + 2
+
+
+def test_a_non_finite_stage3_loss_is_a_clear_error():
+    from tailaug.augment.noise import GaussianNoiseAugmenter
+    from tailaug.errors import TailaugError
+
+    x = torch.randn(40, 4)
+    y = torch.arange(40) % 2
+    with pytest.raises(TailaugError, match="stage-3 loss became"):
+        retrain_classifier(x, y, [20, 20], RetrainConfig(epochs=1), num_classes=2, seed=0, progress=False,
+                           augmenter=GaussianNoiseAugmenter(std=float("inf"), targets="all"), head_classes=[0])

@@ -209,6 +209,15 @@ def test_kl_loss_option_runs_and_decreases():
     assert losses[-1] < losses[0]
 
 
+def test_a_non_finite_generator_loss_is_a_clear_error():
+    from tailaug.errors import TailaugError
+
+    feats, labels, counts = _gaussian_heads(1, [[1.0] * 6, [0.5] * 6], n=200)
+    cfg = STGConfig(epochs=3, hidden_dims=[16], memory_size=0, lr=1e30)
+    with pytest.raises(TailaugError, match="generator loss became"):
+        train_generator(feats, labels, None, counts, cfg, seed=0, progress=False)
+
+
 def test_train_generator_is_seeded_and_needs_a_head_class():
     feats, labels, counts = _gaussian_heads(2, [[1.0] * 6, [1.0] * 6], n=150)
     cfg = STGConfig(epochs=2, hidden_dims=[16], memory_size=100)

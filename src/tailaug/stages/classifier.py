@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from ..augment.base import AugmentContext, FeatureAugmenter
 from ..augment.stg import head_classes as _head_classes
 from ..data.samplers import build_sampler
-from ..errors import ConfigError, DataError
+from ..errors import ConfigError, DataError, TailaugError
 
 log = logging.getLogger(__name__)
 
@@ -261,6 +261,9 @@ def _train(model, x, y, cfg, num_classes, seed, augmenter, val_xy, progress, dev
             if augmenter is not None:
                 logits = augmenter.logits_hook(logits, xb, yb, model)
             loss = F.cross_entropy(logits, yb)
+            if not torch.isfinite(loss):
+                raise TailaugError(f"the stage-3 loss became {loss.item()} in epoch {epoch + 1}; lower "
+                                   "retrain.lr or the augmentation strength (e.g. retrain.augmenter.lam)")
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
             optimiser.step()

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from ..augment.stg import SemanticTransformationGenerator, TargetEstimator, generator_loss, head_classes
 from ..engine.checkpoint import atomic_write
-from ..errors import CheckpointError, ConfigError, DataError
+from ..errors import CheckpointError, ConfigError, DataError, TailaugError
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +107,11 @@ def train_generator(
                 continue
             mu, log_var = model(xb, yb)
             loss = generator_loss(mu[mask], log_var[mask], mu_t[mask], sigma_t[mask], cfg.loss)
+            if not torch.isfinite(loss):
+                raise TailaugError(
+                    f"the generator loss became {loss.item()} in epoch {epoch + 1}; lower stg.lr or "
+                    "use stg.loss=mse (nothing was saved)"
+                )
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
             optimiser.step()

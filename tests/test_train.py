@@ -87,3 +87,20 @@ def test_training_refuses_to_overwrite_a_run(data_root, tmp_path, capsys):
     assert main(["train", *tiny_args(data_root, tmp_path, "once"), "--no-progress"]) == 2
     assert "--resume" in capsys.readouterr().err
     assert (tmp_path / "once" / "checkpoints" / "last.pt").read_bytes() == before
+
+
+@pytest.mark.parametrize("extra", [
+    ['train.loss=[{name: ldam, weight: 0.1}, {name: supcon, weight: 0.9}]', "model.head=cosine"],
+    ["train.loss=[{name: arcface, margin: 0.2, scale: 16}]", "model.head=cosine",
+     "train.sampler.kind=class_balanced"],
+])
+def test_two_view_and_margin_losses_train(data_root, tmp_path, extra):
+    results = train(data_root, tmp_path, "loss", extra=[*extra, "train.epochs=6"])
+    assert results["top1"] > 30  # chance: 10%
+
+
+def test_margin_loss_needs_a_cosine_head(data_root, tmp_path):
+    from tailaug.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="model.head: cosine"):
+        train(data_root, tmp_path, "arc", extra=["train.loss=[{name: arcface}]"])

@@ -2,7 +2,7 @@
 
 Measures images/s of forward + backward + SGD step at batch 128 (1x28x28 uint8 batches
 augmented on the fly, as in training) for float32, channels_last, and channels_last with
-bfloat16 autocast. Writes benchmarks/out/stage1_speed.json and prints a table.
+bfloat16 autocast. Writes benchmarks/results/stage1_speed.json and prints a table.
 
     .venv/bin/python benchmarks/stage1_speed.py [--steps 30] [--threads 2]
 """
@@ -64,7 +64,7 @@ def main() -> None:
     results = {name: measure(steps=args.steps, batch=args.batch, **kw) for name, kw in SETTINGS.items()}
     out = {"threads": args.threads, "batch": args.batch, "steps": args.steps, "torch": torch.__version__,
            "machine": platform.machine(), "images_per_s": results}
-    path = Path(__file__).parent / "out" / "stage1_speed.json"
+    path = Path(__file__).parent / "results" / "stage1_speed.json"
     path.parent.mkdir(exist_ok=True)
     path.write_text(json.dumps(out, indent=2))
     print(f"{'setting':<20} {'images/s':>9}")

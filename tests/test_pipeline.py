@@ -72,3 +72,11 @@ def test_analyze_stg_writes_table_and_tsne(finished_run, capsys):
     assert set(report["most_similar_head_class"]) <= set(report["head_classes"])
     assert (run_dir / "analysis" / "stg_tsne.png").stat().st_size > 1000
     assert "most similar head class" in capsys.readouterr().out
+
+
+def test_run_refuses_a_run_dir_of_another_stage1_config(finished_run, capsys):
+    run_dir, args, _ = finished_run
+    before = (run_dir / "config.yaml").read_text()
+    assert main(["run", *args, "train.lr=0.01", "--no-progress"]) == 2
+    assert "different data/model/train config" in capsys.readouterr().err
+    assert (run_dir / "config.yaml").read_text() == before

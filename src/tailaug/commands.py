@@ -82,10 +82,11 @@ def describe(config: str, overrides: list[str]) -> str:
 
 
 def run(config: str, overrides: list[str], *, progress: bool) -> dict:
-    from .stages.pipeline import run_pipeline
+    from .stages.pipeline import run_pipeline, stage1_state
 
     cfg = load_config(config, overrides)
     run_dir = run_dir_of(cfg)
+    stage1_state(cfg, run_dir)  # refuses a run directory of another config before writing
     save_resolved_config(cfg, run_dir)
     return run_pipeline(cfg, run_dir, progress=progress)
 

@@ -30,18 +30,28 @@ from .generator import load_generator, save_generator, train_generator
 from .representation import checkpoint_path, is_complete, score, stage1_key, train_stage1
 
 
-def ensure_stage1(cfg: Config, run_dir: Path, progress: bool) -> None:
+def stage1_state(cfg: Config, run_dir: Path) -> str:
+    """'complete', 'resume' (a stopped run of this config) or 'new'; raises when the run
+    directory holds stage 1 of another config, before anything is written."""
     if is_complete(run_dir, cfg):
-        print(f"stage 1: reusing the finished model in {run_dir}")
-        return
-    resume = checkpoint_path(run_dir).is_file()
-    if resume and load_checkpoint(checkpoint_path(run_dir)).get("key") != stage1_key(cfg):
+        return "complete"
+    if not checkpoint_path(run_dir).is_file():
+        return "new"
+    if load_checkpoint(checkpoint_path(run_dir)).get("key") != stage1_key(cfg):
         raise TailaugError(
             f"{run_dir} holds a stage-1 model trained with a different data/model/train config; "
             "choose another run.name for this config (nothing was changed)"
         )
-    print(f"stage 1: {'resuming' if resume else 'training'} in {run_dir}")
-    train_stage1(cfg, run_dir, resume=resume, progress=progress)
+    return "resume"
+
+
+def ensure_stage1(cfg: Config, run_dir: Path, progress: bool) -> None:
+    state = stage1_state(cfg, run_dir)
+    if state == "complete":
+        print(f"stage 1: reusing the finished model in {run_dir}")
+        return
+    print(f"stage 1: {'resuming' if state == 'resume' else 'training'} in {run_dir}")
+    train_stage1(cfg, run_dir, resume=state == "resume", progress=progress)
 
 
 def head_set(cfg: Config, counts) -> list[int]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from tailaug.config import (
     Config,
@@ -139,7 +140,7 @@ def test_image_folder_names_missing_keys():
 
 def test_validate_assignment():
     cfg = Config()
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError, match="greater than or equal to 1"):
         cfg.train.epochs = 0
 
 

@@ -6,7 +6,7 @@ import pytest
 
 from tailaug import commands
 from tailaug.cli import main
-from tailaug.stages import classifier, generator, pipeline
+from tailaug.stages import classifier, pipeline
 
 from synthetic import write_fashion_mnist
 

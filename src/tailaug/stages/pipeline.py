@@ -154,12 +154,7 @@ def analyze_generator(cfg: Config, run_dir: Path, *, num_samples: int = 5) -> di
     augmenter.fit(AugmentContext(features=feats, labels=labels, class_counts=torch.tensor(counts),
                                  head_classes=head, classifier_weight=cache["head_weight"],
                                  classifier_bias=cache["head_bias"]))
-    original = torch.zeros(len(labels), dtype=torch.bool)
-    seen = set()
-    for row, idx in enumerate(cache["train_index"].tolist()):  # the un-augmented row of each image
-        if idx not in seen:
-            seen.add(idx)
-            original[row] = True
+    original = torch.arange(len(labels)) < sum(counts)  # the cache lists un-augmented rows first
     tail = [c for c in range(len(counts)) if c not in head and counts[c] >= num_samples]
     if not tail:
         raise TailaugError(f"no tail class has {num_samples} training images to analyse")
@@ -180,7 +175,7 @@ def analyze_generator(cfg: Config, run_dir: Path, *, num_samples: int = 5) -> di
               "most_similar_head_class": tokens.tolist(), "head_classes": head}
     write_json(out / "stg_kl.json", report)
     atomic_write(out / "stg_kl.md", lambda tmp: Path(tmp).write_text(
-        f"KL(N_i || N_j) between the transformation distributions of five samples of tail class {cls}\n\n"
+        f"KL(N_i || N_j) between the transformation distributions of {num_samples} samples of tail class {cls}\n\n"
         + text + "\n"))
     print(f"tail class {cls} ({counts[cls]} training images); KL(row || column):\n{text}")
 

@@ -110,7 +110,8 @@ def retrain(cfg: Config, run_dir: Path, cache: dict, augmenter_cfg, generator=No
     results = score(logits, cache["test_labels"], counts, cfg)
     plot_results(logits, cache["test_labels"], counts, results, Path(run_dir) / "plots", label,
                  many=cfg.data.shots.many, few=cfg.data.shots.few, bins=cfg.eval.ece_bins)
-    write_json(path, {"label": label, "config": sections, "test": results})
+    write_json(path, {"label": label, "config": sections, "history": getattr(head, "history", []),
+                      "test": results})
     return label, results
 
 

@@ -314,14 +314,19 @@ class Config(Section):
             for part in path.split("."):
                 node = node[part]
             picked[path] = node
-        blob = json.dumps(picked, sort_keys=True).encode()
-        return hashlib.sha256(blob).hexdigest()[:12]
+        return short_hash(picked)
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
 
 # --------------------------------------------------------------------------- loading
+
+
+def short_hash(obj: Any) -> str:
+    """12 hex digits of the SHA-256 of ``obj`` as sorted JSON: the key of a cached stage output."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:12]
+
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

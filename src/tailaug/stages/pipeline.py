@@ -18,7 +18,7 @@ import torch
 
 from ..augment.base import AugmentContext, build_augmenter
 from ..augment.stg import STGAugmenterModule, head_classes, transformation_kl_matrix
-from ..config import Config, NoAugmenter, STGAugmenter
+from ..config import Config, NoAugmenter, STGAugmenter, short_hash
 from ..engine.checkpoint import atomic_write, load_checkpoint
 from ..engine.seed import torch_generator
 from ..errors import TailaugError
@@ -90,7 +90,7 @@ def retrain(cfg: Config, run_dir: Path, cache: dict, augmenter_cfg, generator=No
     sections = {"retrain": retrain_cfg.model_dump(mode="json"), "eval": cfg.eval.model_dump(mode="json"),
                 "shots": cfg.data.shots.model_dump(), "seed": cfg.run.seed,
                 "stg": cfg.stg.model_dump(mode="json") if augmenter_cfg.name == "stg" else None}
-    key = f"{features_key(cfg)}-{_hash(sections)}"
+    key = f"{features_key(cfg)}-{short_hash(sections)}"
     label = {"crt": "cRT", "lws": "LWS", "tau_norm": "tau-norm", "ncm": "NCM"}[retrain_cfg.method]
     label += augmenter_label(augmenter_cfg)
     path = Path(run_dir) / "retrain" / f"{retrain_cfg.method}-{augmenter_cfg.name}-{key}.json"
@@ -113,12 +113,6 @@ def retrain(cfg: Config, run_dir: Path, cache: dict, augmenter_cfg, generator=No
     write_json(path, {"label": label, "config": sections, "history": getattr(head, "history", []),
                       "test": results})
     return label, results
-
-
-def _hash(obj) -> str:
-    import hashlib
-
-    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def run_pipeline(cfg: Config, run_dir: Path, *, progress: bool = True) -> dict:

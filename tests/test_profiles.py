@@ -104,6 +104,16 @@ def test_class_left_without_samples_exponential():
         profile_counts("exponential", 50, 10, 100)
 
 
+@pytest.mark.parametrize("n_max, limit", [(49, 48), (50, 50)])
+def test_no_samples_hint_names_the_largest_factor_that_works(n_max, limit):
+    # 49 * (1/49) ** 1 = 0.99999... so int() empties the last class at IF = n_max = 49
+    with pytest.raises(DataError, match=rf"at most {limit}\)"):
+        profile_counts("exponential", n_max, 10, 1000)
+    assert min(profile_counts("exponential", n_max, 10, limit)) == 1
+    with pytest.raises(DataError, match="no samples"):
+        profile_counts("exponential", n_max, 10, limit + 1)
+
+
 def test_non_positive_sizes():
     with pytest.raises(DataError, match="must be positive"):
         exponential_counts(0, 10, 10)

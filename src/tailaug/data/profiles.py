@@ -22,20 +22,24 @@ def step_counts(n_max: int, num_classes: int, imbalance_factor: float) -> list[i
     return [n_max] * half + [int(n_max / imbalance_factor)] * (num_classes - half)
 
 
+PROFILES = {
+    "exponential": exponential_counts,
+    "step": step_counts,
+    "none": lambda n_max, num_classes, imbalance_factor: [n_max] * num_classes,
+}
+
+
 def profile_counts(profile: str, n_max: int, num_classes: int, imbalance_factor: float) -> list[int]:
-    if profile == "exponential":
-        counts = exponential_counts(n_max, num_classes, imbalance_factor)
-    elif profile == "step":
-        counts = step_counts(n_max, num_classes, imbalance_factor)
-    elif profile == "none":
-        counts = [n_max] * num_classes
-    else:
+    if profile not in PROFILES:
         raise DataError(f"unknown profile {profile!r}; use exponential, step or none")
+    counts = PROFILES[profile](n_max, num_classes, imbalance_factor)
     empty = [c for c, n in enumerate(counts) if n < 1]
     if empty:
+        # int() rounding can empty the last class at IF = n_max itself (n_max 49: 49 * (1/49) < 1)
+        limit = n_max if min(PROFILES[profile](n_max, num_classes, n_max)) >= 1 else n_max - 1
         raise DataError(
             f"the {profile} profile with n_max={n_max} and imbalance factor {imbalance_factor:g} leaves "
-            f"class(es) {empty} with no samples; lower data.imbalance_factor (at most {n_max}) "
+            f"class(es) {empty} with no samples; lower data.imbalance_factor (at most {limit}) "
             "or raise data.n_max"
         )
     return counts

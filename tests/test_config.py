@@ -133,6 +133,36 @@ def test_shot_thresholds_out_of_order():
     assert "few (200) must not exceed many (100)" in msg
 
 
+@pytest.mark.parametrize("overrides, scale", [
+    (["model.head=cosine", "train.loss=[{name: ldam, scale: 30}]"], 30.0),  # evaluated as trained
+    (["model.head=cosine", "train.loss=[{name: cosface, scale: 64}, {name: ce}]"], 64.0),
+    (["model.head=cosine", "model.cosine_scale=10", "train.loss=[{name: ldam}]"], 10.0),  # explicit wins
+    (["model.head=cosine"], 16.0),  # no margin loss: the default
+    (["train.loss=[{name: ldam, scale: 30}]"], 16.0),  # linear head: scale unused
+])
+def test_cosine_head_scale_follows_its_margin_loss(overrides, scale):
+    cfg = load_config(None, overrides)
+    assert cfg.model.cosine_scale == scale
+
+
+def test_cosine_scale_survives_the_saved_config(tmp_path):
+    cfg = load_config(None, ["model.head=cosine", "train.loss=[{name: arcface, scale: 40}]"])
+    saved = tmp_path / "config.yaml"
+    saved.write_text(cfg.to_yaml())
+    again = load_config(saved, [])
+    assert again.model.cosine_scale == 40.0
+    assert again.section_hash("model", "train") == cfg.section_hash("model", "train")
+
+
+def test_margin_losses_at_different_scales_need_an_explicit_cosine_scale():
+    msg = error_of(["model.head=cosine", "train.loss=[{name: arcface, scale: 30}, {name: cosface, scale: 64}]"])
+    assert msg.endswith("is not valid:\n  the terms of train.loss train the cosine head at scales "
+                        "[30.0, 64.0]; set model.cosine_scale to the scale its test logits should have")
+    cfg = load_config(None, ["model.head=cosine", "model.cosine_scale=64",
+                             "train.loss=[{name: arcface, scale: 30}, {name: cosface, scale: 64}]"])
+    assert cfg.model.cosine_scale == 64.0
+
+
 def test_image_folder_names_missing_keys():
     msg = error_of(["data.dataset=image_folder"])
     assert "data.root" in msg and "data.train_split" in msg and "data.test_split" in msg

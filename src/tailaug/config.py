@@ -96,7 +96,9 @@ class ModelConfig(Section):
     arch: Literal[CIFAR_ARCHS + TORCHVISION_ARCHS] = "resnet32"  # type: ignore[valid-type]
     in_channels: int | None = Field(None, ge=1)  # None: from the dataset
     head: Literal["linear", "cosine"] = "linear"
-    cosine_scale: float = Field(16.0, gt=0)  # logit scale of the cosine head
+    # logit scale of the cosine head; unset, a cosine head takes the scale of its margin loss
+    # (ldam, arcface, cosface, sphereface in train.loss), so it is evaluated as it was trained
+    cosine_scale: float = Field(16.0, gt=0)
     weights: str | None = None  # local .pt/.pth/.safetensors file with backbone weights
 
 
@@ -305,6 +307,20 @@ class Config(Section):
     retrain: RetrainConfig = RetrainConfig()
     eval: EvalConfig = EvalConfig()
 
+    @model_validator(mode="after")
+    def _cosine_scale_from_loss(self):
+        if self.model.head != "cosine" or "cosine_scale" in self.model.model_fields_set:
+            return self
+        scales = sorted({term.scale for term in self.train.loss if hasattr(term, "scale")})
+        if len(scales) > 1:
+            raise ValueError(
+                f"the terms of train.loss train the cosine head at scales {scales}; set "
+                "model.cosine_scale to the scale its test logits should have"
+            )
+        if scales:
+            self.model.cosine_scale = scales[0]
+        return self
+
     def section_hash(self, *sections: str) -> str:
         """A short hash of the named sections (dotted paths allowed), for stage caching."""
         dumped = self.model_dump(mode="json")
@@ -430,6 +446,8 @@ def _describe(err: dict) -> str:
         hint = difflib.get_close_matches(loc[-1], allowed, n=1, cutoff=0.5)
         fix = f"did you mean '{'.'.join(loc[:-1] + hint)}'?" if hint else f"valid keys: {', '.join(allowed)}"
         return f"unknown key '{where}': {fix}"
+    if not where:  # a check across sections
+        return err["msg"].removeprefix("Value error, ")
     value = err.get("input")
     shown = "" if isinstance(value, dict) else f" = {value!r}"
     return f"{where}{shown}: {err['msg']}"

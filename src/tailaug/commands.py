@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .config import Config, load_config
-from .engine.checkpoint import atomic_write
+from .engine.checkpoint import atomic_write_text
 from .errors import TailaugError
 
 
@@ -14,7 +14,7 @@ def run_dir_of(cfg: Config) -> Path:
 
 
 def save_resolved_config(cfg: Config, run_dir: Path) -> None:
-    atomic_write(run_dir / "config.yaml", lambda tmp: Path(tmp).write_text(cfg.to_yaml()))
+    atomic_write_text(run_dir / "config.yaml", cfg.to_yaml())
 
 
 def load_run_config(run_dir: Path, overrides: list[str] = ()) -> Config:

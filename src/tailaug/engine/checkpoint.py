@@ -14,11 +14,14 @@ from ..errors import CheckpointError
 def atomic_write(path: str | Path, write) -> Path:
     """Call ``write(tmp_path)`` on a temporary file beside ``path``, then rename it into place.
 
-    A reader sees the old file or the new one, never a half-written one.
+    A reader sees the old file or the new one, never a half-written one. The file is made
+    readable by everyone (0644), as run outputs are meant to be shared.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    if hasattr(os, "fchmod"):  # mkstemp makes 0600
+        os.fchmod(fd, 0o644)
     os.close(fd)
     try:
         write(tmp)
@@ -31,6 +34,10 @@ def atomic_write(path: str | Path, write) -> Path:
         raise
     _fsync_dir(path.parent)
     return path
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    return atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
 def _fsync_dir(directory: Path) -> None:

@@ -10,11 +10,12 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import numpy as np
+
+from ..engine.checkpoint import atomic_write_text
 
 DEFAULT_COLUMNS = ("top1", "many", "medium", "few", "ece")
 
@@ -114,27 +115,7 @@ def _jsonable(obj: Any) -> Any:
 
 
 def write_json(path: str | os.PathLike, obj: Any, *, indent: int = 2) -> Path:
-    """Write ``obj`` as JSON atomically: a temporary file in the same directory, then os.replace.
-
-    Readers never see a half-written file. numpy/torch values are converted and nan/inf
-    become null. Returns the path written.
+    """Write ``obj`` as JSON atomically (``atomic_write``): readers never see a half-written
+    file. numpy/torch values are converted and nan/inf become null. Returns the path written.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(_jsonable(obj), indent=indent, allow_nan=False) + "\n"
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        if hasattr(os, "fchmod"):  # mkstemp makes 0600; results are meant to be shared
-            os.fchmod(fd, 0o644)
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    return path
+    return atomic_write_text(path, json.dumps(_jsonable(obj), indent=indent, allow_nan=False) + "\n")

@@ -20,7 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..augment.stg import SemanticTransformationGenerator, TargetEstimator, generator_loss, head_classes
-from ..engine.checkpoint import atomic_write
+from ..engine.checkpoint import atomic_write, atomic_write_text
 from ..errors import CheckpointError, ConfigError, DataError, TailaugError
 
 log = logging.getLogger(__name__)
@@ -160,7 +160,6 @@ def save_generator(path: str | Path, model: SemanticTransformationGenerator, cfg
 
     path = Path(path)
     side = sidecar_path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"format": FORMAT}))
     meta = {
@@ -171,13 +170,7 @@ def save_generator(path: str | Path, model: SemanticTransformationGenerator, cfg
         "tensors_file": path.name,
         "tensors_sha256": _sha256(path),
     }
-    text = json.dumps(meta, indent=2, sort_keys=True)
-
-    def _write_json(tmp):
-        with open(tmp, "w") as fh:
-            fh.write(text)
-
-    atomic_write(side, _write_json)
+    atomic_write_text(side, json.dumps(meta, indent=2, sort_keys=True))
     return path
 
 

@@ -19,7 +19,7 @@ import torch
 from ..augment.base import AugmentContext, build_augmenter
 from ..augment.stg import STGAugmenterModule, head_classes, transformation_kl_matrix
 from ..config import Config, NoAugmenter, STGAugmenter, short_hash
-from ..engine.checkpoint import atomic_write, load_checkpoint
+from ..engine.checkpoint import atomic_write_text, load_checkpoint
 from ..engine.seed import torch_generator
 from ..errors import TailaugError
 from ..evaluation.plots import plot_results
@@ -169,9 +169,8 @@ def analyze_generator(cfg: Config, run_dir: Path, *, num_samples: int = 5) -> di
     report = {"tail_class": cls, "rows": rows.tolist(), "kl": kl.tolist(),
               "most_similar_head_class": tokens.tolist(), "head_classes": head}
     write_json(out / "stg_kl.json", report)
-    atomic_write(out / "stg_kl.md", lambda tmp: Path(tmp).write_text(
-        f"KL(N_i || N_j) between the transformation distributions of {num_samples} samples of tail class {cls}\n\n"
-        + text + "\n"))
+    atomic_write_text(out / "stg_kl.md", f"KL(N_i || N_j) between the transformation distributions of "
+                                         f"{num_samples} samples of tail class {cls}\n\n{text}\n")
     print(f"tail class {cls} ({counts[cls]} training images); KL(row || column):\n{text}")
 
     # t-SNE: real features of the smallest tail classes and their STG augmentations

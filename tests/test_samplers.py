@@ -5,12 +5,14 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from tailaug.config import SamplerConfig
 from tailaug.data.samplers import (
-    SAMPLER_KINDS,
     ClassAwareSampler,
     build_sampler,
     class_probabilities,
 )
 from tailaug.errors import ConfigError, DataError, TailaugError
+from tailaug.registry import SAMPLERS
+
+SAMPLER_KINDS = SAMPLERS.names()
 
 COUNTS = [400, 150, 60, 20, 5]  # a small long-tailed set
 

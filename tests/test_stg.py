@@ -6,9 +6,10 @@ import pytest
 import torch
 from torch import nn
 
-from tailaug.augment.base import AugmentContext, FeatureAugmenter, available_augmenters, build_augmenter
-from tailaug.augment.noise import FeatureDropoutAugmenter, GaussianNoiseAugmenter
+from tailaug.augment.base import AugmentContext, FeatureAugmenter, build_augmenter
+from tailaug.augment.noise import FeatureDropoutAugmenter, GaussianNoiseAugmenter, NoiseAugmenter
 from tailaug.augment.stg import (
+    STGAugmenter,
     STGAugmenterModule,
     SemanticTransformationGenerator,
     TargetEstimator,
@@ -17,7 +18,8 @@ from tailaug.augment.stg import (
     generator_loss,
     head_classes,
 )
-from tailaug.config import HeadSetConfig, NoiseAugmenter, STGAugmenter, STGConfig
+from tailaug.config import HeadSetConfig, STGConfig
+from tailaug.registry import AUGMENTERS
 from tailaug.errors import CheckpointError, ConfigError
 from tailaug.stages.generator import load_generator, save_generator, sidecar_path, train_generator
 
@@ -350,7 +352,7 @@ def test_stg_generator_stays_frozen_in_eval_mode():
 
 
 def test_registry_and_baseline_augmenters():
-    assert {"none", "stg", "noise", "dropout"} <= set(available_augmenters())
+    assert {"none", "stg", "noise", "dropout"} <= set(AUGMENTERS.names())
     assert type(build_augmenter(None)) is FeatureAugmenter
     with pytest.raises(ConfigError, match="generator"):
         build_augmenter({"name": "stg"})

@@ -15,7 +15,7 @@ from synthetic import write_fashion_mnist
 TINY = [
     "data.n_max=100", "data.imbalance_factor=10", "data.num_workers=0",
     "model.arch=resnet20", "train.epochs=8", "train.batch_size=32", "train.warmup_epochs=1",
-    "train.lr=0.05", "train.mixup_alpha=0", "train.schedule=cosine", "train.precision=fp32", "train.log_every=1",
+    "train.lr=0.05", "train.mixup_alpha=0", "train.schedule=cosine", "train.precision=fp32",
 ]
 
 

@@ -16,16 +16,20 @@ import hashlib
 import json
 import typing
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from .errors import ConfigError
+from .registry import AUGMENTERS, BACKBONES, CLASSIFIERS, LOSSES, SAMPLERS, Registry, Section
 
-
-class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+# the choices of method-valued options come from the registries (tailaug.registry)
+BackboneName = BACKBONES.name()
+SamplerName = SAMPLERS.name()
+ClassifierName = CLASSIFIERS.name()
+LossSection = LOSSES.section()
+AugmenterSection = AUGMENTERS.section()
 
 
 # --------------------------------------------------------------------------- run / data
@@ -88,12 +92,8 @@ class DataConfig(Section):
 # --------------------------------------------------------------------------- model
 
 
-CIFAR_ARCHS = ("resnet20", "resnet32", "resnet44", "resnet56", "resnet110")
-TORCHVISION_ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnext50_32x4d")
-
-
 class ModelConfig(Section):
-    arch: Literal[CIFAR_ARCHS + TORCHVISION_ARCHS] = "resnet32"  # type: ignore[valid-type]
+    arch: BackboneName = "resnet32"
     in_channels: int | None = Field(None, ge=1)  # None: from the dataset
     head: Literal["linear", "cosine"] = "linear"
     # logit scale of the cosine head; unset, a cosine head takes the scale of its margin loss
@@ -105,75 +105,6 @@ class ModelConfig(Section):
 # --------------------------------------------------------------------------- losses
 
 
-class _Loss(Section):
-    weight: float = Field(1.0, gt=0)
-
-
-class CELoss(_Loss):
-    name: Literal["ce"] = "ce"
-    label_smoothing: float = Field(0.0, ge=0, lt=1)
-
-
-class FocalLoss(_Loss):
-    name: Literal["focal"]
-    gamma: float = Field(2.0, ge=0)
-
-
-class LDAMLoss(_Loss):
-    name: Literal["ldam"]
-    max_margin: float = Field(0.5, gt=0)
-    scale: float = Field(30.0, gt=0)
-
-
-class BalancedSoftmaxLoss(_Loss):
-    name: Literal["balanced_softmax"]
-
-
-class LogitAdjustLoss(_Loss):
-    name: Literal["logit_adjust"]
-    tau: float = Field(1.0, ge=0)
-
-
-class LabelAwareSmoothingLoss(_Loss):
-    name: Literal["label_aware_smoothing"]
-    head_smoothing: float = Field(0.4, ge=0, lt=1)
-    tail_smoothing: float = Field(0.1, ge=0, lt=1)
-    shape: Literal["concave", "linear", "convex"] = "concave"
-    power: float = Field(2.0, gt=0)
-
-
-class SupConLoss(_Loss):
-    name: Literal["supcon"]
-    temperature: float = Field(0.07, gt=0)
-
-
-class ArcFaceLoss(_Loss):
-    name: Literal["arcface"]
-    margin: float = Field(0.5, ge=0)
-    scale: float = Field(30.0, gt=0)
-
-
-class CosFaceLoss(_Loss):
-    name: Literal["cosface"]
-    margin: float = Field(0.35, ge=0)
-    scale: float = Field(30.0, gt=0)
-
-
-class SphereFaceLoss(_Loss):
-    name: Literal["sphereface"]
-    margin: int = Field(4, ge=1)
-    scale: float = Field(30.0, gt=0)
-
-
-LossTerm = Annotated[
-    Union[
-        CELoss, FocalLoss, LDAMLoss, BalancedSoftmaxLoss, LogitAdjustLoss,
-        LabelAwareSmoothingLoss, SupConLoss, ArcFaceLoss, CosFaceLoss, SphereFaceLoss,
-    ],
-    Field(discriminator="name"),
-]
-
-
 class ReweightConfig(Section):
     """Per-class loss weights; with start_epoch > 0 this is deferred re-weighting (DRW)."""
 
@@ -183,7 +114,7 @@ class ReweightConfig(Section):
 
 
 class SamplerConfig(Section):
-    kind: Literal["instance", "class_balanced", "sqrt", "progressive"] = "instance"
+    kind: SamplerName = "instance"
 
 
 # --------------------------------------------------------------------------- stage 1
@@ -204,13 +135,14 @@ class TrainConfig(Section):
     gamma: float = Field(0.1, gt=0, le=1)
     min_lr: float = Field(0.0, ge=0)
     mixup_alpha: float = Field(0.0, ge=0)  # 0 turns mixup off
-    loss: list[LossTerm] = Field(default_factory=lambda: [CELoss()], min_length=1)
+    loss: list[LossSection] = Field(
+        default_factory=lambda: [LOSSES.get("ce").config()], min_length=1
+    )
     reweight: ReweightConfig = ReweightConfig()
     sampler: SamplerConfig = SamplerConfig()
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     channels_last: bool = True
     grad_clip: float | None = Field(None, gt=0)
-    log_every: int = Field(50, ge=1)
 
     @model_validator(mode="after")
     def _milestones(self):
@@ -249,45 +181,16 @@ class STGConfig(Section):
     weight_decay: float = Field(0.0, ge=0)
 
 
-class NoAugmenter(Section):
-    name: Literal["none"] = "none"
-
-
-class STGAugmenter(Section):
-    name: Literal["stg"]
-    lam: float = Field(1.5, ge=0)  # lambda of Eq. 3
-    t: float = Field(0.5, ge=0, le=1)  # fraction of coordinates replaced (Eq. 4)
-    mu_scale: float = Field(1.0, ge=0)  # scale of the mean term; 0 turns it off
-    token: Literal["prototype", "classifier"] = "prototype"
-    targets: Literal["tail", "all"] = "tail"
-
-
-class NoiseAugmenter(Section):
-    name: Literal["noise"]
-    std: float = Field(1.0, gt=0)
-    targets: Literal["tail", "all"] = "tail"
-
-
-class DropoutAugmenter(Section):
-    name: Literal["dropout"]
-    p: float = Field(0.1, gt=0, lt=1)
-    targets: Literal["tail", "all"] = "tail"
-
-
-AugmenterConfig = Annotated[
-    Union[NoAugmenter, STGAugmenter, NoiseAugmenter, DropoutAugmenter],
-    Field(discriminator="name"),
-]
-
-
 class RetrainConfig(Section):
-    method: Literal["crt", "lws", "tau_norm", "ncm"] = "crt"
+    method: ClassifierName = "crt"
     epochs: int = Field(30, ge=1)
     batch_size: int = Field(128, ge=1)
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(0.0, ge=0)
-    sampler: SamplerConfig = SamplerConfig(kind="class_balanced")
-    augmenter: AugmenterConfig = NoAugmenter()
+    sampler: SamplerConfig = Field(default_factory=lambda: SamplerConfig(kind="class_balanced"))
+    augmenter: AugmenterSection = Field(
+        default_factory=lambda: AUGMENTERS.get("none").config()
+    )
     tau: float | None = Field(None, ge=0)  # tau-norm; None: chosen on the validation split
     seed: int | None = Field(None, ge=0)  # None: run.seed
 
@@ -433,82 +336,63 @@ def validate_config(tree: dict, source: str = "config") -> Config:
     try:
         return Config.model_validate(tree)
     except ValidationError as exc:
-        lines = [_describe(err) for err in exc.errors()]
+        lines = [_describe(err, tree) for err in exc.errors()]
         raise ConfigError(f"{source} is not valid:\n  " + "\n  ".join(lines)) from None
 
 
-def _describe(err: dict) -> str:
-    loc = _display_loc(err["loc"])
+def _describe(err: dict, tree: dict) -> str:
+    loc = [str(part) for part in err["loc"]]
     where = ".".join(loc)
+    msg = err["msg"].removeprefix("Value error, ")
     if err["type"] == "extra_forbidden":
-        allowed = _allowed_keys(err["loc"][:-1])
+        model = _model_at(err["loc"][:-1], tree)
+        allowed = list(model.model_fields) if model is not None else []
         hint = difflib.get_close_matches(loc[-1], allowed, n=1, cutoff=0.5)
         fix = f"did you mean '{'.'.join(loc[:-1] + hint)}'?" if hint else f"valid keys: {', '.join(allowed)}"
         return f"unknown key '{where}': {fix}"
     if not where:  # a check across sections
-        return err["msg"].removeprefix("Value error, ")
+        return msg
     value = err.get("input")
     shown = "" if isinstance(value, dict) else f" = {value!r}"
-    return f"{where}{shown}: {err['msg']}"
+    return f"{where}{shown}: {msg}"
 
 
-def _display_loc(loc: tuple) -> list[str]:
-    """``loc`` as the user wrote it: without the tag segment pydantic inserts after a
-    discriminated union (``train.loss.0.focal.gama`` -> ``train.loss.0.gama``)."""
-    shown: list[str] = []
+def _model_at(loc: tuple, tree: Any) -> type[BaseModel] | None:
+    """The section model at ``loc`` (as the user wrote it) of the config ``tree``: fields are
+    followed from Config, list items by index, and a registry-valued option by the ``name``
+    its mapping gives."""
     tp: Any = Config
+    node: Any = tree
     for part in loc:
-        tp = _strip(tp)
-        if typing.get_origin(tp) is Union:
-            members = [m for m in typing.get_args(tp) if _tag(m) == part]
-            if members:
-                tp = members[0]
-                continue
-        shown.append(str(part))
-        if isinstance(tp, type) and issubclass(tp, BaseModel):
-            field = tp.model_fields.get(str(part))
-            tp = field.annotation if field is not None else None
-        elif typing.get_origin(tp) is list:
-            tp = typing.get_args(tp)[0]
-        else:
-            tp = None
-    return shown
-
-
-def _allowed_keys(loc: tuple) -> list[str]:
-    """The field names of the model reached by following ``loc`` from Config."""
-    tp: Any = Config
-    for part in loc:
-        tp = _strip(tp)
+        tp = _resolve(tp, node)
         if isinstance(tp, type) and issubclass(tp, BaseModel):
             field = tp.model_fields.get(str(part))
             if field is None:
-                return []
-            tp = field.annotation
+                return None
+            tp = Annotated[(field.annotation, *field.metadata)] if field.metadata else field.annotation
         elif typing.get_origin(tp) is list:
             tp = typing.get_args(tp)[0]
-        elif typing.get_origin(tp) is Union:
-            members = [m for m in typing.get_args(tp) if _tag(m) == part]
-            if not members:
-                return []
-            tp = members[0]
         else:
-            return []
-    tp = _strip(tp)
-    if isinstance(tp, type) and issubclass(tp, BaseModel):
-        return list(tp.model_fields)
-    return []
+            return None
+        node = _child(node, part)
+    tp = _resolve(tp, node)
+    return tp if isinstance(tp, type) and issubclass(tp, BaseModel) else None
 
 
-def _strip(tp: Any) -> Any:
+def _resolve(tp: Any, node: Any) -> Any:
+    """``tp`` without Annotated; a registry section becomes the model registered under ``node['name']``."""
     while typing.get_origin(tp) is Annotated:
+        registry = next((m for m in tp.__metadata__ if isinstance(m, Registry)), None)
+        if registry is not None:
+            name = node.get("name") if isinstance(node, dict) else None
+            return registry.get(name).config if name in registry else None
         tp = typing.get_args(tp)[0]
     return tp
 
 
-def _tag(model: Any) -> str | None:
-    field = getattr(model, "model_fields", {}).get("name")
-    if field is None:
-        return None
-    args = typing.get_args(field.annotation)
-    return args[0] if args else None
+def _child(node: Any, part: Any) -> Any:
+    if isinstance(node, dict):
+        return node.get(part)
+    if isinstance(node, list) and isinstance(part, int) and part < len(node):
+        return node[part]
+    return None

@@ -1,7 +1,7 @@
 """The feature-augmenter interface that stage 3 calls on every mini-batch.
 
 Stage 3 (classifier re-training on cached features, ``tailaug.stages.classifier``) drives an
-augmenter through four hooks and knows nothing else about it:
+augmenter through three hooks and knows nothing else about it:
 
 1. :meth:`FeatureAugmenter.fit` once before re-training, with an :class:`AugmentContext`
    (all training features and labels, class counts, the head classes, the stage-1
@@ -13,29 +13,48 @@ augmenter through four hooks and knows nothing else about it:
    labels)``. It may replace rows, append rows (then it appends their labels too), or do
    nothing. All randomness comes from the ``generator`` argument, so that a seeded stage 3
    is reproducible.
-4. :meth:`FeatureAugmenter.logits_hook` after the classifier: implicit methods (ISDA,
-   MetaSAug) change the logits that enter the cross-entropy instead of the features.
 
-Parameters that the augmenter wants trained jointly with the classifier are returned by
-:meth:`FeatureAugmenter.trainable_parameters` (default: none); stage 3 adds them to its
-optimiser. The ``targets`` option of every augmenter: ``"tail"`` augments only samples of
-non-head classes, ``"all"`` every sample.
+The ``targets`` option of every augmenter: ``"tail"`` augments only samples of non-head
+classes, ``"all"`` every sample.
 
-New augmenters register with :func:`register_augmenter`; :func:`build_augmenter` turns a
-config section (``retrain.augmenter``) into a module.
+A new augmenter is one file in this package: its options model (a subclass of
+:class:`AugmenterOptions` with ``name: Literal["..."]``, the keys of ``retrain.augmenter``)
+and its module class, registered together with ``@AUGMENTERS.register(name,
+config=Options)``. :func:`build_augmenter` turns a config section into a module through
+the class's ``from_config`` (by default: the options other than ``name`` as keyword
+arguments).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, ClassVar, Iterable, Literal, Mapping
 
 import torch
+from pydantic import ValidationError
 from torch import nn
 
 from ..errors import ConfigError
+from ..registry import AUGMENTERS, Section
 
 TARGETS = ("tail", "all")
+
+
+class AugmenterOptions(Section):
+    """Base of the options of every augmenter (``retrain.augmenter``).
+
+    ``uses_generator``: the augmenter needs the stage-2 generator (the pipeline trains it).
+    ``label()``: how result tables name the augmenter.
+    """
+
+    uses_generator: ClassVar[bool] = False
+
+    def label(self) -> str:
+        return self.name
+
+
+class NoAugmenter(AugmenterOptions):
+    name: Literal["none"] = "none"
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -117,6 +136,7 @@ class AugmentContext:
         return means[torch.tensor(classes, dtype=torch.long, device=feats.device)]
 
 
+@AUGMENTERS.register("none", config=NoAugmenter)
 class FeatureAugmenter(nn.Module):
     """Base class: the identity augmenter. Subclasses override what they need."""
 
@@ -129,6 +149,11 @@ class FeatureAugmenter(nn.Module):
         self.targets = targets
         self.register_buffer("target_classes", None, persistent=False)  # bool [C] after fit
         self.fitted = False
+
+    @classmethod
+    def from_config(cls, cfg: AugmenterOptions, generator_module: nn.Module | None = None) -> "FeatureAugmenter":
+        """The augmenter of a ``retrain.augmenter`` section: its options as keyword arguments."""
+        return cls(**cfg.model_dump(exclude={"name"}))
 
     # ------------------------------------------------------------------ hooks
 
@@ -149,16 +174,6 @@ class FeatureAugmenter(nn.Module):
         """One training batch in, the batch to train on out (rows may be replaced or appended)."""
         return features, labels
 
-    def logits_hook(
-        self, logits: torch.Tensor, features: torch.Tensor, labels: torch.Tensor, classifier: nn.Module
-    ) -> torch.Tensor:
-        """The logits that enter the loss; implicit augmenters (ISDA-like) change them here."""
-        return logits
-
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        """Parameters to optimise together with the classifier (default: none)."""
-        return []
-
     # ------------------------------------------------------------------ helpers
 
     def target_rows(self, labels: torch.Tensor) -> torch.Tensor:
@@ -173,67 +188,19 @@ class FeatureAugmenter(nn.Module):
 
 # --------------------------------------------------------------------------- registry
 
-AugmenterFactory = Callable[..., FeatureAugmenter]  # (cfg, generator_module=None) -> module
-_REGISTRY: dict[str, AugmenterFactory] = {}
-
-
-def register_augmenter(name: str, factory: AugmenterFactory | None = None):
-    """Register ``factory(cfg, generator_module=None) -> FeatureAugmenter`` under ``name``.
-
-    Usable as a decorator on a class with a ``from_config`` classmethod, or called with a
-    factory function.
-    """
-
-    def _add(obj):
-        fn = obj.from_config if isinstance(obj, type) else obj
-        if name in _REGISTRY and _REGISTRY[name] is not fn:
-            raise ValueError(f"an augmenter named {name!r} is already registered")
-        _REGISTRY[name] = fn
-        return obj
-
-    return _add(factory) if factory is not None else _add
-
-
-def _none_factory(cfg=None, generator_module=None) -> FeatureAugmenter:
-    return FeatureAugmenter()
-
-
-register_augmenter("none", _none_factory)
-
-
-def _load_builtins() -> None:
-    # the built-in augmenters register themselves on import (imported lazily: they import this module)
-    from . import noise, stg  # noqa: F401
-
-
-def available_augmenters() -> list[str]:
-    _load_builtins()
-    return sorted(_REGISTRY)
-
 
 def build_augmenter(cfg: Any, generator_module: nn.Module | None = None) -> FeatureAugmenter:
     """A :class:`FeatureAugmenter` from a ``retrain.augmenter`` config section (or a mapping).
 
-    ``generator_module`` is the trained stage-2 generator, needed by ``stg``.
+    ``generator_module`` is the trained stage-2 generator, for augmenters whose options say
+    ``uses_generator``.
     """
-    _load_builtins()
     if cfg is None:
         cfg = {"name": "none"}
     if isinstance(cfg, Mapping):
-        from pydantic import TypeAdapter, ValidationError
-
-        from ..config import AugmenterConfig
-
-        name = cfg.get("name")
-        if name in _REGISTRY and name not in ("none", "stg", "noise", "dropout"):
-            return _REGISTRY[name](cfg, generator_module=generator_module)
+        entry = AUGMENTERS.get(cfg.get("name"))
         try:
-            cfg = TypeAdapter(AugmenterConfig).validate_python(dict(cfg))
+            cfg = entry.config.model_validate(dict(cfg))
         except ValidationError as exc:
             raise ConfigError(f"retrain.augmenter is not valid: {exc}") from None
-    name = getattr(cfg, "name", None)
-    if name not in _REGISTRY:
-        raise ConfigError(
-            f"unknown augmenter {name!r}; available: {', '.join(sorted(_REGISTRY))} (retrain.augmenter.name)"
-        )
-    return _REGISTRY[name](cfg, generator_module=generator_module)
+    return AUGMENTERS.get(cfg.name).obj.from_config(cfg, generator_module=generator_module)

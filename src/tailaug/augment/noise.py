@@ -7,13 +7,35 @@ every call.
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
+from pydantic import Field
 
 from ..errors import ConfigError
-from .base import FeatureAugmenter, register_augmenter
+from ..registry import AUGMENTERS
+from .base import AugmenterOptions, FeatureAugmenter
 
 
-@register_augmenter("noise")
+class NoiseAugmenter(AugmenterOptions):
+    name: Literal["noise"]
+    std: float = Field(1.0, gt=0)
+    targets: Literal["tail", "all"] = "tail"
+
+    def label(self) -> str:
+        return f"noise (std {self.std})"
+
+
+class DropoutAugmenter(AugmenterOptions):
+    name: Literal["dropout"]
+    p: float = Field(0.1, gt=0, lt=1)
+    targets: Literal["tail", "all"] = "tail"
+
+    def label(self) -> str:
+        return f"dropout (p {self.p})"
+
+
+@AUGMENTERS.register("noise", config=NoiseAugmenter)
 class GaussianNoiseAugmenter(FeatureAugmenter):
     """a -> a + std * eps, eps ~ N(0, I)."""
 
@@ -25,10 +47,6 @@ class GaussianNoiseAugmenter(FeatureAugmenter):
             raise ConfigError(f"noise std must be > 0, got {std}")
         self.std = float(std)
 
-    @classmethod
-    def from_config(cls, cfg, generator_module=None) -> "GaussianNoiseAugmenter":
-        return cls(std=cfg.std, targets=cfg.targets)
-
     def forward(self, features, labels, *, generator=None):
         rows = self.target_rows(labels)
         eps = torch.randn(features.shape, generator=generator, device=features.device, dtype=features.dtype)
@@ -38,7 +56,7 @@ class GaussianNoiseAugmenter(FeatureAugmenter):
         return f"std={self.std}, targets={self.targets!r}"
 
 
-@register_augmenter("dropout")
+@AUGMENTERS.register("dropout", config=DropoutAugmenter)
 class FeatureDropoutAugmenter(FeatureAugmenter):
     """Inverted dropout: each coordinate zeroed with probability p, the rest scaled by 1/(1-p)."""
 
@@ -49,10 +67,6 @@ class FeatureDropoutAugmenter(FeatureAugmenter):
         if not 0 < p < 1:
             raise ConfigError(f"dropout p must lie in (0, 1), got {p}")
         self.p = float(p)
-
-    @classmethod
-    def from_config(cls, cfg, generator_module=None) -> "FeatureDropoutAugmenter":
-        return cls(p=cfg.p, targets=cfg.targets)
 
     def forward(self, features, labels, *, generator=None):
         rows = self.target_rows(labels)

@@ -21,12 +21,16 @@ Decisions fixed here (methods.md where it decides, otherwise stated):
 
 from __future__ import annotations
 
+from typing import ClassVar, Literal
+
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import nn
 
 from ..errors import ConfigError
-from .base import AugmentContext, FeatureAugmenter, register_augmenter
+from ..registry import AUGMENTERS
+from .base import AugmentContext, AugmenterOptions, FeatureAugmenter
 
 # --------------------------------------------------------------------------- head set
 
@@ -320,7 +324,22 @@ def choose_tokens(
     return candidates.to(features.device)[scores.argmax(1)]
 
 
-@register_augmenter("stg")
+class STGAugmenter(AugmenterOptions):
+    """Options of the STG augmenter (Eq. 3 and Eq. 4); the generator comes from stage 2 (``stg``)."""
+
+    uses_generator: ClassVar[bool] = True
+    name: Literal["stg"]
+    lam: float = Field(1.5, ge=0)  # lambda of Eq. 3
+    t: float = Field(0.5, ge=0, le=1)  # fraction of coordinates replaced (Eq. 4)
+    mu_scale: float = Field(1.0, ge=0)  # scale of the mean term; 0 turns it off
+    token: Literal["prototype", "classifier"] = "prototype"
+    targets: Literal["tail", "all"] = "tail"
+
+    def label(self) -> str:
+        return f"STG (lambda {self.lam})"
+
+
+@AUGMENTERS.register("stg", config=STGAugmenter)
 class STGAugmenterModule(FeatureAugmenter):
     """Sample-specific augmentation with a trained, frozen STG (Eq. 3 and Eq. 4).
 

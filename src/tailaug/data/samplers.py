@@ -31,17 +31,8 @@ from typing import Iterator, Sequence
 import numpy as np
 from torch.utils.data import Sampler
 
-from ..errors import ConfigError, DataError
-
-SAMPLER_KINDS = ("instance", "class_balanced", "sqrt", "progressive")
-
-
-def _check_kind(kind: str) -> None:
-    if kind not in SAMPLER_KINDS:
-        raise ConfigError(
-            f"unknown sampler kind {kind!r}; valid kinds are {', '.join(SAMPLER_KINDS)} "
-            "(set train.sampler.kind or retrain.sampler.kind)"
-        )
+from ..errors import DataError
+from ..registry import SAMPLERS
 
 
 def _check_counts(class_counts: Sequence[int]) -> np.ndarray:
@@ -69,30 +60,39 @@ def class_probabilities(
 ) -> np.ndarray:
     """The probability of drawing each class under sampler ``kind``; shape [C], sums to 1.
 
-    For ``instance`` this is the empirical class frequency n_c / N (the class frequencies
-    of one permutation epoch).
+    Each kind is a function ``(counts [C] float64, epoch, total_epochs) -> [C] weights``
+    registered in ``tailaug.registry.SAMPLERS``. For ``instance`` this is the empirical class
+    frequency n_c / N (the class frequencies of one permutation epoch).
     """
-    _check_kind(kind)
-    counts = _check_counts(class_counts).astype(np.float64)
-    num_classes = counts.size
-    instance = counts / counts.sum()
-    uniform = np.full(num_classes, 1.0 / num_classes)
-    if kind == "instance":
-        probs = instance
-    elif kind == "class_balanced":
-        probs = uniform
-    elif kind == "sqrt":
-        root = np.sqrt(counts)
-        probs = root / root.sum()
-    else:  # progressive
-        if total_epochs < 1:
-            raise ValueError(f"total_epochs must be >= 1, got {total_epochs}")
-        if epoch < 0:
-            raise ValueError(f"epoch must be >= 0, got {epoch}")
-        last = total_epochs - 1
-        frac = 1.0 if last == 0 else min(epoch / last, 1.0)
-        probs = (1.0 - frac) * instance + frac * uniform
+    probability = SAMPLERS.get(kind).obj
+    probs = probability(_check_counts(class_counts).astype(np.float64), epoch, total_epochs)
     return probs / probs.sum()
+
+
+@SAMPLERS.register("instance")
+def _instance(counts: np.ndarray, epoch: int, total_epochs: int) -> np.ndarray:
+    return counts / counts.sum()
+
+
+@SAMPLERS.register("class_balanced")
+def _class_balanced(counts: np.ndarray, epoch: int, total_epochs: int) -> np.ndarray:
+    return np.full(counts.size, 1.0 / counts.size)
+
+
+@SAMPLERS.register("sqrt")
+def _sqrt(counts: np.ndarray, epoch: int, total_epochs: int) -> np.ndarray:
+    return np.sqrt(counts)
+
+
+@SAMPLERS.register("progressive")
+def _progressive(counts: np.ndarray, epoch: int, total_epochs: int) -> np.ndarray:
+    if total_epochs < 1:
+        raise ValueError(f"total_epochs must be >= 1, got {total_epochs}")
+    if epoch < 0:
+        raise ValueError(f"epoch must be >= 0, got {epoch}")
+    last = total_epochs - 1
+    frac = 1.0 if last == 0 else min(epoch / last, 1.0)
+    return (1.0 - frac) * _instance(counts, epoch, total_epochs) + frac * _class_balanced(counts, epoch, total_epochs)
 
 
 def _as_labels(labels, num_classes: int) -> np.ndarray:
@@ -132,7 +132,7 @@ class ClassAwareSampler(Sampler[int]):
         num_samples: int | None = None,
     ):
         super().__init__()
-        _check_kind(kind)
+        SAMPLERS.get(kind)  # an unknown kind is a config error naming the registered ones
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
         if world_size < 1:

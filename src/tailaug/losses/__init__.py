@@ -2,15 +2,15 @@
 
 ``build_loss(train_cfg, class_counts)`` turns ``train.loss`` (a list of weighted terms) and
 ``train.reweight`` into one :class:`LossFunction`, called with a :class:`LossInputs`.
-``LOSSES`` is the registry from the config ``name`` to the term class. One module per
-family: ``ce`` (ce, focal), ``reweight`` (class weights), ``ldam``, ``prior`` (balanced
+Each term registers itself in ``tailaug.registry.LOSSES`` with its config model (the options
+of its ``train.loss`` entry), in its own module; one module per family: ``ce`` (ce, focal), ``reweight`` (class weights), ``ldam``, ``prior`` (balanced
 softmax, logit adjustment, post-hoc ``adjust_logits``), ``smoothing`` (MiSLAS label-aware
 smoothing), ``supcon``, ``margins`` (ArcFace, CosFace, SphereFace).
 """
 
-from .base import BaseLossTerm, LossInputs, weighted_mean
+from .base import BaseLossTerm, LossInputs, LossTermConfig, weighted_mean
 from .ce import CrossEntropyTerm, FocalTerm
-from .combined import LOSSES, LossFunction, build_loss
+from .combined import LossFunction, build_loss
 from .ldam import LDAMTerm, ldam_margins
 from .margins import ArcFaceTerm, CosFaceTerm, SphereFaceTerm, arcface_psi, sphereface_psi
 from .prior import BalancedSoftmaxTerm, LogitAdjustTerm, adjust_logits
@@ -19,7 +19,6 @@ from .smoothing import LabelAwareSmoothingTerm, label_aware_smoothing
 from .supcon import SupConTerm, supcon_loss
 
 __all__ = [
-    "LOSSES",
     "ArcFaceTerm",
     "BalancedSoftmaxTerm",
     "BaseLossTerm",
@@ -31,6 +30,7 @@ __all__ = [
     "LogitAdjustTerm",
     "LossFunction",
     "LossInputs",
+    "LossTermConfig",
     "SphereFaceTerm",
     "SupConTerm",
     "adjust_logits",

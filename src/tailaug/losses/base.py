@@ -17,9 +17,17 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import torch
+from pydantic import Field
 from torch import nn
 
 from ..errors import DataError, TailaugError
+from ..registry import Section
+
+
+class LossTermConfig(Section):
+    """The options every term of ``train.loss`` has: its weight in the sum."""
+
+    weight: float = Field(1.0, gt=0)
 
 
 @dataclass

@@ -4,10 +4,25 @@ from __future__ import annotations
 
 import torch
 
-from ..config import CELoss, FocalLoss
-from .base import BaseLossTerm, LossInputs, as_compute, weighted_mean
+from typing import Literal
+
+from pydantic import Field
+
+from ..registry import LOSSES
+from .base import BaseLossTerm, LossInputs, LossTermConfig, as_compute, weighted_mean
 
 
+class CELoss(LossTermConfig):
+    name: Literal["ce"] = "ce"
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+
+
+class FocalLoss(LossTermConfig):
+    name: Literal["focal"]
+    gamma: float = Field(2.0, ge=0)
+
+
+@LOSSES.register("ce", config=CELoss)
 class CrossEntropyTerm(BaseLossTerm):
     """l_i = (1 - eps) * (-log p_{i,y_i}) + eps / C * sum_c (-log p_{i,c}).
 
@@ -35,6 +50,7 @@ class CrossEntropyTerm(BaseLossTerm):
         return f"label_smoothing={self.label_smoothing}"
 
 
+@LOSSES.register("focal", config=FocalLoss)
 class FocalTerm(BaseLossTerm):
     """Focal loss (Lin et al. 2017): l_i = -(1 - p_t)^gamma * log p_t, p_t = p_{i,y_i}.
 

@@ -1,37 +1,18 @@
-"""The registry of loss terms, the weighted-sum ``LossFunction`` and ``build_loss``."""
+"""The weighted sum of the configured loss terms (``LossFunction``) and ``build_loss``."""
 
 from __future__ import annotations
 
 import warnings
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 from torch import nn
 
 from ..config import ReweightConfig, TrainConfig
 from ..errors import ConfigError, TailaugError
+from ..registry import LOSSES
 from .base import BaseLossTerm, LossInputs, check_class_counts
-from .ce import CrossEntropyTerm, FocalTerm
-from .ldam import LDAMTerm
-from .margins import ArcFaceTerm, CosFaceTerm, SphereFaceTerm
-from .prior import BalancedSoftmaxTerm, LogitAdjustTerm
 from .reweight import class_weights
-from .smoothing import LabelAwareSmoothingTerm
-from .supcon import SupConTerm
-
-#: config ``name`` -> constructor ``(term_config, class_counts) -> BaseLossTerm``
-LOSSES: dict[str, Callable[..., BaseLossTerm]] = {
-    "ce": CrossEntropyTerm,
-    "focal": FocalTerm,
-    "ldam": LDAMTerm,
-    "balanced_softmax": BalancedSoftmaxTerm,
-    "logit_adjust": LogitAdjustTerm,
-    "label_aware_smoothing": LabelAwareSmoothingTerm,
-    "supcon": SupConTerm,
-    "arcface": ArcFaceTerm,
-    "cosface": CosFaceTerm,
-    "sphereface": SphereFaceTerm,
-}
 
 
 class LossFunction(nn.Module):
@@ -146,12 +127,7 @@ def build_loss(train_cfg: TrainConfig, class_counts: Sequence[int]) -> LossFunct
     silently do nothing. Warns when re-weighting would start at or after the last epoch.
     """
     counts = check_class_counts(class_counts)
-    terms = []
-    for i, term_cfg in enumerate(train_cfg.loss):
-        ctor = LOSSES.get(term_cfg.name)
-        if ctor is None:  # the config union makes this unreachable, but keep the message useful
-            raise ConfigError(f"train.loss.{i}.name {term_cfg.name!r} is unknown; use one of {', '.join(LOSSES)}")
-        terms.append((ctor(term_cfg, counts), term_cfg.weight))
+    terms = [(LOSSES.get(term_cfg.name).obj(term_cfg, counts), term_cfg.weight) for term_cfg in train_cfg.loss]
     reweight = train_cfg.reweight
     if reweight.scheme != "none":
         if not any(t.uses_class_weights for t, _ in terms):

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Literal, Sequence
 
 import torch
+from pydantic import Field
 
-from ..config import LDAMLoss
+from ..registry import LOSSES
 from .base import (
     BaseLossTerm,
     LossInputs,
+    LossTermConfig,
     as_compute,
     check_class_counts,
     per_sample_nll,
@@ -28,6 +30,13 @@ def ldam_margins(class_counts: Sequence[int], max_margin: float = 0.5) -> torch.
     return (raw * (max_margin / raw.max())).to(torch.float32)
 
 
+class LDAMLoss(LossTermConfig):
+    name: Literal["ldam"]
+    max_margin: float = Field(0.5, gt=0)
+    scale: float = Field(30.0, gt=0)
+
+
+@LOSSES.register("ldam", config=LDAMLoss)
 class LDAMTerm(BaseLossTerm):
     """l_i = CE(s * z'_i, y_i) where z'_{i,c} = z_{i,c} - m_c [c = y_i].
 

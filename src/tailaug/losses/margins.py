@@ -26,9 +26,39 @@ import math
 
 import torch
 
-from ..config import ArcFaceLoss, CosFaceLoss, SphereFaceLoss
+from typing import Literal
+
+from pydantic import Field
+
 from ..errors import ConfigError
-from .base import BaseLossTerm, LossInputs, as_compute, per_sample_nll, replace_target_column, weighted_mean
+from ..registry import LOSSES
+from .base import (
+    BaseLossTerm,
+    LossInputs,
+    LossTermConfig,
+    as_compute,
+    per_sample_nll,
+    replace_target_column,
+    weighted_mean,
+)
+
+
+class ArcFaceLoss(LossTermConfig):
+    name: Literal["arcface"]
+    margin: float = Field(0.5, ge=0)
+    scale: float = Field(30.0, gt=0)
+
+
+class CosFaceLoss(LossTermConfig):
+    name: Literal["cosface"]
+    margin: float = Field(0.35, ge=0)
+    scale: float = Field(30.0, gt=0)
+
+
+class SphereFaceLoss(LossTermConfig):
+    name: Literal["sphereface"]
+    margin: int = Field(4, ge=1)
+    scale: float = Field(30.0, gt=0)
 
 _CLAMP = 1e-6
 
@@ -81,6 +111,7 @@ class _MarginTerm(BaseLossTerm):
         return f"margin={self.margin}, scale={self.scale}"
 
 
+@LOSSES.register("arcface", config=ArcFaceLoss)
 class ArcFaceTerm(_MarginTerm):
     """ArcFace: target logit s * cos(theta_y + m) (with the continuation past pi - m)."""
 
@@ -93,6 +124,7 @@ class ArcFaceTerm(_MarginTerm):
         return arcface_psi(safe_acos(cos_target), self.margin)
 
 
+@LOSSES.register("cosface", config=CosFaceLoss)
 class CosFaceTerm(_MarginTerm):
     """CosFace: target logit s * (cos(theta_y) - m)."""
 
@@ -105,6 +137,7 @@ class CosFaceTerm(_MarginTerm):
         return cos_target - self.margin
 
 
+@LOSSES.register("sphereface", config=SphereFaceLoss)
 class SphereFaceTerm(_MarginTerm):
     """SphereFace: target logit s * psi(theta_y), psi the monotonic extension of cos(m theta)."""
 

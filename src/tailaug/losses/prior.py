@@ -10,12 +10,22 @@ weights: they already correct for the prior, and weighting on top would count it
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Literal, Sequence
 
 import torch
+from pydantic import Field
 
-from ..config import BalancedSoftmaxLoss, LogitAdjustLoss
-from .base import BaseLossTerm, LossInputs, as_compute, check_class_counts, log_prior, per_sample_nll
+from ..registry import LOSSES
+from .base import BaseLossTerm, LossInputs, LossTermConfig, as_compute, check_class_counts, log_prior, per_sample_nll
+
+
+class BalancedSoftmaxLoss(LossTermConfig):
+    name: Literal["balanced_softmax"]
+
+
+class LogitAdjustLoss(LossTermConfig):
+    name: Literal["logit_adjust"]
+    tau: float = Field(1.0, ge=0)
 
 
 def adjust_logits(
@@ -49,6 +59,7 @@ class _PriorShiftTerm(BaseLossTerm):
         return per_sample_nll(shifted, inputs.targets).mean()
 
 
+@LOSSES.register("balanced_softmax", config=BalancedSoftmaxLoss)
 class BalancedSoftmaxTerm(_PriorShiftTerm):
     """l_i = CE(z_i + log prior, y_i); class weights are ignored."""
 
@@ -58,6 +69,7 @@ class BalancedSoftmaxTerm(_PriorShiftTerm):
         super().__init__(class_counts, 1.0)
 
 
+@LOSSES.register("logit_adjust", config=LogitAdjustLoss)
 class LogitAdjustTerm(_PriorShiftTerm):
     """l_i = CE(z_i + tau * log prior, y_i); class weights are ignored."""
 

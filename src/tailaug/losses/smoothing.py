@@ -21,12 +21,14 @@ would leave 1 - eps_y + eps_y / C on the label.) The loss is the cross-entropy
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Literal, Sequence
 
 import torch
 
-from ..config import LabelAwareSmoothingLoss
-from .base import BaseLossTerm, LossInputs, as_compute, check_class_counts, weighted_mean
+from pydantic import Field
+
+from ..registry import LOSSES
+from .base import BaseLossTerm, LossInputs, LossTermConfig, as_compute, check_class_counts, weighted_mean
 
 SHAPES = ("concave", "linear", "convex")
 
@@ -56,6 +58,15 @@ def label_aware_smoothing(
     return (tail_smoothing + (head_smoothing - tail_smoothing) * f).to(torch.float32)
 
 
+class LabelAwareSmoothingLoss(LossTermConfig):
+    name: Literal["label_aware_smoothing"]
+    head_smoothing: float = Field(0.4, ge=0, lt=1)
+    tail_smoothing: float = Field(0.1, ge=0, lt=1)
+    shape: Literal["concave", "linear", "convex"] = "concave"
+    power: float = Field(2.0, gt=0)
+
+
+@LOSSES.register("label_aware_smoothing", config=LabelAwareSmoothingLoss)
 class LabelAwareSmoothingTerm(BaseLossTerm):
     """l_i = (1 - eps_{y_i}) (-log p_{i,y_i}) + eps_{y_i} / (C - 1) * sum_{c != y_i} (-log p_{i,c})."""
 

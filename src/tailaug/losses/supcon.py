@@ -21,9 +21,18 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..config import SupConLoss
+from typing import Literal
+
+from pydantic import Field
+
 from ..errors import TailaugError
-from .base import BaseLossTerm, LossInputs, as_compute
+from ..registry import LOSSES
+from .base import BaseLossTerm, LossInputs, LossTermConfig, as_compute
+
+
+class SupConLoss(LossTermConfig):
+    name: Literal["supcon"]
+    temperature: float = Field(0.07, gt=0)
 
 
 def supcon_loss(features: torch.Tensor, labels: torch.Tensor, temperature: float = 0.07) -> torch.Tensor:
@@ -45,6 +54,7 @@ def supcon_loss(features: torch.Tensor, labels: torch.Tensor, temperature: float
     return per_anchor.sum() / has_pos.sum().clamp_min(1).to(per_anchor.dtype)
 
 
+@LOSSES.register("supcon", config=SupConLoss)
 class SupConTerm(BaseLossTerm):
     """SupCon on ``inputs.features``; needs two augmented views per image."""
 

@@ -8,12 +8,11 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from ..config import CIFAR_ARCHS, ModelConfig
+from ..config import ModelConfig
 from ..engine.checkpoint import load_tensors
 from ..errors import CheckpointError
-from .cifar_resnet import CifarResNet
+from ..registry import BACKBONES
 from .heads import CosineHead, LinearHead, build_head
-from .torchvision_models import torchvision_backbone
 
 __all__ = ["Network", "Output", "build_model", "CosineHead", "LinearHead", "build_head"]
 
@@ -35,13 +34,9 @@ class Network(nn.Module):
         return Output(features, self.head(features))
 
 
-BACKBONES = {name: (lambda ch, d=int(name[6:]): CifarResNet(d, ch)) for name in CIFAR_ARCHS}
-
-
 def build_backbone(arch: str, in_channels: int) -> nn.Module:
-    if arch in BACKBONES:
-        return BACKBONES[arch](in_channels)
-    return torchvision_backbone(arch, in_channels)
+    """The backbone registered as ``arch`` (``tailaug.registry.BACKBONES``), with ``feature_dim``."""
+    return BACKBONES.get(arch).obj(in_channels)
 
 
 def build_model(cfg: ModelConfig, num_classes: int, in_channels: int) -> Network:

@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..registry import BACKBONES
+
 
 class BasicBlock(nn.Module):
     def __init__(self, in_planes: int, planes: int, stride: int):
@@ -58,3 +60,7 @@ class CifarResNet(nn.Module):
         x = F.relu(self.bn1(self.conv1(x)))
         x = self.layers(x)
         return torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
+
+
+for _depth in (20, 32, 44, 56, 110):
+    BACKBONES.register(f"resnet{_depth}")(lambda in_channels, depth=_depth: CifarResNet(depth, in_channels))

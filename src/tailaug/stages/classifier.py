@@ -24,9 +24,10 @@ private generators, so the same inputs and seed give the same module on the CPU.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +38,7 @@ from ..augment.base import AugmentContext, FeatureAugmenter
 from ..augment.stg import head_classes as _head_classes
 from ..data.samplers import build_sampler
 from ..errors import ConfigError, DataError, TailaugError
+from ..registry import CLASSIFIERS
 
 log = logging.getLogger(__name__)
 
@@ -188,42 +190,96 @@ def retrain_classifier(
         if val_xy[0].shape[1] != dim:
             raise DataError(f"validation features are {val_xy[0].shape[1]}-d, training features {dim}-d")
 
-    method = cfg.method
-    if method in ("tau_norm", "ncm") and augmenter is not None and type(augmenter) is not FeatureAugmenter:
-        log.warning("retrain.method = %s does not train, so the augmenter %s is not used", method, augmenter.name)
-
-    if method == "ncm":
-        model = _fit_ncm(x, y, num_classes)
-        model.history = []
-    elif method == "tau_norm":
-        weight, _ = _stage1(init_weight, init_bias, num_classes, dim, method, device)
-        model = _fit_tau_norm(weight, cfg.tau, val_xy)
-        model.history = []
-    elif method in ("crt", "lws"):
-        if method == "crt":
-            model = LinearClassifier(dim, num_classes)
-            _init_linear(model, seed)
-        else:
-            weight, bias = _stage1(init_weight, init_bias, num_classes, dim, method, device)
-            model = LWSClassifier(weight, bias)
-        model.to(device)
-        if augmenter is not None and not augmenter.fitted:
-            heads = list(head_classes) if head_classes is not None else _head_classes(counts)
-            augmenter.fit(
-                AugmentContext(
-                    features=x,
-                    labels=y,
-                    class_counts=counts.to(device),
-                    head_classes=heads,
-                    classifier_weight=None if init_weight is None else torch.as_tensor(init_weight).float().to(device),
-                    classifier_bias=None if init_bias is None else torch.as_tensor(init_bias).float().to(device),
-                    num_classes=num_classes,
-                )
-            )
-        model.history = _train(model, x, y, cfg, num_classes, seed, augmenter, val_xy, progress, device)
-    else:
-        raise ConfigError(f"unknown retrain.method {method!r}; use crt, lws, tau_norm or ncm")
+    inputs = Stage3Inputs(
+        x=x, y=y, counts=counts, cfg=cfg, num_classes=num_classes, seed=seed, augmenter=augmenter,
+        init_weight=init_weight, init_bias=init_bias, val_xy=val_xy, progress=progress, device=device,
+        head_classes=head_classes,
+    )
+    model = CLASSIFIERS.get(cfg.method).obj(inputs)
     return model.eval()
+
+
+@dataclasses.dataclass
+class Stage3Inputs:
+    """What a decoupled classifier's fit function receives (all tensors on ``device``)."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    counts: torch.Tensor
+    cfg: Any  # RetrainConfig
+    num_classes: int
+    seed: int
+    augmenter: FeatureAugmenter | None
+    init_weight: Any
+    init_bias: Any
+    val_xy: tuple[torch.Tensor, torch.Tensor] | None
+    progress: bool
+    device: Any
+    head_classes: Sequence[int] | None
+
+    @property
+    def dim(self) -> int:
+        return int(self.x.shape[1])
+
+    def stage1(self):
+        """The stage-1 classifier (weight [C, d], bias [C] or None), checked."""
+        return _stage1(self.init_weight, self.init_bias, self.num_classes, self.dim, self.cfg.method, self.device)
+
+    def ignore_augmenter(self) -> None:
+        if self.augmenter is not None and type(self.augmenter) is not FeatureAugmenter:
+            log.warning("retrain.method = %s does not train, so the augmenter %s is not used",
+                        self.cfg.method, self.augmenter.name)
+
+
+@CLASSIFIERS.register("crt", label="cRT")
+def _fit_crt(inp: Stage3Inputs) -> nn.Module:
+    model = LinearClassifier(inp.dim, inp.num_classes)
+    _init_linear(model, inp.seed)
+    return _fit_trained(model, inp)
+
+
+@CLASSIFIERS.register("lws", label="LWS")
+def _fit_lws(inp: Stage3Inputs) -> nn.Module:
+    return _fit_trained(LWSClassifier(*inp.stage1()), inp)
+
+
+@CLASSIFIERS.register("tau_norm", label="tau-norm")
+def _fit_tau_norm_method(inp: Stage3Inputs) -> nn.Module:
+    inp.ignore_augmenter()
+    model = _fit_tau_norm(inp.stage1()[0], inp.cfg.tau, inp.val_xy)
+    model.history = []
+    return model
+
+
+@CLASSIFIERS.register("ncm", label="NCM")
+def _fit_ncm_method(inp: Stage3Inputs) -> nn.Module:
+    inp.ignore_augmenter()
+    model = _fit_ncm(inp.x, inp.y, inp.num_classes)
+    model.history = []
+    return model
+
+
+def _fit_trained(model: nn.Module, inp: Stage3Inputs) -> nn.Module:
+    """Fit the augmenter (once) and train ``model`` on the augmented batches."""
+    model.to(inp.device)
+    augmenter = inp.augmenter
+    if augmenter is not None and not augmenter.fitted:
+        heads = list(inp.head_classes) if inp.head_classes is not None else _head_classes(inp.counts)
+        augmenter.fit(
+            AugmentContext(
+                features=inp.x,
+                labels=inp.y,
+                class_counts=inp.counts.to(inp.device),
+                head_classes=heads,
+                classifier_weight=None if inp.init_weight is None
+                else torch.as_tensor(inp.init_weight).float().to(inp.device),
+                classifier_bias=None if inp.init_bias is None else torch.as_tensor(inp.init_bias).float().to(inp.device),
+                num_classes=inp.num_classes,
+            )
+        )
+    model.history = _train(model, inp.x, inp.y, inp.cfg, inp.num_classes, inp.seed, augmenter, inp.val_xy,
+                           inp.progress, inp.device)
+    return model
 
 
 def _init_linear(layer: nn.Linear, seed: int) -> None:
@@ -239,7 +295,6 @@ def _train(model, x, y, cfg, num_classes, seed, augmenter, val_xy, progress, dev
     params = [p for p in model.parameters() if p.requires_grad]
     if augmenter is not None:
         augmenter.to(device).train()
-        params += list(augmenter.trainable_parameters())
     optimiser = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     sampler = build_sampler(cfg.sampler, y.cpu(), num_classes, seed=seed, total_epochs=cfg.epochs)
     aug_rng = torch.Generator(device=device).manual_seed(seed + 1)
@@ -258,8 +313,6 @@ def _train(model, x, y, cfg, num_classes, seed, augmenter, val_xy, progress, dev
             if augmenter is not None:
                 xb, yb = augmenter(xb, yb, generator=aug_rng)
             logits = model(xb)
-            if augmenter is not None:
-                logits = augmenter.logits_hook(logits, xb, yb, model)
             loss = F.cross_entropy(logits, yb)
             if not torch.isfinite(loss):
                 raise TailaugError(f"the stage-3 loss became {loss.item()} in epoch {epoch + 1}; lower "

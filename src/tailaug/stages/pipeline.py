@@ -16,12 +16,13 @@ from pathlib import Path
 
 import torch
 
-from ..augment.base import AugmentContext, build_augmenter
-from ..augment.stg import STGAugmenterModule, head_classes, transformation_kl_matrix
-from ..config import Config, NoAugmenter, STGAugmenter, short_hash
+from ..augment.base import AugmentContext, NoAugmenter, build_augmenter
+from ..augment.stg import STGAugmenter, STGAugmenterModule, head_classes, transformation_kl_matrix
+from ..config import Config, short_hash
 from ..engine.checkpoint import atomic_write_text, load_checkpoint
 from ..engine.seed import torch_generator
 from ..errors import TailaugError
+from ..registry import CLASSIFIERS
 from ..evaluation.plots import plot_results
 from ..evaluation.report import format_table, markdown_table, write_json
 from .classifier import retrain_classifier
@@ -75,24 +76,17 @@ def ensure_generator(cfg: Config, run_dir: Path, cache: dict, progress: bool):
     return model
 
 
-def augmenter_label(aug) -> str:
-    return {
-        "none": "", "stg": f" + STG (lambda {getattr(aug, 'lam', '')})",
-        "noise": f" + noise (std {getattr(aug, 'std', '')})",
-        "dropout": f" + dropout (p {getattr(aug, 'p', '')})",
-    }.get(aug.name, f" + {aug.name}")
-
-
 def retrain(cfg: Config, run_dir: Path, cache: dict, augmenter_cfg, generator=None, *,
             progress: bool = True) -> tuple[str, dict]:
     """Stage 3 with one augmenter; returns (row label, test metrics), cached by config."""
     retrain_cfg = cfg.retrain.model_copy(update={"augmenter": augmenter_cfg})
     sections = {"retrain": retrain_cfg.model_dump(mode="json"), "eval": cfg.eval.model_dump(mode="json"),
                 "shots": cfg.data.shots.model_dump(), "seed": cfg.run.seed,
-                "stg": cfg.stg.model_dump(mode="json") if augmenter_cfg.name == "stg" else None}
+                "stg": cfg.stg.model_dump(mode="json") if augmenter_cfg.uses_generator else None}
     key = f"{features_key(cfg)}-{short_hash(sections)}"
-    label = {"crt": "cRT", "lws": "LWS", "tau_norm": "tau-norm", "ncm": "NCM"}[retrain_cfg.method]
-    label += augmenter_label(augmenter_cfg)
+    label = CLASSIFIERS.get(retrain_cfg.method).label
+    if augmenter_cfg.name != "none":
+        label += f" + {augmenter_cfg.label()}"
     path = Path(run_dir) / "retrain" / f"{retrain_cfg.method}-{augmenter_cfg.name}-{key}.json"
     if path.is_file():
         return label, json.loads(path.read_text())["test"]
@@ -123,7 +117,7 @@ def run_pipeline(cfg: Config, run_dir: Path, *, progress: bool = True) -> dict:
     rows.append(retrain(cfg, run_dir, cache, NoAugmenter(), progress=progress))
     aug = cfg.retrain.augmenter
     if aug.name != "none":
-        generator = ensure_generator(cfg, run_dir, cache, progress) if aug.name == "stg" else None
+        generator = ensure_generator(cfg, run_dir, cache, progress) if aug.uses_generator else None
         rows.append(retrain(cfg, run_dir, cache, aug, generator, progress=progress))
     print(format_table(rows))
     write_json(Path(run_dir) / "results.json", {label: r for label, r in rows})

@@ -80,3 +80,17 @@ def test_run_refuses_a_run_dir_of_another_stage1_config(finished_run, capsys):
     assert main(["run", *args, "train.lr=0.01", "--no-progress"]) == 2
     assert "different data/model/train config" in capsys.readouterr().err
     assert (run_dir / "config.yaml").read_text() == before
+
+
+def test_stage3_plots_use_the_post_hoc_adjusted_logits_of_the_metrics(finished_run, monkeypatch):
+    from tailaug.config import NoAugmenter
+    from tailaug.evaluation import plots
+    from tailaug.stages.features import extract_features
+
+    run_dir, _, _ = finished_run
+    drawn = []
+    monkeypatch.setattr(plots, "plot_reliability", lambda bins, path, **kw: drawn.append(bins))
+    cfg = commands.load_run_config(run_dir, ["eval.logit_adjust_tau=1.0"])
+    cache = extract_features(cfg, run_dir, progress=False)
+    _, results = pipeline.retrain(cfg, run_dir, cache, NoAugmenter(), progress=False)
+    assert len(drawn) == 1 and 100 * drawn[0]["ece"] == pytest.approx(results["ece"], rel=1e-12)

@@ -22,7 +22,6 @@ from ..config import Config, NoAugmenter, STGAugmenter, short_hash
 from ..engine.checkpoint import atomic_write_text, load_checkpoint
 from ..engine.seed import torch_generator
 from ..errors import TailaugError
-from ..evaluation.plots import plot_results
 from ..evaluation.report import format_table, markdown_table, write_json
 from .classifier import retrain_classifier
 from .features import extract_features, features_key
@@ -107,9 +106,7 @@ def retrain(cfg: Config, run_dir: Path, cache: dict, augmenter_cfg, generator=No
     )
     with torch.no_grad():
         logits = head(cache["test_features"])
-    results = score(logits, cache["test_labels"], counts, cfg)
-    plot_results(logits, cache["test_labels"], counts, results, Path(run_dir) / "plots", label,
-                 many=cfg.data.shots.many, few=cfg.data.shots.few, bins=cfg.eval.ece_bins)
+    results = score(logits, cache["test_labels"], counts, cfg, plots_dir=Path(run_dir) / "plots", name=label)
     write_json(path, {"label": label, "config": sections, "history": getattr(head, "history", []),
                       "test": results})
     return label, results

@@ -94,3 +94,29 @@ def test_stage3_plots_use_the_post_hoc_adjusted_logits_of_the_metrics(finished_r
     cache = extract_features(cfg, run_dir, progress=False)
     _, results = pipeline.retrain(cfg, run_dir, cache, NoAugmenter(), progress=False)
     assert len(drawn) == 1 and 100 * drawn[0]["ece"] == pytest.approx(results["ece"], rel=1e-12)
+
+
+def test_stage3_gets_the_scoring_of_a_cosine_stage1_head(tmp_path, monkeypatch):
+    import torch
+
+    from tailaug.config import NoAugmenter, load_config
+
+    gen = torch.Generator().manual_seed(0)
+    labels = torch.arange(4).repeat_interleave(torch.tensor([40, 20, 10, 5]))
+    cache = {"train_features": torch.randn(75, 6, generator=gen), "train_labels": labels,
+             "class_counts": torch.tensor([40, 20, 10, 5]), "head_weight": torch.randn(4, 6, generator=gen),
+             "head_bias": torch.zeros(4), "test_features": torch.randn(8, 6, generator=gen),
+             "test_labels": torch.arange(4).repeat(2)}
+    cfg = load_config(None, ["model.head=cosine", "model.cosine_scale=20", "retrain.method=lws", "retrain.epochs=1"])
+    seen = {}
+    real = pipeline.retrain_classifier
+
+    def spy(*args, **kwargs):
+        seen.update(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "retrain_classifier", spy)
+    monkeypatch.setattr(pipeline, "features_key", lambda cfg: "k")
+    pipeline.retrain(cfg, tmp_path, cache, NoAugmenter(), progress=False)
+    assert seen["init_cosine_scale"] == 20.0 and seen["init_bias"] is None
+    assert torch.equal(seen["init_weight"], cache["head_weight"])

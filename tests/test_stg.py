@@ -330,6 +330,24 @@ def test_token_choice_prototype_and_classifier():
         STGAugmenterModule(stub, token="classifier").fit(_ctx(feats, labels, counts, [0, 1]))
 
 
+def test_token_choice_by_a_cosine_stage1_head_uses_cosines_not_raw_dot_products():
+    stub = FixedGenerator([0.0, 0.0], [1.0, 1.0], 3)
+    feats = T([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    labels = T([0, 1, 2])
+    # head 0 has a long weight: w . a prefers it, cos(w, a) prefers head 1 for a = (1, 2)
+    weight = T([[10.0, 0.0], [0.0, 1.0], [0.0, 0.0]])
+    x = T([[1.0, 2.0], [2.0, 1.0]])
+    linear = STGAugmenterModule(stub, token="classifier")
+    linear.fit(_ctx(feats, labels, [200, 200, 5], [0, 1], classifier_weight=weight))
+    assert linear.token_classes(x, T([2, 2])).tolist() == [0, 0]  # 10 > 2 and 20 > 1
+    cosine = STGAugmenterModule(stub, token="classifier")
+    cosine.fit(_ctx(feats, labels, [200, 200, 5], [0, 1], classifier_weight=weight, classifier_cosine_scale=16.0))
+    assert cosine.token_classes(x, T([2, 2])).tolist() == [1, 0]  # cos: (.45, .89) and (.89, .45)
+    with pytest.raises(ValueError, match="cosine classifier has no bias"):
+        _ctx(feats, labels, [200, 200, 5], [0, 1], classifier_weight=weight, classifier_bias=torch.zeros(3),
+             classifier_cosine_scale=16.0)
+
+
 def test_stg_generator_stays_frozen_in_eval_mode():
     gen = SemanticTransformationGenerator(4, 3, [8])
     gen.trained_tokens[0] = True

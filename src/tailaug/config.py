@@ -321,6 +321,16 @@ class Config(Section):
             self.model.cosine_scale = scales[0]
         return self
 
+    @model_validator(mode="after")
+    def _tau_norm_needs_a_linear_head(self):
+        if self.retrain.method == "tau_norm" and self.model.head == "cosine":
+            raise ValueError(
+                "retrain.method = tau_norm rescales the norms of the stage-1 weights, but model.head: "
+                "cosine normalises them, so every tau gives back the stage-1 model; use retrain.method "
+                "lws or crt, or model.head: linear"
+            )
+        return self
+
     def section_hash(self, *sections: str) -> str:
         """A short hash of the named sections (dotted paths allowed), for stage caching."""
         dumped = self.model_dump(mode="json")

@@ -46,7 +46,9 @@ class AugmentContext:
     [C] the number of training images per class (for beta_y of STG, the count of images,
     not of rows when several views are cached); ``head_classes`` the classes that count as
     head (their samples are not augmented with ``targets="tail"``); ``classifier_weight``
-    [C, d] and ``classifier_bias`` [C] the stage-1 classifier, or None when unknown.
+    [C, d] and ``classifier_bias`` [C] the stage-1 classifier, or None when unknown;
+    ``classifier_cosine_scale`` is set when that classifier is a cosine head (its logits are
+    ``scale * cos(w_c, a)``, see :func:`tailaug.models.heads.head_logits`), None for a linear one.
     """
 
     features: torch.Tensor
@@ -55,6 +57,7 @@ class AugmentContext:
     head_classes: list[int]
     classifier_weight: torch.Tensor | None = None
     classifier_bias: torch.Tensor | None = None
+    classifier_cosine_scale: float | None = None
     num_classes: int | None = None
     index: torch.Tensor | None = None  # dataset index per row (several views share one)
 
@@ -93,6 +96,8 @@ class AugmentContext:
             self.classifier_bias = torch.as_tensor(self.classifier_bias, device=self.features.device)
             if self.classifier_bias.shape != (self.num_classes,):
                 raise ValueError(f"classifier_bias must be [C], got {tuple(self.classifier_bias.shape)}")
+            if self.classifier_cosine_scale is not None:
+                raise ValueError("a cosine classifier has no bias; pass classifier_bias=None with classifier_cosine_scale")
 
     @property
     def dim(self) -> int:

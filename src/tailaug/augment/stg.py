@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
+from ..models.heads import head_logits
 from .base import AugmentContext, FeatureAugmenter, register_augmenter
 
 # --------------------------------------------------------------------------- head set
@@ -295,12 +296,14 @@ def choose_tokens(
     prototypes: torch.Tensor | None = None,
     classifier_weight: torch.Tensor | None = None,
     classifier_bias: torch.Tensor | None = None,
+    classifier_cosine_scale: float | None = None,
 ) -> torch.Tensor:
     """The head class whose token each row borrows, [B] (class ids from ``candidates``).
 
     ``prototype``: highest cosine similarity between the feature and the candidates' mean
     features ``prototypes`` [H, d]. ``classifier``: highest stage-1 score among the
-    candidates, from ``classifier_weight``/``classifier_bias`` restricted to them ([H, d], [H]).
+    candidates, from ``classifier_weight``/``classifier_bias`` restricted to them ([H, d], [H]),
+    scored as the stage-1 head does (a cosine head when ``classifier_cosine_scale`` is set).
     """
     if mode == "prototype":
         if prototypes is None:
@@ -312,9 +315,8 @@ def choose_tokens(
                 "retrain.augmenter.token = classifier needs the stage-1 classifier weights; "
                 "pass them in the AugmentContext or use token: prototype"
             )
-        scores = features.float() @ classifier_weight.float().T
-        if classifier_bias is not None:
-            scores = scores + classifier_bias.float()
+        bias = None if classifier_bias is None else classifier_bias.float()
+        scores = head_logits(features.float(), classifier_weight.float(), bias, classifier_cosine_scale)
     else:
         raise ConfigError(f"unknown token mode {mode!r}; use prototype or classifier (retrain.augmenter.token)")
     return candidates.to(features.device)[scores.argmax(1)]
@@ -361,6 +363,7 @@ class STGAugmenterModule(FeatureAugmenter):
         self.register_buffer("prototypes", None, persistent=False)  # [H, d]
         self.register_buffer("head_weight", None, persistent=False)
         self.register_buffer("head_bias", None, persistent=False)
+        self.head_cosine_scale: float | None = None
 
     @classmethod
     def from_config(cls, cfg, generator_module=None) -> "STGAugmenterModule":
@@ -407,6 +410,7 @@ class STGAugmenterModule(FeatureAugmenter):
                 )
             self.head_weight = ctx.classifier_weight[self.head].float()
             self.head_bias = None if ctx.classifier_bias is None else ctx.classifier_bias[self.head].float()
+            self.head_cosine_scale = ctx.classifier_cosine_scale
 
     def token_classes(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """The class token each row uses: own class for head rows, borrowed for the rest."""
@@ -417,6 +421,7 @@ class STGAugmenterModule(FeatureAugmenter):
             prototypes=self.prototypes,
             classifier_weight=self.head_weight,
             classifier_bias=self.head_bias,
+            classifier_cosine_scale=self.head_cosine_scale,
         )
         return torch.where(self.head_mask.to(labels.device)[labels], labels, borrowed)
 

@@ -259,9 +259,11 @@ def test_reliability_diagram_shows_the_reported_ece_after_logit_adjustment(tmp_p
 
     drawn = []
     real = plots.plot_reliability
-    monkeypatch.setattr(plots, "plot_reliability", lambda bins, path, **kw: drawn.append(bins) or real(bins, path, **kw))
+    monkeypatch.setattr(plots, "plot_reliability",
+                        lambda bins, path, **kw: drawn.append(bins) or real(bins, path, **kw))
     gen = torch.Generator().manual_seed(0)
-    logits, labels, counts = torch.randn(300, 3, generator=gen) * 2, torch.randint(0, 3, (300,), generator=gen), [500, 50, 5]
+    logits, labels = torch.randn(300, 3, generator=gen) * 2, torch.randint(0, 3, (300,), generator=gen)
+    counts = [500, 50, 5]
     cfg = Config.model_validate({"eval": {"logit_adjust_tau": 1.0, "ece_bins": 10}})
     results = score(logits, labels, counts, cfg, plots_dir=tmp_path, name="Adjusted model")
     plain = score(logits, labels, counts, Config.model_validate({"eval": {"ece_bins": 10}}))

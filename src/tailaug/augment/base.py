@@ -97,7 +97,9 @@ class AugmentContext:
             if self.classifier_bias.shape != (self.num_classes,):
                 raise ValueError(f"classifier_bias must be [C], got {tuple(self.classifier_bias.shape)}")
             if self.classifier_cosine_scale is not None:
-                raise ValueError("a cosine classifier has no bias; pass classifier_bias=None with classifier_cosine_scale")
+                raise ValueError(
+                    "a cosine classifier has no bias; pass classifier_bias=None with classifier_cosine_scale"
+                )
 
     @property
     def dim(self) -> int:

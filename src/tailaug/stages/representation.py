@@ -70,7 +70,9 @@ class Trainer:
             raise ConfigError("supcon needs two views of each image and cannot be combined with mixup; "
                               "set train.mixup_alpha=0 or drop the supcon term")
         if self.loss_fn.needs_cosine and cfg.model.head != "cosine":
-            raise ConfigError("margin losses (arcface, cosface, sphereface) need model.head: cosine")
+            names = sorted({t.name for t in self.loss_fn.terms if t.needs_cosine})
+            raise ConfigError(f"the margin loss(es) {', '.join(names)} in train.loss act on the cosines of a "
+                              "cosine classifier; set model.head: cosine")
         self.optimizer = torch.optim.SGD(
             self.model.parameters(), lr=tc.lr, momentum=tc.momentum,
             weight_decay=tc.weight_decay, nesterov=tc.nesterov,

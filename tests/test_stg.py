@@ -232,6 +232,29 @@ def test_train_generator_is_seeded_and_needs_a_head_class():
         train_generator(feats, labels, None, counts, cfg, seed=0, many=1000, progress=False)
 
 
+def test_a_generator_without_targets_is_an_error_not_an_untrained_model():
+    feats, labels, counts = _gaussian_heads(2, [[1.0] * 6, [1.0] * 6], n=150)
+    # batches of 2 rows without memory: no row ever has 2 same-class neighbours
+    cfg = STGConfig(epochs=2, hidden_dims=[16], memory_size=0, batch_size=2)
+    with pytest.raises(ConfigError, match=r"stage 2 epoch 1: no head-class row had 2 other images .*stg.batch_size"):
+        train_generator(feats, labels, None, counts, cfg, seed=0, progress=False)
+
+
+def test_a_head_class_without_targets_is_named():
+    feats, labels, counts = _gaussian_heads(3, [[1.0] * 6, [1.0] * 6], n=150)
+    # class 1 keeps two images: each has only one other image of its class, never 2 neighbours
+    keep = (labels != 1) | (torch.cumsum((labels == 1).long(), 0) <= 2)
+    feats, labels = feats[keep], labels[keep]
+    counts = torch.bincount(labels, minlength=len(counts)).tolist()
+    cfg = STGConfig(epochs=2, hidden_dims=[16], memory_size=0, batch_size=len(labels),
+                    head=HeadSetConfig(rule="threshold", threshold=1))
+    with pytest.raises(ConfigError, match=r"head class\(es\) \[1\] never had a target"):
+        train_generator(feats, labels, None, counts, cfg, seed=0, progress=False)
+    cfg = cfg.model_copy(update={"min_neighbours": 1})
+    model, losses = train_generator(feats, labels, None, counts, cfg, seed=0, progress=False)
+    assert model.trained_tokens.tolist() == [True, True, True] and all(math.isfinite(v) for v in losses)
+
+
 def test_save_and_load_generator(tmp_path):
     model = SemanticTransformationGenerator(5, 3, [8, 4], token_std=0.5)
     model.trained_tokens[:2] = True

@@ -60,6 +60,31 @@ def test_head_classes_rules():
     # top_k: ties broken by the lower class index
     assert head_classes(counts, HeadSetConfig(rule="top_k", top_k=2)) == [0, 1]
     assert head_classes([5, 5], HeadSetConfig(rule="many_shot")) == []
+    assert head_classes([5, 4, 3], HeadSetConfig(rule="top_k", top_k=3)) == [0, 1, 2]
+    with pytest.raises(ConfigError, match=r"stg.head.top_k = 4 is more than the 3 classes of the data"):
+        head_classes([5, 4, 3], HeadSetConfig(rule="top_k", top_k=4))
+
+
+def test_an_augmenter_with_tail_targets_and_no_tail_class_is_an_error():
+    feats, labels, counts = torch.randn(6, 2), T([0, 0, 1, 1, 2, 2]), [200, 150, 120]
+    stub = FixedGenerator([0.0, 0.0], [1.0, 1.0], 3)
+    for aug in (STGAugmenterModule(stub), GaussianNoiseAugmenter(std=1.0), FeatureDropoutAugmenter(p=0.1)):
+        with pytest.raises(ConfigError, match=r"all 3 classes are head classes, so the \w+ augmenter .*targets: all"):
+            aug.fit(_ctx(feats, labels, counts, [0, 1, 2]))
+    FeatureAugmenter().fit(_ctx(feats, labels, counts, [0, 1, 2]))  # the identity (cRT alone) is fine
+    noise = GaussianNoiseAugmenter(std=1.0, targets="all")
+    noise.fit(_ctx(feats, labels, counts, [0, 1, 2]))
+    assert noise.target_rows(labels).all()
+
+
+def test_hidden_layers_need_units():
+    from tailaug.config import load_config
+
+    with pytest.raises(ConfigError, match=r"stg.hidden_dims.0 = 0: .*greater than or equal to 1"):
+        load_config(None, ["stg.hidden_dims=[0]"])
+    assert load_config(None, ["stg.hidden_dims=[]"]).stg.hidden_dims == []
+    with pytest.raises(ConfigError, match=r"hidden_dims = \[8, 0\]"):
+        SemanticTransformationGenerator(4, 3, [8, 0])
 
 
 def test_beta_for_known_counts():

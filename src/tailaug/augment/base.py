@@ -144,6 +144,12 @@ class FeatureAugmenter(nn.Module):
         if self.targets == "all":
             self.target_classes = torch.ones(ctx.num_classes, dtype=torch.bool, device=ctx.features.device)
         else:
+            if type(self) is not FeatureAugmenter and len(ctx.head_classes) == ctx.num_classes:
+                raise ConfigError(
+                    f"all {ctx.num_classes} classes are head classes, so the {self.name} augmenter with "
+                    "targets: tail would augment nothing; shrink the head set (stg.head) or set "
+                    "retrain.augmenter.targets: all"
+                )
             self.target_classes = ~ctx.head_mask
         self.fitted = True
 

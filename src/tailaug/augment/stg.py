@@ -47,6 +47,11 @@ def head_classes(class_counts, cfg=None, *, many: int = 100) -> list[int]:
     if rule == "threshold":
         return [c for c, n in enumerate(counts) if n > cfg.threshold]
     if rule == "top_k":
+        if cfg.top_k > len(counts):
+            raise ConfigError(
+                f"stg.head.top_k = {cfg.top_k} is more than the {len(counts)} classes of the data; "
+                f"set it below {len(counts)} so that some classes stay tail classes"
+            )
         order = sorted(range(len(counts)), key=lambda c: (-counts[c], c))
         return sorted(order[: cfg.top_k])
     raise ConfigError(f"unknown head-set rule {rule!r}; use many_shot, threshold or top_k (stg.head.rule)")
@@ -262,6 +267,8 @@ class SemanticTransformationGenerator(nn.Module):
         super().__init__()
         if dim < 1 or num_classes < 1:
             raise ValueError(f"dim and num_classes must be >= 1, got {dim}, {num_classes}")
+        if any(int(h) < 1 for h in hidden_dims):
+            raise ConfigError(f"every hidden layer needs at least one unit; got stg.hidden_dims = {list(hidden_dims)}")
         self.dim = int(dim)
         self.num_classes = int(num_classes)
         self.hidden_dims = [int(h) for h in hidden_dims]

@@ -10,8 +10,8 @@ from tailaug.augment.stg import head_classes
 from tailaug.data.profiles import exponential_counts
 from tailaug.augment.noise import NoiseAugmenter
 from tailaug.augment.stg import STGAugmenter
-from tailaug.config import RetrainConfig, STGConfig
-from tailaug.errors import ConfigError
+from tailaug.config import RetrainConfig, STGConfig, load_config
+from tailaug.errors import ConfigError, DataError
 from tailaug.stages.classifier import TAU_GRID, accuracy, retrain_classifier
 from tailaug.stages.generator import train_generator
 
@@ -175,6 +175,37 @@ def test_lws_keeps_directions_and_rebalances_scales():
     assert accuracy(model, xv, yv) >= 0.95
     with pytest.raises(ConfigError, match="init_weight"):
         retrain_classifier(x, y, counts, cfg, num_classes=5, seed=0, progress=False)
+
+
+def test_lws_on_a_cosine_head_scales_the_heads_own_logits():
+    from tailaug.models.heads import CosineHead
+
+    x, y, xv, yv, counts, centres = clusters(2)
+    weight, _ = biased_stage1(centres, counts)
+    head = CosineHead(8, 5, scale=16.0)
+    with torch.no_grad():
+        head.weight.copy_(weight)
+    cfg = RetrainConfig(method="lws", epochs=10, lr=1e-2)
+    model = retrain_classifier(x, y, counts, cfg, num_classes=5, seed=0, init_weight=head.weight.detach(),
+                               init_cosine_scale=16.0, progress=False)
+    scales = model.scales.detach()
+    assert not torch.allclose(scales, torch.ones(5), atol=1e-3)  # it trained
+    with torch.no_grad():
+        assert torch.allclose(model(xv), scales * head(xv), atol=1e-5)  # f_c * 16 * cos(w_c, a)
+    assert accuracy(model, xv, yv) >= 0.95
+    with pytest.raises(DataError, match="cosine stage-1 head has no bias"):
+        retrain_classifier(x, y, counts, cfg, num_classes=5, seed=0, init_weight=weight, init_bias=torch.zeros(5),
+                           init_cosine_scale=16.0, progress=False)
+
+
+def test_tau_norm_of_a_cosine_head_is_refused():
+    x, y, _, _, counts, centres = clusters(1)
+    with pytest.raises(ConfigError, match="cosine head .* every tau gives back the stage-1 model"):
+        retrain_classifier(x, y, counts, RetrainConfig(method="tau_norm", tau=1.0), num_classes=5, seed=0,
+                           init_weight=centres, init_cosine_scale=16.0, progress=False)
+    with pytest.raises(ConfigError, match="tau_norm .*model.head: cosine"):
+        load_config(None, ["model.head=cosine", "retrain.method=tau_norm"])
+    assert load_config(None, ["model.head=cosine", "retrain.method=lws"]).retrain.method == "lws"
 
 
 def test_crt_is_deterministic_and_learns():

@@ -183,7 +183,7 @@ def test_ldam_margins_formula():
     assert close(ldam_margins([16, 1], 0.3)[0], 0.15)
 
 
-def test_ldam_loss_by_hand_on_cosine_and_logits():
+def test_ldam_loss_by_hand_on_cosines_and_refused_without_them():
     s, mmax = 30.0, 0.5
     margins = [mmax * (1 / n) ** 0.25 for n in COUNTS]
     term = LDAMTerm(LDAMLoss(name="ldam", max_margin=mmax, scale=s), COUNTS)
@@ -199,8 +199,10 @@ def test_ldam_loss_by_hand_on_cosine_and_logits():
     assert close(term(with_cos), sum(hand(COSINE)) / 3)
     w = [0.2, 0.8, 2.0]
     assert close(term(with_cos, torch.tensor(w)), wmean(hand(COSINE), TARGETS, w))
-    # no cosine: the raw logits take its place
-    assert close(term(inputs()), sum(hand(LOGITS)) / 3)
+    # a linear head gives no cosines: an error, not s * (raw logits - margins)
+    assert term.needs_cosine
+    with pytest.raises(ConfigError, match="ldam needs a cosine classifier: set model.head: cosine"):
+        term(inputs())
 
 
 # --------------------------------------------------------------------------- prior-based
@@ -406,7 +408,7 @@ def test_arcface_continuation_and_safe_gradients():
 
 
 def test_margin_without_cosine_and_supcon_without_features_explain_the_fix():
-    for name, cfg in (("arcface", {}), ("cosface", {}), ("sphereface", {})):
+    for name, cfg in (("ldam", {}), ("arcface", {}), ("cosface", {}), ("sphereface", {})):
         fn = build_loss(TrainConfig.model_validate({"loss": [{"name": name, **cfg}]}), COUNTS)
         assert fn.needs_cosine
         with pytest.raises(ConfigError, match=f"{name} needs a cosine classifier: set model.head: cosine"):
@@ -484,7 +486,7 @@ def test_weighted_sum_ldam_supcon_from_parsed_config():
     )
     fn = build_loss(cfg.train, COUNTS)
     assert isinstance(fn, LossFunction)
-    assert fn.needs_two_views and not fn.needs_cosine and fn.uses_cosine
+    assert fn.needs_two_views and fn.needs_cosine and fn.uses_cosine
     labels = [0, 1, 0, 1]
     x = LossInputs(
         logits=torch.tensor(LOGITS + [[0.2, 0.1, 0.0]]),

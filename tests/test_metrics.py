@@ -250,3 +250,23 @@ def test_plot_tsne(tmp_path):
     assert _is_png(c)
     with pytest.raises(DataError):
         plot_tsne(feats, labels[:10], tmp_path / "bad.png")
+
+
+def test_reliability_diagram_shows_the_reported_ece_after_logit_adjustment(tmp_path, monkeypatch):
+    from tailaug.config import Config
+    from tailaug.evaluation import plots
+    from tailaug.stages.representation import score
+
+    drawn = []
+    real = plots.plot_reliability
+    monkeypatch.setattr(plots, "plot_reliability",
+                        lambda bins, path, **kw: drawn.append(bins) or real(bins, path, **kw))
+    gen = torch.Generator().manual_seed(0)
+    logits, labels = torch.randn(300, 3, generator=gen) * 2, torch.randint(0, 3, (300,), generator=gen)
+    counts = [500, 50, 5]
+    cfg = Config.model_validate({"eval": {"logit_adjust_tau": 1.0, "ece_bins": 10}})
+    results = score(logits, labels, counts, cfg, plots_dir=tmp_path, name="Adjusted model")
+    plain = score(logits, labels, counts, Config.model_validate({"eval": {"ece_bins": 10}}))
+    assert results["ece"] != pytest.approx(plain["ece"], abs=0.5)  # the adjustment changes the ECE
+    assert len(drawn) == 1 and 100 * drawn[0]["ece"] == pytest.approx(results["ece"], rel=1e-12)
+    assert _is_png(tmp_path / "adjusted_model_reliability.png") and _is_png(tmp_path / "adjusted_model_per_class.png")

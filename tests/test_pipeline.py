@@ -80,3 +80,44 @@ def test_run_refuses_a_run_dir_of_another_stage1_config(finished_run, capsys):
     assert main(["run", *args, "train.lr=0.01", "--no-progress"]) == 2
     assert "different data/model/train config" in capsys.readouterr().err
     assert (run_dir / "config.yaml").read_text() == before
+
+
+def test_stage3_plots_use_the_post_hoc_adjusted_logits_of_the_metrics(finished_run, monkeypatch):
+    from tailaug.augment.base import NoAugmenter
+    from tailaug.evaluation import plots
+    from tailaug.stages.features import extract_features
+
+    run_dir, _, _ = finished_run
+    drawn = []
+    monkeypatch.setattr(plots, "plot_reliability", lambda bins, path, **kw: drawn.append(bins))
+    cfg = commands.load_run_config(run_dir, ["eval.logit_adjust_tau=1.0"])
+    cache = extract_features(cfg, run_dir, progress=False)
+    _, results = pipeline.retrain(cfg, run_dir, cache, NoAugmenter(), progress=False)
+    assert len(drawn) == 1 and 100 * drawn[0]["ece"] == pytest.approx(results["ece"], rel=1e-12)
+
+
+def test_stage3_gets_the_scoring_of_a_cosine_stage1_head(tmp_path, monkeypatch):
+    import torch
+
+    from tailaug.augment.base import NoAugmenter
+    from tailaug.config import load_config
+
+    gen = torch.Generator().manual_seed(0)
+    labels = torch.arange(4).repeat_interleave(torch.tensor([40, 20, 10, 5]))
+    cache = {"train_features": torch.randn(75, 6, generator=gen), "train_labels": labels,
+             "class_counts": torch.tensor([40, 20, 10, 5]), "head_weight": torch.randn(4, 6, generator=gen),
+             "head_bias": torch.zeros(4), "test_features": torch.randn(8, 6, generator=gen),
+             "test_labels": torch.arange(4).repeat(2)}
+    cfg = load_config(None, ["model.head=cosine", "model.cosine_scale=20", "retrain.method=lws", "retrain.epochs=1"])
+    seen = {}
+    real = pipeline.retrain_classifier
+
+    def spy(*args, **kwargs):
+        seen.update(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "retrain_classifier", spy)
+    monkeypatch.setattr(pipeline, "features_key", lambda cfg: "k")
+    pipeline.retrain(cfg, tmp_path, cache, NoAugmenter(), progress=False)
+    assert seen["init_cosine_scale"] == 20.0 and seen["init_bias"] is None
+    assert torch.equal(seen["init_weight"], cache["head_weight"])

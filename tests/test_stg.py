@@ -62,6 +62,31 @@ def test_head_classes_rules():
     # top_k: ties broken by the lower class index
     assert head_classes(counts, HeadSetConfig(rule="top_k", top_k=2)) == [0, 1]
     assert head_classes([5, 5], HeadSetConfig(rule="many_shot")) == []
+    assert head_classes([5, 4, 3], HeadSetConfig(rule="top_k", top_k=3)) == [0, 1, 2]
+    with pytest.raises(ConfigError, match=r"stg.head.top_k = 4 is more than the 3 classes of the data"):
+        head_classes([5, 4, 3], HeadSetConfig(rule="top_k", top_k=4))
+
+
+def test_an_augmenter_with_tail_targets_and_no_tail_class_is_an_error():
+    feats, labels, counts = torch.randn(6, 2), T([0, 0, 1, 1, 2, 2]), [200, 150, 120]
+    stub = FixedGenerator([0.0, 0.0], [1.0, 1.0], 3)
+    for aug in (STGAugmenterModule(stub), GaussianNoiseAugmenter(std=1.0), FeatureDropoutAugmenter(p=0.1)):
+        with pytest.raises(ConfigError, match=r"all 3 classes are head classes, so the \w+ augmenter .*targets: all"):
+            aug.fit(_ctx(feats, labels, counts, [0, 1, 2]))
+    FeatureAugmenter().fit(_ctx(feats, labels, counts, [0, 1, 2]))  # the identity (cRT alone) is fine
+    noise = GaussianNoiseAugmenter(std=1.0, targets="all")
+    noise.fit(_ctx(feats, labels, counts, [0, 1, 2]))
+    assert noise.target_rows(labels).all()
+
+
+def test_hidden_layers_need_units():
+    from tailaug.config import load_config
+
+    with pytest.raises(ConfigError, match=r"stg.hidden_dims.0 = 0: .*greater than or equal to 1"):
+        load_config(None, ["stg.hidden_dims=[0]"])
+    assert load_config(None, ["stg.hidden_dims=[]"]).stg.hidden_dims == []
+    with pytest.raises(ConfigError, match=r"hidden_dims = \[8, 0\]"):
+        SemanticTransformationGenerator(4, 3, [8, 0])
 
 
 def test_beta_for_known_counts():
@@ -234,6 +259,29 @@ def test_train_generator_is_seeded_and_needs_a_head_class():
         train_generator(feats, labels, None, counts, cfg, seed=0, many=1000, progress=False)
 
 
+def test_a_generator_without_targets_is_an_error_not_an_untrained_model():
+    feats, labels, counts = _gaussian_heads(2, [[1.0] * 6, [1.0] * 6], n=150)
+    # batches of 2 rows without memory: no row ever has 2 same-class neighbours
+    cfg = STGConfig(epochs=2, hidden_dims=[16], memory_size=0, batch_size=2)
+    with pytest.raises(ConfigError, match=r"stage 2 epoch 1: no head-class row had 2 other images .*stg.batch_size"):
+        train_generator(feats, labels, None, counts, cfg, seed=0, progress=False)
+
+
+def test_a_head_class_without_targets_is_named():
+    feats, labels, counts = _gaussian_heads(3, [[1.0] * 6, [1.0] * 6], n=150)
+    # class 1 keeps two images: each has only one other image of its class, never 2 neighbours
+    keep = (labels != 1) | (torch.cumsum((labels == 1).long(), 0) <= 2)
+    feats, labels = feats[keep], labels[keep]
+    counts = torch.bincount(labels, minlength=len(counts)).tolist()
+    cfg = STGConfig(epochs=2, hidden_dims=[16], memory_size=0, batch_size=len(labels),
+                    head=HeadSetConfig(rule="threshold", threshold=1))
+    with pytest.raises(ConfigError, match=r"head class\(es\) \[1\] never had a target"):
+        train_generator(feats, labels, None, counts, cfg, seed=0, progress=False)
+    cfg = cfg.model_copy(update={"min_neighbours": 1})
+    model, losses = train_generator(feats, labels, None, counts, cfg, seed=0, progress=False)
+    assert model.trained_tokens.tolist() == [True, True, True] and all(math.isfinite(v) for v in losses)
+
+
 def test_save_and_load_generator(tmp_path):
     model = SemanticTransformationGenerator(5, 3, [8, 4], token_std=0.5)
     model.trained_tokens[:2] = True
@@ -330,6 +378,24 @@ def test_token_choice_prototype_and_classifier():
     assert aug_c.token_classes(x[:2], T([1, 0])).tolist() == [1, 0]
     with pytest.raises(ConfigError, match="classifier"):
         STGAugmenterModule(stub, token="classifier").fit(_ctx(feats, labels, counts, [0, 1]))
+
+
+def test_token_choice_by_a_cosine_stage1_head_uses_cosines_not_raw_dot_products():
+    stub = FixedGenerator([0.0, 0.0], [1.0, 1.0], 3)
+    feats = T([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    labels = T([0, 1, 2])
+    # head 0 has a long weight: w . a prefers it, cos(w, a) prefers head 1 for a = (1, 2)
+    weight = T([[10.0, 0.0], [0.0, 1.0], [0.0, 0.0]])
+    x = T([[1.0, 2.0], [2.0, 1.0]])
+    linear = STGAugmenterModule(stub, token="classifier")
+    linear.fit(_ctx(feats, labels, [200, 200, 5], [0, 1], classifier_weight=weight))
+    assert linear.token_classes(x, T([2, 2])).tolist() == [0, 0]  # 10 > 2 and 20 > 1
+    cosine = STGAugmenterModule(stub, token="classifier")
+    cosine.fit(_ctx(feats, labels, [200, 200, 5], [0, 1], classifier_weight=weight, classifier_cosine_scale=16.0))
+    assert cosine.token_classes(x, T([2, 2])).tolist() == [1, 0]  # cos: (.45, .89) and (.89, .45)
+    with pytest.raises(ValueError, match="cosine classifier has no bias"):
+        _ctx(feats, labels, [200, 200, 5], [0, 1], classifier_weight=weight, classifier_bias=torch.zeros(3),
+             classifier_cosine_scale=16.0)
 
 
 def test_stg_generator_stays_frozen_in_eval_mode():

@@ -99,8 +99,10 @@ def test_two_view_and_margin_losses_train(data_root, tmp_path, extra):
     assert results["top1"] > 30  # chance: 10%
 
 
-def test_margin_loss_needs_a_cosine_head(data_root, tmp_path):
+@pytest.mark.parametrize("loss", ["[{name: arcface}]", "[{name: ce}, {name: ldam, weight: 0.5}]"])
+def test_margin_loss_needs_a_cosine_head(data_root, tmp_path, loss):
     from tailaug.errors import ConfigError
 
-    with pytest.raises(ConfigError, match="model.head: cosine"):
-        train(data_root, tmp_path, "arc", extra=["train.loss=[{name: arcface}]"])
+    name = "arcface" if "arcface" in loss else "ldam"
+    with pytest.raises(ConfigError, match=f"margin loss\\(es\\) {name} in train.loss .*set model.head: cosine"):
+        train(data_root, tmp_path, "margin", extra=[f"train.loss={loss}"])

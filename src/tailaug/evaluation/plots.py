@@ -197,14 +197,16 @@ def plot_tsne(
 
 def plot_results(logits, labels, class_counts, results: dict, out_dir: str | os.PathLike, name: str, *,
                  many: int = 100, few: int = 20, bins: int = 15) -> list[Path]:
-    """Per-class accuracy against class size and a reliability diagram for one evaluated model."""
-    import torch
+    """Per-class accuracy against class size and a reliability diagram for one evaluated model.
 
-    from .metrics import reliability_bins
+    ``logits`` must be the ones ``results`` was computed from (after any post-hoc
+    adjustment), so that the diagram's ECE is the reported one.
+    """
+    from .metrics import log_probabilities, reliability_bins
 
     out = Path(out_dir)
     stem = "".join(ch if ch.isalnum() else "_" for ch in name.lower()).strip("_")
-    probs = torch.softmax(torch.as_tensor(logits).float(), dim=1).numpy()
+    probs = log_probabilities(logits).exp().numpy()
     return [
         plot_per_class_accuracy(results["per_class"], class_counts, out / f"{stem}_per_class.png",
                                 many=many, few=few, title=f"{name}: accuracy per class"),

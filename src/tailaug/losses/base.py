@@ -20,7 +20,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from ..errors import DataError, TailaugError
+from ..errors import ConfigError, DataError, TailaugError
 from ..registry import Section
 
 
@@ -66,6 +66,16 @@ class BaseLossTerm(nn.Module):
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+def require_cosine(inputs: LossInputs, name: str) -> torch.Tensor:
+    """``inputs.cosine`` in the compute dtype, or a ConfigError telling the user to use a cosine head."""
+    if inputs.cosine is None:
+        raise ConfigError(
+            f"{name} needs a cosine classifier: set model.head: cosine (the {name} margin and scale act "
+            "on the cosine between feature and class weight, which a linear head does not give)"
+        )
+    return as_compute(inputs.cosine)
 
 
 def as_compute(t: torch.Tensor) -> torch.Tensor:

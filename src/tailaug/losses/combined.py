@@ -23,10 +23,9 @@ class LossFunction(nn.Module):
     start_epoch > 0); before that, and always with scheme ``none``, terms get no weights
     (equivalent to all ones). A fresh LossFunction is at epoch 0.
 
-    ``needs_cosine``: some term (arcface, cosface, sphereface) fails without
-    ``inputs.cosine``. ``uses_cosine``: some term reads ``inputs.cosine`` when it is given
-    (those, and ldam, which falls back to the logits); pass the head's cosines whenever
-    this is True and the head is cosine.
+    ``needs_cosine``: some term (ldam, arcface, cosface, sphereface) fails without
+    ``inputs.cosine``. ``uses_cosine``: some term reads ``inputs.cosine`` when it is given;
+    pass the head's cosines whenever this is True and the head is cosine.
 
     After each ``forward``, ``last_terms`` maps each term's name (``ce``, ``ldam``, ... with
     ``_1``, ``_2`` appended to repeated names) to its detached, unweighted value, for

@@ -12,10 +12,10 @@ from .base import (
     BaseLossTerm,
     LossInputs,
     LossTermConfig,
-    as_compute,
     check_class_counts,
     per_sample_nll,
     replace_target_column,
+    require_cosine,
     weighted_mean,
 )
 
@@ -38,15 +38,18 @@ class LDAMLoss(LossTermConfig):
 
 @LOSSES.register("ldam", config=LDAMLoss)
 class LDAMTerm(BaseLossTerm):
-    """l_i = CE(s * z'_i, y_i) where z'_{i,c} = z_{i,c} - m_c [c = y_i].
+    """l_i = CE(s * z'_i, y_i) where z'_{i,c} = cos_{i,c} - m_c [c = y_i].
 
-    z is ``inputs.cosine`` when the head is cosine (the NormedLinear setting of the paper,
-    where s = 30 makes sense) and the raw ``inputs.logits`` otherwise. With a linear head
-    s still multiplies the raw logits; set ``scale: 1.0`` there to get the plain
-    additive-margin CE on the logits. Class weights (DRW) give the weighted mean.
+    Defined, as in Cao et al. (2019), on the cosines of a cosine ("NormedLinear") head, with
+    scale s (default 30). Decision: a linear head is a ConfigError, not a fallback to the
+    raw logits: the margins (at most ``max_margin``) are in cosine units and would mean
+    nothing against unbounded logits, and s would train softmax(s * z) while the model is
+    evaluated on softmax(z). Use ce, focal, balanced_softmax or logit_adjust on a linear
+    head. Class weights (DRW) give the weighted mean.
     """
 
     name = "ldam"
+    needs_cosine = True
     uses_cosine = True
 
     def __init__(self, cfg: LDAMLoss, class_counts: tuple[int, ...]):
@@ -56,7 +59,7 @@ class LDAMTerm(BaseLossTerm):
         self.register_buffer("margins", ldam_margins(class_counts, cfg.max_margin))
 
     def forward(self, inputs: LossInputs, class_weight: torch.Tensor | None = None) -> torch.Tensor:
-        z = as_compute(inputs.cosine if inputs.cosine is not None else inputs.logits)
+        z = require_cosine(inputs, self.name)
         targets = inputs.targets
         m = self.margins.to(device=z.device, dtype=z.dtype)[targets]
         z_target = z.gather(1, targets[:, None]).squeeze(1)

@@ -30,15 +30,14 @@ from typing import Literal
 
 from pydantic import Field
 
-from ..errors import ConfigError
 from ..registry import LOSSES
 from .base import (
     BaseLossTerm,
     LossInputs,
     LossTermConfig,
-    as_compute,
     per_sample_nll,
     replace_target_column,
+    require_cosine,
     weighted_mean,
 )
 
@@ -95,13 +94,7 @@ class _MarginTerm(BaseLossTerm):
         raise NotImplementedError
 
     def forward(self, inputs: LossInputs, class_weight: torch.Tensor | None = None) -> torch.Tensor:
-        if inputs.cosine is None:
-            raise ConfigError(
-                f"{self.name} needs a cosine classifier: set model.head: cosine "
-                f"(the {self.name} margin acts on the cosine between feature and class weight, "
-                "which a linear head does not give)"
-            )
-        cosine = as_compute(inputs.cosine)
+        cosine = require_cosine(inputs, self.name)
         targets = inputs.targets
         cos_target = cosine.gather(1, targets[:, None]).squeeze(1)
         margined = replace_target_column(cosine, targets, self.target_logit(cos_target))

@@ -7,13 +7,16 @@
     by ``cfg.sampler`` (class-balanced by default), Adam, ``cfg.epochs`` epochs of N
     samples each; the augmenter is applied to every batch.
 ``lws``
-    learnable weight scaling: the stage-1 weights and bias stay frozen and one scale f_c
-    per class (initialised to 1) is trained like cRT; logits_c = f_c * (w_c . a + b_c).
+    learnable weight scaling: the stage-1 head stays frozen and one scale f_c per class
+    (initialised to 1) is trained like cRT; logits_c = f_c * z_c with z the stage-1 head's
+    own logits: w_c . a + b_c for a linear head, s * cos(w_c, a) for a cosine head
+    (``init_cosine_scale`` = s).
 ``tau_norm``
     w_c / ||w_c||^tau, no training. Decision (Kang et al.'s implementation): the stage-1
     bias is dropped. tau = cfg.tau, or when None the best of 0, 0.1, ..., 2.0 by accuracy on
     ``val`` (ties: smaller tau); without ``val``, tau = 1 with a warning. Never pass the test
-    set as ``val``.
+    set as ``val``. A cosine stage-1 head is an error: it normalises its weights, so every
+    tau gives back the stage-1 model.
 ``ncm``
     nearest class mean: logits are the cosine similarities between the L2-normalised
     feature and the class means of the L2-normalised training features.
@@ -38,11 +41,17 @@ from ..augment.base import AugmentContext, FeatureAugmenter
 from ..augment.stg import head_classes as _head_classes
 from ..data.samplers import build_sampler
 from ..errors import ConfigError, DataError, TailaugError
+from ..models.heads import head_logits
 from ..registry import CLASSIFIERS
 
 log = logging.getLogger(__name__)
 
 TAU_GRID = tuple(round(0.1 * i, 1) for i in range(21))
+TAU_NORM_COSINE = (
+    "retrain.method = tau_norm rescales the norms of the stage-1 weights, but a cosine head "
+    "(model.head: cosine) normalises them, so every tau gives back the stage-1 model; use "
+    "retrain.method lws or crt, or train stage 1 with model.head: linear"
+)
 
 
 # --------------------------------------------------------------------------- classifiers
@@ -53,12 +62,13 @@ class LinearClassifier(nn.Linear):
 
 
 class LWSClassifier(nn.Module):
-    """Frozen stage-1 linear classifier with a learnt per-class scale f_c."""
+    """Frozen stage-1 classifier (linear, or cosine with ``cosine_scale``) with a learnt per-class scale f_c."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, cosine_scale: float | None = None):
         super().__init__()
         self.register_buffer("weight", weight.detach().clone().float())
         self.register_buffer("bias", None if bias is None else bias.detach().clone().float())
+        self.cosine_scale = None if cosine_scale is None else float(cosine_scale)
         self.scales = nn.Parameter(torch.ones(weight.shape[0]))
 
     @property
@@ -66,8 +76,10 @@ class LWSClassifier(nn.Module):
         return self.scales.detach()[:, None] * self.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        logits = F.linear(x, self.weight, self.bias)
-        return logits * self.scales
+        return head_logits(x, self.weight, self.bias, self.cosine_scale) * self.scales
+
+    def extra_repr(self) -> str:
+        return "linear" if self.cosine_scale is None else f"cosine_scale={self.cosine_scale}"
 
 
 class TauNormClassifier(nn.Module):
@@ -132,12 +144,14 @@ def _as_inputs(features, labels, num_classes: int, what: str, device) -> tuple[t
     return features.to(device), labels.to(device)
 
 
-def _stage1(init_weight, init_bias, num_classes: int, dim: int, method: str, device):
+def _stage1(init_weight, init_bias, init_cosine_scale, num_classes: int, dim: int, method: str, device):
     if init_weight is None:
         raise ConfigError(
             f"retrain.method = {method} needs the stage-1 classifier weights (init_weight); "
             "use method crt or ncm when they are not available"
         )
+    if init_cosine_scale is not None and method == "tau_norm":
+        raise ConfigError(TAU_NORM_COSINE)
     weight = torch.as_tensor(init_weight).float().to(device)
     if weight.shape != (num_classes, dim):
         raise DataError(f"init_weight must be [C, d] = [{num_classes}, {dim}], got {tuple(weight.shape)}")
@@ -163,6 +177,7 @@ def retrain_classifier(
     augmenter: FeatureAugmenter | None = None,
     init_weight=None,
     init_bias=None,
+    init_cosine_scale: float | None = None,
     val=None,
     progress: bool = True,
     device: str | torch.device = "cpu",
@@ -174,9 +189,10 @@ def retrain_classifier(
     training-image counts (beta_y and the head set of the augmenter). ``augmenter`` is used
     by ``crt`` and ``lws``; when it has not been fitted yet it is fitted here, with head
     classes ``head_classes`` (default: the many-shot rule n_c > 100) and the stage-1
-    classifier ``init_weight``/``init_bias``. ``val`` = (features, labels) of a validation
-    split, used to choose tau of ``tau_norm`` and logged per epoch otherwise (no model
-    selection). The module carries ``history`` (per-epoch loss / val accuracy) and, for
+    classifier ``init_weight``/``init_bias``; ``init_cosine_scale`` s says that classifier
+    is a cosine head (logits s * cos(w_c, a), no bias), None a linear one. ``val`` =
+    (features, labels) of a validation split, used to choose tau of ``tau_norm`` and logged
+    per epoch otherwise (no model selection). The module carries ``history`` (per-epoch loss / val accuracy) and, for
     tau_norm, ``tau_scores``.
     """
     x, y = _as_inputs(train_features, train_labels, num_classes, "training", device)
@@ -190,10 +206,12 @@ def retrain_classifier(
         if val_xy[0].shape[1] != dim:
             raise DataError(f"validation features are {val_xy[0].shape[1]}-d, training features {dim}-d")
 
+    if init_cosine_scale is not None and init_bias is not None:
+        raise DataError("a cosine stage-1 head has no bias; pass init_bias=None with init_cosine_scale")
     inputs = Stage3Inputs(
         x=x, y=y, counts=counts, cfg=cfg, num_classes=num_classes, seed=seed, augmenter=augmenter,
-        init_weight=init_weight, init_bias=init_bias, val_xy=val_xy, progress=progress, device=device,
-        head_classes=head_classes,
+        init_weight=init_weight, init_bias=init_bias, init_cosine_scale=init_cosine_scale, val_xy=val_xy,
+        progress=progress, device=device, head_classes=head_classes,
     )
     model = CLASSIFIERS.get(cfg.method).obj(inputs)
     return model.eval()
@@ -212,6 +230,7 @@ class Stage3Inputs:
     augmenter: FeatureAugmenter | None
     init_weight: Any
     init_bias: Any
+    init_cosine_scale: float | None
     val_xy: tuple[torch.Tensor, torch.Tensor] | None
     progress: bool
     device: Any
@@ -223,7 +242,8 @@ class Stage3Inputs:
 
     def stage1(self):
         """The stage-1 classifier (weight [C, d], bias [C] or None), checked."""
-        return _stage1(self.init_weight, self.init_bias, self.num_classes, self.dim, self.cfg.method, self.device)
+        return _stage1(self.init_weight, self.init_bias, self.init_cosine_scale, self.num_classes, self.dim,
+                       self.cfg.method, self.device)
 
     def ignore_augmenter(self) -> None:
         if self.augmenter is not None and type(self.augmenter) is not FeatureAugmenter:
@@ -240,10 +260,19 @@ def _fit_crt(inp: Stage3Inputs) -> nn.Module:
 
 @CLASSIFIERS.register("lws", label="LWS")
 def _fit_lws(inp: Stage3Inputs) -> nn.Module:
-    return _fit_trained(LWSClassifier(*inp.stage1()), inp)
+    return _fit_trained(LWSClassifier(*inp.stage1(), inp.init_cosine_scale), inp)
 
 
-@CLASSIFIERS.register("tau_norm", label="tau-norm")
+def _tau_norm_needs_a_linear_head(cfg) -> None:
+    if cfg.model.head == "cosine":
+        raise ValueError(
+            "retrain.method = tau_norm rescales the norms of the stage-1 weights, but model.head: "
+            "cosine normalises them, so every tau gives back the stage-1 model; use retrain.method "
+            "lws or crt, or model.head: linear"
+        )
+
+
+@CLASSIFIERS.register("tau_norm", label="tau-norm", check=_tau_norm_needs_a_linear_head)
 def _fit_tau_norm_method(inp: Stage3Inputs) -> nn.Module:
     inp.ignore_augmenter()
     model = _fit_tau_norm(inp.stage1()[0], inp.cfg.tau, inp.val_xy)
@@ -274,6 +303,7 @@ def _fit_trained(model: nn.Module, inp: Stage3Inputs) -> nn.Module:
                 classifier_weight=None if inp.init_weight is None
                 else torch.as_tensor(inp.init_weight).float().to(inp.device),
                 classifier_bias=None if inp.init_bias is None else torch.as_tensor(inp.init_bias).float().to(inp.device),
+                classifier_cosine_scale=inp.init_cosine_scale,
                 num_classes=inp.num_classes,
             )
         )

@@ -4,13 +4,15 @@ The cache is one safetensors file per (stage-1 model, features config) key, so e
 stage and every variant of it reads features instead of running the backbone again.
 Keys: ``train_features``/``train_labels``/``train_index`` (un-augmented rows first, then
 ``views`` randomly augmented views per image), ``test_*``, ``val_*`` when there is a
-validation split, ``head_weight``/``head_bias`` of the stage-1 classifier and
-``class_counts``.
+validation split, ``head_weight``/``head_bias`` of the stage-1 classifier (zeros for the
+bias of a cosine head) and ``class_counts``. :func:`stage1_classifier` says how stage 3
+must score with that head.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -18,6 +20,21 @@ from ..data.loaders import Batches
 from ..engine.checkpoint import atomic_write, load_checkpoint, load_tensors
 from ..engine.inference import collect_outputs
 from .representation import Trainer, checkpoint_path, stage1_key
+
+
+class Stage1Classifier(NamedTuple):
+    """The stage-1 head as stage 3 uses it: logits = ``head_logits(a, weight, bias, cosine_scale)``."""
+
+    weight: torch.Tensor  # [C, d]
+    bias: torch.Tensor | None  # [C]; None for a cosine head
+    cosine_scale: float | None  # the cosine head's logit scale; None for a linear head
+
+
+def stage1_classifier(cache: dict, cfg) -> Stage1Classifier:
+    """The cached stage-1 head with the scoring of ``cfg.model.head`` (part of the cache key)."""
+    if cfg.model.head == "cosine":
+        return Stage1Classifier(cache["head_weight"], None, float(cfg.model.cosine_scale))
+    return Stage1Classifier(cache["head_weight"], cache["head_bias"], None)
 
 
 def features_key(cfg) -> str:

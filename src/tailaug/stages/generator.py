@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +48,9 @@ def train_generator(
     ``cfg.batch_size`` come from a permutation drawn with ``torch.Generator`` seeded by
     ``seed``; the model is initialised from ``seed`` too (the global RNG is left untouched).
     Returns the model in eval mode and the mean loss of each epoch (over the batches that
-    had at least one target).
+    had at least one target). An epoch in which no batch had a target, or a head class none
+    of whose rows ever had one, is a ConfigError: the generator (or that class's token)
+    would be returned untrained.
     """
     features = torch.as_tensor(features).float()
     if features.ndim != 2:
@@ -91,6 +92,7 @@ def train_generator(
     batch_size = cfg.batch_size
     log.info("stage 2: %d head classes %s, %d rows, %d epochs", len(heads), heads, n, cfg.epochs)
 
+    had_target = torch.zeros(num_classes, dtype=torch.bool, device=device)
     losses: list[float] = []
     bar = tqdm(range(cfg.epochs), desc="stage 2 (STG)", disable=not progress, leave=False)
     for epoch in bar:
@@ -115,18 +117,26 @@ def train_generator(
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
             optimiser.step()
+            had_target[yb[mask]] = True
             total += float(loss.detach())
             batches += 1
-        epoch_loss = total / batches if batches else math.nan
         if not batches:
-            log.warning(
-                "stage 2 epoch %d: no row had %d same-class neighbours; raise stg.batch_size or "
-                "stg.memory_size, or lower stg.min_neighbours",
-                epoch,
-                cfg.min_neighbours,
+            raise ConfigError(
+                f"stage 2 epoch {epoch + 1}: no head-class row had {cfg.min_neighbours} other images of its "
+                f"class in its batch and the memory, so there is nothing to train the generator on; raise "
+                "stg.batch_size or stg.memory_size, or lower stg.min_neighbours (nothing was saved)"
             )
+        epoch_loss = total / batches
         losses.append(epoch_loss)
         bar.set_postfix(loss=f"{epoch_loss:.4f}")
+    untrained = [c for c in heads if not bool(had_target[c])]
+    if untrained:
+        raise ConfigError(
+            f"head class(es) {untrained} never had a target in stage 2 (a target needs {cfg.min_neighbours} "
+            "other images of the class in the batch and the memory), so their tokens would stay untrained; "
+            "lower stg.min_neighbours, raise stg.batch_size or stg.memory_size, or leave them out of the "
+            "head set (stg.head) (nothing was saved)"
+        )
     model.eval()
     return model, losses
 

@@ -22,11 +22,10 @@ from ..config import Config, short_hash
 from ..engine.checkpoint import atomic_write_text, load_checkpoint
 from ..engine.seed import torch_generator
 from ..errors import TailaugError
-from ..registry import CLASSIFIERS
-from ..evaluation.plots import plot_results
 from ..evaluation.report import format_table, markdown_table, write_json
+from ..registry import CLASSIFIERS
 from .classifier import retrain_classifier
-from .features import extract_features, features_key
+from .features import extract_features, features_key, stage1_classifier
 from .generator import load_generator, save_generator, train_generator
 from .representation import checkpoint_path, is_complete, score, stage1_key, train_stage1
 
@@ -93,17 +92,16 @@ def retrain(cfg: Config, run_dir: Path, cache: dict, augmenter_cfg, generator=No
     counts = cache["class_counts"].tolist()
     augmenter = build_augmenter(augmenter_cfg, generator_module=generator)
     val = (cache["val_features"], cache["val_labels"]) if "val_features" in cache else None
+    head1 = stage1_classifier(cache, cfg)
     head = retrain_classifier(
         cache["train_features"], cache["train_labels"], counts, retrain_cfg,
         num_classes=len(counts), seed=cfg.retrain.seed if cfg.retrain.seed is not None else cfg.run.seed,
-        augmenter=augmenter, init_weight=cache["head_weight"], init_bias=cache["head_bias"],
+        augmenter=augmenter, init_weight=head1.weight, init_bias=head1.bias, init_cosine_scale=head1.cosine_scale,
         val=val, progress=progress, head_classes=head_set(cfg, counts),
     )
     with torch.no_grad():
         logits = head(cache["test_features"])
-    results = score(logits, cache["test_labels"], counts, cfg)
-    plot_results(logits, cache["test_labels"], counts, results, Path(run_dir) / "plots", label,
-                 many=cfg.data.shots.many, few=cfg.data.shots.few, bins=cfg.eval.ece_bins)
+    results = score(logits, cache["test_labels"], counts, cfg, plots_dir=Path(run_dir) / "plots", name=label)
     write_json(path, {"label": label, "config": sections, "history": getattr(head, "history", []),
                       "test": results})
     return label, results
@@ -139,10 +137,11 @@ def analyze_generator(cfg: Config, run_dir: Path, *, num_samples: int = 5) -> di
     head = head_set(cfg, counts)
     aug_cfg = cfg.retrain.augmenter if cfg.retrain.augmenter.name == "stg" else STGAugmenter(name="stg")
     augmenter: STGAugmenterModule = build_augmenter(aug_cfg, generator_module=generator)
+    head1 = stage1_classifier(cache, cfg)
     feats, labels = cache["train_features"], cache["train_labels"]
     augmenter.fit(AugmentContext(features=feats, labels=labels, class_counts=torch.tensor(counts),
-                                 head_classes=head, classifier_weight=cache["head_weight"],
-                                 classifier_bias=cache["head_bias"]))
+                                 head_classes=head, classifier_weight=head1.weight, classifier_bias=head1.bias,
+                                 classifier_cosine_scale=head1.cosine_scale))
     original = torch.arange(len(labels)) < sum(counts)  # the cache lists un-augmented rows first
     tail = [c for c in range(len(counts)) if c not in head and counts[c] >= num_samples]
     if not tail:

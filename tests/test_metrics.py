@@ -255,7 +255,7 @@ def test_plot_tsne(tmp_path):
 def test_reliability_diagram_shows_the_reported_ece_after_logit_adjustment(tmp_path, monkeypatch):
     from tailaug.config import Config
     from tailaug.evaluation import plots
-    from tailaug.stages.representation import score
+    from tailaug.evaluation.scoring import score
 
     drawn = []
     real = plots.plot_reliability

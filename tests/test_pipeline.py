@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from tailaug import commands
 from tailaug.cli import main
@@ -29,12 +30,19 @@ def finished_run(tmp_path_factory):
     return root / "runs" / "pipe", args, results
 
 
+def rows(run_dir):
+    return json.loads((run_dir / "results.json").read_text())["rows"]
+
+
 def test_run_prints_three_rows_and_saves_them(finished_run):
     run_dir, _, results = finished_run
     assert list(results) == ["stage 1", "cRT", "cRT + STG (lambda 1.5)"]
-    saved = json.loads((run_dir / "results.json").read_text())
+    saved = rows(run_dir)
     assert saved.keys() == results.keys()
-    assert all(r["top1"] > 25 for r in results.values())  # chance: 10% (3 epochs on 14 images of the rarest class)
+    assert all(saved[label]["metrics"] == results[label] for label in results)
+    assert all(r["top1"] > 25 for r in results.values())  # chance: 10% (3 epochs, 14 images of the rarest class)
+    assert saved["cRT"]["choices"] == {"seed": 0}
+    assert saved["stage 1"]["key"] == json.loads((run_dir / "stage1.json").read_text())["key"]
     assert len(list((run_dir / "features").glob("*.safetensors"))) == 1
     assert len(list((run_dir / "generator").glob("*.safetensors"))) == 1
 
@@ -76,10 +84,188 @@ def test_analyze_stg_writes_table_and_tsne(finished_run, capsys):
 
 def test_run_refuses_a_run_dir_of_another_stage1_config(finished_run, capsys):
     run_dir, args, _ = finished_run
-    before = (run_dir / "config.yaml").read_text()
+    before = snapshot(run_dir)
     assert main(["run", *args, "train.lr=0.01", "--no-progress"]) == 2
-    assert "different data/model/train config" in capsys.readouterr().err
-    assert (run_dir / "config.yaml").read_text() == before
+    err = capsys.readouterr().err
+    assert "trained with another train.lr" in err and str(run_dir / "config.yaml") in err
+    assert snapshot(run_dir) == before
+
+
+def snapshot(run_dir):
+    """Every file of the run directory and its bytes (the lock file aside)."""
+    return {p.relative_to(run_dir): p.read_bytes() for p in sorted(run_dir.rglob("*"))
+            if p.is_file() and p.name != ".lock"}
+
+
+def forbid_training(monkeypatch):
+    def forbidden(*a, **k):
+        raise AssertionError("a stage trained again")
+
+    for module, name in ((pipeline, "train_stage1"), (pipeline, "train_generator"),
+                         (pipeline, "retrain_classifier")):
+        monkeypatch.setattr(module, name, forbidden)
+
+
+def test_report_only_fields_keep_every_trained_stage(finished_run, monkeypatch):
+    """data.shots, eval.*, num_workers-like fields change the report, never a model: stage 3's
+    stored test logits are scored again with the new settings."""
+    run_dir, args, results = finished_run
+    forbid_training(monkeypatch)
+    again = commands.run(args[0], [*args[1:], "data.shots.many=50", "eval.ece_bins=5",
+                                   "train.eval_batch_size=64", "features.batch_size=64"], progress=False)
+    # class counts 100 77 59 46 35 27 21 16 12 10: many (> 50) 3, few (< 20) 3, medium 4
+    assert all(r["groups"] == {"many": 3, "medium": 4, "few": 3} for r in again.values())
+    assert all(again[k]["top1"] == results[k]["top1"] for k in results)
+    assert again["cRT"]["ece"] != results["cRT"]["ece"]  # 5 bins instead of 15
+    saved = rows(run_dir)
+    assert saved["cRT"]["eval"] == {"shots": {"many": 50, "few": 20}, "ece_bins": 5, "logit_adjust_tau": 0.0}
+    assert "many: 50" in (run_dir / "config.yaml").read_text()
+    commands.run(args[0], args[1:], progress=False)  # back to the fixture's settings
+
+
+def test_evaluate_merges_its_stage1_row_and_accepts_report_overrides(finished_run, capsys):
+    run_dir, args, results = finished_run
+    before = rows(run_dir)
+    assert main(["evaluate", str(run_dir), "data.shots.many=50"]) == 0
+    after = rows(run_dir)
+    assert after.keys() == before.keys()  # the stage-3 rows are kept
+    assert all(after[k] == before[k] for k in after if k != "stage 1")
+    assert after["stage 1"]["metrics"]["groups"] == {"many": 3, "medium": 4, "few": 3}
+    assert after["stage 1"]["metrics"]["top1"] == results["stage 1"]["top1"]
+    assert after["stage 1"]["choices"] == {"epoch": 2, "precision": "fp32"}
+    assert "stage 1 (last epoch)" in capsys.readouterr().out
+    commands.run(args[0], args[1:], progress=False)
+
+
+@pytest.mark.parametrize("override, named", [
+    ("model.arch=resnet32", "model.arch"),
+    ("data.imbalance_factor=20", "data.imbalance_factor"),
+    ("train.lr=0.2", "train.lr"),
+])
+def test_evaluate_refuses_overrides_that_change_the_model(finished_run, capsys, override, named):
+    run_dir, _, _ = finished_run
+    before = snapshot(run_dir)
+    assert main(["evaluate", str(run_dir), override]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("tailaug: error:") and "Traceback" not in err
+    assert f"change the stage-1 model ({named})" in err and "data.shots" in err
+    assert snapshot(run_dir) == before
+
+
+def test_failing_later_stage_changes_nothing(finished_run, capsys):
+    run_dir, args, _ = finished_run
+    before = snapshot(run_dir)
+    # no class has more than 1000 images: the generator has no head class to learn from
+    assert main(["run", *args, "stg.head.rule=threshold", "stg.head.threshold=1000", "--no-progress"]) == 2
+    assert "stg.head.threshold" in capsys.readouterr().err
+    assert snapshot(run_dir) == before
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_on_a_machine_without_cuda_changes_nothing(finished_run, capsys):
+    run_dir, args, _ = finished_run
+    before = snapshot(run_dir)
+    assert main(["run", *args, "run.device=cuda", "--no-progress"]) == 2
+    assert "no CUDA device" in capsys.readouterr().err
+    assert main(["evaluate", str(run_dir), "run.device=cuda"]) == 2
+    assert "no CUDA device" in capsys.readouterr().err
+    assert snapshot(run_dir) == before
+    assert main(["evaluate", str(run_dir)]) == 0
+
+
+def test_run_resume_continues_an_existing_run_and_refuses_a_new_name(finished_run, capsys, monkeypatch):
+    run_dir, args, _ = finished_run
+    forbid_training(monkeypatch)
+    assert main(["run", *args, "--resume", "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["run", *args, "run.name=typo", "--resume", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "holds no stage 1 of this config to resume" in err and "drop --resume" in err
+    assert not (run_dir.parent / "typo").exists()
+
+
+def test_a_second_command_on_a_busy_run_dir_fails_at_once(finished_run, capsys):
+    import os
+
+    from tailaug.engine.rundir import open_run_dir
+
+    run_dir, args, _ = finished_run
+    before = snapshot(run_dir)
+    with open_run_dir(run_dir, create=False):
+        for argv in (["run", *args, "--no-progress"], ["evaluate", str(run_dir)], ["analyze", "stg", str(run_dir)]):
+            assert main(argv) == 2
+            err = capsys.readouterr().err
+            assert f"is in use by another tailaug command (process {os.getpid()})" in err
+    assert snapshot(run_dir) == before
+    assert main(["evaluate", str(run_dir)]) == 0  # released
+
+
+def test_stage1_is_loaded_without_building_a_trainer(finished_run, monkeypatch, tmp_path):
+    """The feature cache and evaluate load the finished model: no Trainer, no global reseed,
+    and the same features as before."""
+    from safetensors.torch import load_file
+
+    from tailaug.stages import representation
+
+    run_dir, args, _ = finished_run
+    monkeypatch.setattr(representation.Trainer, "__init__", lambda *a, **k: pytest.fail("built a Trainer"))
+    monkeypatch.setattr(representation, "seed_everything", lambda *a: pytest.fail("reseeded"))
+    forbid_training(monkeypatch)
+    [cache] = (run_dir / "features").glob("*.safetensors")
+    moved = cache.rename(tmp_path / cache.name)
+    again = commands.run(args[0], args[1:], progress=False)
+    old, new = load_file(moved), load_file(cache)
+    assert old.keys() == new.keys() and all(torch.equal(old[k], new[k]) for k in old)
+    assert commands.evaluate(run_dir)["top1"] == again["stage 1"]["top1"]
+
+
+def synthetic_cache(with_val=True):
+    """Three classes of 4-d features around the axes; a stage-1 head that favours class 0."""
+    g = torch.Generator().manual_seed(0)
+    means = torch.eye(3, 4) * 3
+
+    def split(n):
+        labels = torch.arange(3).repeat_interleave(n)
+        return means[labels] + torch.randn(len(labels), 4, generator=g), labels
+
+    train_x, train_y = split(10)
+    cache = {"train_features": train_x, "train_labels": train_y, "train_index": torch.arange(30),
+             "class_counts": torch.tensor([10, 10, 10]),
+             "head_weight": means * torch.tensor([[3.0], [1.0], [0.5]]), "head_bias": torch.zeros(3)}
+    cache["test_features"], cache["test_labels"] = split(20)
+    if with_val:
+        cache["val_features"], cache["val_labels"] = split(5)
+    return cache
+
+
+def test_tau_norm_records_the_tau_chosen_on_validation_and_its_scores(tmp_path, monkeypatch):
+    from tailaug.augment.base import NoAugmenter
+    from tailaug.config import load_config
+
+    cfg = load_config(None, ["retrain.method=tau_norm"])
+    label, row = pipeline.retrain(cfg, tmp_path, synthetic_cache(), NoAugmenter(), progress=False)
+    choices = row["choices"]
+    scores = choices["tau_scores"]
+    assert label == "tau-norm" and choices["tau_from"] == "validation split"
+    assert list(scores) == [f"{0.1 * i:.1f}" for i in range(21)]
+    best = max(scores.values())
+    assert choices["tau"] == min(float(t) for t, s in scores.items() if s == best)  # ties: the smaller tau
+    assert scores["0.0"] < best  # the unnormalised head is worse: the choice mattered
+
+    # reused: the stored logits are scored again (other bins), the choices read back
+    monkeypatch.setattr(pipeline, "retrain_classifier", lambda *a, **k: pytest.fail("stage 3 ran again"))
+    cfg5 = load_config(None, ["retrain.method=tau_norm", "eval.ece_bins=5"])
+    _, again = pipeline.retrain(cfg5, tmp_path, synthetic_cache(), NoAugmenter(), progress=False)
+    assert again["choices"] == choices and again["key"] == row["key"]
+    assert again["metrics"]["top1"] == row["metrics"]["top1"] and again["eval"]["ece_bins"] == 5
+    monkeypatch.undo()
+
+    fixed = load_config(None, ["retrain.method=tau_norm", "retrain.tau=1.0"])
+    _, given = pipeline.retrain(fixed, tmp_path, synthetic_cache(), NoAugmenter(), progress=False)
+    assert given["choices"] == {"tau": 1.0, "tau_from": "retrain.tau", "tau_scores": None}
+    _, default = pipeline.retrain(cfg, tmp_path / "noval", synthetic_cache(with_val=False), NoAugmenter(),
+                                  progress=False)
+    assert default["choices"] == {"tau": 1.0, "tau_from": "default (no validation split)", "tau_scores": None}
 
 
 def test_stage3_plots_use_the_post_hoc_adjusted_logits_of_the_metrics(finished_run, monkeypatch):
@@ -92,8 +278,8 @@ def test_stage3_plots_use_the_post_hoc_adjusted_logits_of_the_metrics(finished_r
     monkeypatch.setattr(plots, "plot_reliability", lambda bins, path, **kw: drawn.append(bins))
     cfg = commands.load_run_config(run_dir, ["eval.logit_adjust_tau=1.0"])
     cache = extract_features(cfg, run_dir, progress=False)
-    _, results = pipeline.retrain(cfg, run_dir, cache, NoAugmenter(), progress=False)
-    assert len(drawn) == 1 and 100 * drawn[0]["ece"] == pytest.approx(results["ece"], rel=1e-12)
+    _, row = pipeline.retrain(cfg, run_dir, cache, NoAugmenter(), progress=False)
+    assert len(drawn) == 1 and 100 * drawn[0]["ece"] == pytest.approx(row["metrics"]["ece"], rel=1e-12)
 
 
 def test_stage3_gets_the_scoring_of_a_cosine_stage1_head(tmp_path, monkeypatch):
@@ -117,7 +303,6 @@ def test_stage3_gets_the_scoring_of_a_cosine_stage1_head(tmp_path, monkeypatch):
         return real(*args, **kwargs)
 
     monkeypatch.setattr(pipeline, "retrain_classifier", spy)
-    monkeypatch.setattr(pipeline, "features_key", lambda cfg: "k")
     pipeline.retrain(cfg, tmp_path, cache, NoAugmenter(), progress=False)
     assert seen["init_cosine_scale"] == 20.0 and seen["init_bias"] is None
     assert torch.equal(seen["init_weight"], cache["head_weight"])

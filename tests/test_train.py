@@ -8,6 +8,7 @@ import torch
 from tailaug import commands
 from tailaug.cli import main
 from tailaug.config import load_config
+from tailaug.evaluation.results import code_version
 from tailaug.stages.representation import Trainer
 
 from synthetic import write_fashion_mnist
@@ -44,8 +45,15 @@ def test_tiny_run_learns_and_leaves_a_complete_run_dir(data_root, tmp_path):
     assert any((run / "tensorboard").iterdir())
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records] == list(range(8))
-    saved = json.loads((run / "results.json").read_text())["stage1"]
-    assert saved["top1"] == results["top1"] and saved["groups"] == {"many": 0, "medium": 7, "few": 3}
+    saved = json.loads((run / "results.json").read_text())
+    assert saved["schema"] == 1 and list(saved["rows"]) == ["stage 1"]
+    row = saved["rows"]["stage 1"]
+    assert row["metrics"]["top1"] == results["top1"]
+    assert row["metrics"]["groups"] == {"many": 0, "medium": 7, "few": 3}
+    assert row["key"] == json.loads((run / "stage1.json").read_text())["key"]
+    assert row["eval"] == {"shots": {"many": 100, "few": 20}, "ece_bins": 15, "logit_adjust_tau": 0.0}
+    assert row["choices"] == {"epoch": 7, "precision": "fp32"}
+    assert row["tailaug_version"] == code_version() != "unknown"
     assert load_config(run / "config.yaml").data.root == str(data_root)
 
 
@@ -67,7 +75,8 @@ def test_same_seed_same_numbers_and_resume_is_exact(data_root, tmp_path, monkeyp
         train(data_root, tmp_path, "c")
     monkeypatch.setattr(Trainer, "train_epoch", real_epoch)
     assert torch.load(tmp_path / "c" / "checkpoints" / "last.pt", weights_only=True)["epoch"] == 4
-    resumed = train(data_root, tmp_path, "c", resume=True)
+    # fields outside the stage-1 key may change on resume
+    resumed = train(data_root, tmp_path, "c", extra=["train.eval_batch_size=64", "data.shots.many=90"], resume=True)
     assert resumed["per_class"] == first["per_class"] and resumed["ece"] == first["ece"]
     epochs = [json.loads(x)["epoch"] for x in (tmp_path / "c" / "metrics.jsonl").read_text().splitlines()]
     assert epochs == list(range(8))
@@ -106,3 +115,48 @@ def test_margin_loss_needs_a_cosine_head(data_root, tmp_path, loss):
     name = "arcface" if "arcface" in loss else "ldam"
     with pytest.raises(ConfigError, match=f"margin loss\\(es\\) {name} in train.loss .*set model.head: cosine"):
         train(data_root, tmp_path, "margin", extra=[f"train.loss={loss}"])
+
+
+def snapshot(run_dir):
+    return {p.relative_to(run_dir): p.read_bytes() for p in sorted(run_dir.rglob("*"))
+            if p.is_file() and p.name != ".lock"}
+
+
+def test_refused_resume_and_finished_resume_change_nothing(data_root, tmp_path, capsys):
+    from tailaug.evaluation.results import record_results, result_row
+
+    train(data_root, tmp_path, "done", extra=["train.epochs=1"])
+    run = tmp_path / "done"
+    record_results(run, {"cRT": result_row({"top1": 1.0}, key="k", settings={})})  # a stage-3 row
+    before = snapshot(run)
+    args = ["train", *tiny_args(data_root, tmp_path, "done", ["train.epochs=1"]), "--no-progress", "--resume"]
+    assert main([*args, "train.lr=0.01"]) == 2
+    err = capsys.readouterr().err
+    assert "trained with another train.lr" in err and str(run / "config.yaml") in err
+    assert snapshot(run) == before
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "has finished all 1 epochs: nothing to resume" in err and "tailaug evaluate" in err
+    assert snapshot(run) == before
+    assert main(["evaluate", str(run)]) == 0
+    rows = json.loads((run / "results.json").read_text())["rows"]
+    assert list(rows) == ["stage 1", "cRT"] and rows["cRT"]["metrics"] == {"top1": 1.0}
+
+
+def test_evaluate_needs_a_finished_stage1(data_root, tmp_path, capsys, monkeypatch):
+    real_epoch = Trainer.train_epoch
+
+    def stop_after_first(self, epoch):
+        if epoch == 1:
+            raise KeyboardInterrupt
+        return real_epoch(self, epoch)
+
+    monkeypatch.setattr(Trainer, "train_epoch", stop_after_first)
+    with pytest.raises(KeyboardInterrupt):
+        train(data_root, tmp_path, "half", extra=["train.epochs=2"])
+    run = tmp_path / "half"
+    before = snapshot(run)
+    assert main(["evaluate", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert "has not finished" in err and "--resume" in err
+    assert snapshot(run) == before

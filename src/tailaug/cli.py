@@ -34,7 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
 
     run = with_config(sub.add_parser("run", help="all three stages, reusing finished ones"))
-    run.add_argument("--resume", action="store_true", help=argparse.SUPPRESS)
+    run.add_argument("--resume", action="store_true",
+                     help="continue an existing run only (a stopped stage 1 is continued without it too; "
+                          "with it a run.name that holds no run of this config is an error)")
 
     ev = sub.add_parser("evaluate", help="evaluate a run directory's last checkpoint on the test set")
     ev.add_argument("run_dir")
@@ -70,8 +72,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"tailaug: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("tailaug: interrupted; the last finished epoch's checkpoint is kept (use --resume)", file=sys.stderr)
+        print(f"tailaug: interrupted{INTERRUPTED.get(args.command, '')}", file=sys.stderr)
         return 130
+
+
+# What an interrupted command keeps, and how to go on from there.
+INTERRUPTED = {
+    "train": "; the last finished epoch's checkpoint is kept: add --resume to the same command to continue",
+    "run": "; finished stages and the last finished epoch are kept: run the same command again to continue",
+}
 
 
 def _dispatch(args) -> int:
@@ -80,7 +89,7 @@ def _dispatch(args) -> int:
     if args.command == "train":
         commands.train(args.config, args.overrides, resume=args.resume, progress=not args.no_progress)
     elif args.command == "run":
-        commands.run(args.config, args.overrides, progress=not args.no_progress)
+        commands.run(args.config, args.overrides, resume=args.resume, progress=not args.no_progress)
     elif args.command == "evaluate":
         commands.evaluate(Path(args.run_dir), args.overrides)
     elif args.command == "datasets":

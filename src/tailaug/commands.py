@@ -1,56 +1,101 @@
-"""What each CLI command does, kept apart from argument parsing."""
+"""What each CLI command does, kept apart from argument parsing.
+
+Every command checks what it can before it writes: a command that fails leaves the run
+directory as it found it (config.yaml is written only once the config has been accepted).
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from .config import Config, load_config
-from .engine.checkpoint import atomic_write_text
+from .engine.device import resolve_device
+from .engine.rundir import open_run_dir, run_dir_path
 from .errors import TailaugError
 
 
 def run_dir_of(cfg: Config) -> Path:
-    return Path(cfg.run.output_dir) / cfg.run.name
-
-
-def save_resolved_config(cfg: Config, run_dir: Path) -> None:
-    atomic_write_text(run_dir / "config.yaml", cfg.to_yaml())
+    return run_dir_path(cfg.run.output_dir, cfg.run.name)
 
 
 def load_run_config(run_dir: Path, overrides: list[str] = ()) -> Config:
-    path = run_dir / "config.yaml"
+    path = Path(run_dir) / "config.yaml"
     if not path.is_file():
         raise TailaugError(f"{run_dir} is not a run directory (no config.yaml); give the directory a "
                            "'tailaug train' or 'tailaug run' wrote")
     return load_config(path, overrides)
 
 
-def train(config: str, overrides: list[str], *, resume: bool, progress: bool) -> dict:
+def _is_main(cfg: Config) -> bool:
     from .engine.distributed import init_distributed
-    from .stages.representation import checkpoint_path, train_stage1
+
+    return init_distributed(cfg.run.device).is_main
+
+
+def train(config: str, overrides: list[str], *, resume: bool, progress: bool) -> dict:
+    from .evaluation.results import read_results
+    from .stages.representation import train_stage1
+    from .stages.stage1_model import check_checkpoint, checkpoint_path, is_complete
 
     cfg = load_config(config, overrides)
     run_dir = run_dir_of(cfg)
-    if not resume and checkpoint_path(run_dir).exists():
+    resolve_device(cfg.run.device)
+    main = _is_main(cfg)
+    with open_run_dir(run_dir, create=main, lock=main):
+        has_checkpoint = checkpoint_path(run_dir).is_file()
+        if not resume and has_checkpoint:
+            raise TailaugError(
+                f"{run_dir} already holds a training run; add --resume to continue it, or choose another "
+                f"directory with run.name=NAME (nothing was changed)"
+            )
+        if resume and not has_checkpoint:
+            raise TailaugError(f"{run_dir} holds no checkpoint to resume ({checkpoint_path(run_dir)} does not "
+                               "exist); start the run without --resume (nothing was changed)")
+        if resume:
+            check_checkpoint(run_dir, cfg)
+            if is_complete(run_dir, cfg):
+                raise TailaugError(
+                    f"stage 1 in {run_dir} has finished all {cfg.train.epochs} epochs: nothing to resume; its "
+                    f"numbers are in {run_dir / 'results.json'} ('tailaug evaluate {run_dir}' scores it again)"
+                )
+        read_results(run_dir)  # a results.json that cannot be merged fails now, not after training
+        return train_stage1(cfg, run_dir, resume=resume, progress=progress)
+
+
+# Fields of the stage-1 model an override on `evaluate` may not change (they are in its key);
+# the rest (data.shots, data.test_per_class, eval.*, run.device, ...) only change the report.
+def _check_report_overrides(saved: Config, cfg: Config, overrides: list[str]) -> None:
+    from .stages.keys import changed_fields
+
+    changed = changed_fields(saved, cfg)
+    if changed:
         raise TailaugError(
-            f"{run_dir} already holds a training run; add --resume to continue it, or choose another "
-            f"directory with run.name=NAME (nothing was changed)"
+            f"the override(s) {' '.join(overrides)} change the stage-1 model ({', '.join(changed)}), which "
+            "evaluate cannot retrain; give only overrides that change the report (data.shots.*, "
+            "data.test_per_class, eval.*, run.device, train.eval_batch_size)"
         )
-    if init_distributed(cfg.run.device).is_main:
-        save_resolved_config(cfg, run_dir)
-    return train_stage1(cfg, run_dir, resume=resume, progress=progress)
 
 
 def evaluate(run_dir: Path, overrides: list[str] = ()) -> dict:
-    from .engine.checkpoint import load_checkpoint
-    from .evaluation.report import format_table, write_json
-    from .stages.representation import Trainer, checkpoint_path
+    """Score the finished stage 1 of ``run_dir`` on the test set again (e.g. with other shot
+    thresholds or eval settings); its row of results.json is replaced, the others kept."""
+    from .evaluation.report import format_table
+    from .evaluation.results import STAGE1, read_results, record_results
+    from .evaluation.scoring import score
+    from .stages.representation import precision_name, stage1_row
+    from .stages.stage1_model import load_finished
 
+    run_dir = Path(run_dir)
+    saved = load_run_config(run_dir)
     cfg = load_run_config(run_dir, overrides)
-    trainer = Trainer(cfg, run_dir, progress=False)
-    trainer.model.load_state_dict(load_checkpoint(checkpoint_path(run_dir), trainer.device)["model"])
-    results = trainer.report(trainer.data.test)
-    write_json(run_dir / "results.json", {"stage1": results})
+    _check_report_overrides(saved, cfg, list(overrides))
+    with open_run_dir(run_dir, create=False):
+        read_results(run_dir)
+        stage1 = load_finished(cfg, run_dir)
+        test = stage1.data.test
+        logits = stage1.outputs(test, cfg.train.eval_batch_size)["logits"]
+        results = score(logits, test.labels, stage1.data.class_counts, cfg, plots_dir=run_dir / "plots", name=STAGE1)
+        record_results(run_dir, {STAGE1: stage1_row(cfg, results, precision=precision_name(stage1.dtype))})
     print(format_table([("stage 1 (last epoch)", results)]))
     return results
 
@@ -81,17 +126,34 @@ def describe(config: str, overrides: list[str]) -> str:
     return text
 
 
-def run(config: str, overrides: list[str], *, progress: bool) -> dict:
+def run(config: str, overrides: list[str], *, resume: bool = False, progress: bool) -> dict:
+    """All three stages, reusing finished ones; a stopped stage 1 of the same config is
+    continued. With ``resume`` the run must exist already (a guard against a mistyped name)."""
+    from .evaluation.results import read_results
     from .stages.pipeline import run_pipeline, stage1_state
 
     cfg = load_config(config, overrides)
     run_dir = run_dir_of(cfg)
-    stage1_state(cfg, run_dir)  # refuses a run directory of another config before writing
-    save_resolved_config(cfg, run_dir)
-    return run_pipeline(cfg, run_dir, progress=progress)
+    resolve_device(cfg.run.device)  # a device this machine lacks fails before anything is written
+    main = _is_main(cfg)
+    with open_run_dir(run_dir, create=main, lock=main):
+        state = stage1_state(cfg, run_dir)  # refuses a run directory of another config
+        if resume and state == "new":
+            raise TailaugError(f"{run_dir} holds no stage 1 of this config to resume; check run.name, or "
+                               "drop --resume to start the run (nothing was changed)")
+        read_results(run_dir)
+        return run_pipeline(cfg, run_dir, progress=progress)
 
 
 def analyze_stg(run_dir: Path) -> dict:
-    from .stages.pipeline import analyze_generator
+    from .evaluation.stg_analysis import analyze_generator
+    from .stages.features import extract_features, stage1_classifier
+    from .stages.pipeline import ensure_generator, head_set
 
-    return analyze_generator(load_run_config(run_dir), run_dir)
+    run_dir = Path(run_dir)
+    cfg = load_run_config(run_dir)
+    with open_run_dir(run_dir, create=False):
+        cache = extract_features(cfg, run_dir, progress=False)
+        generator = ensure_generator(cfg, run_dir, cache, progress=False)
+        head = head_set(cfg, cache["class_counts"].tolist())
+        return analyze_generator(cfg, cache, generator, head, stage1_classifier(cache, cfg), run_dir / "analysis")

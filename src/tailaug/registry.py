@@ -46,6 +46,7 @@ class Entry:
     config: type[Section] | None = None  # the options model of section-valued kinds
     label: str = ""  # how result tables name the method
     check: Callable[[Any], None] | None = None  # raises ValueError when the whole config cannot work
+    reads: tuple[str, ...] = ()  # the options of its section that change its result (stage keys)
 
 
 class Registry:
@@ -63,11 +64,13 @@ class Registry:
     # ------------------------------------------------------------------ registration
 
     def register(self, name: str, *, config: type[Section] | None = None, label: str = "",
-                 check: Callable[[Any], None] | None = None) -> Callable:
+                 check: Callable[[Any], None] | None = None, reads: tuple[str, ...] = ()) -> Callable:
         """Decorator: register the decorated class or function under ``name``.
 
         ``check(config)``, if given, is called when a config choosing this member is validated
-        and raises ValueError when the rest of the config rules the member out.
+        and raises ValueError when the rest of the config rules the member out. ``reads`` names
+        the options of the member's config section that its result depends on (what its
+        stage key hashes), where the section is shared by several members.
         """
 
         def add(obj):
@@ -76,7 +79,7 @@ class Registry:
                 raise ValueError(f"a {self.kind} named {name!r} is already registered ({old.obj!r})")
             if config is not None and _tag(config) != name:
                 raise ValueError(f"the config model of {self.kind} {name!r} needs a field name: Literal[{name!r}]")
-            self._entries[name] = Entry(name, obj, config, label or name, check)
+            self._entries[name] = Entry(name, obj, config, label or name, check, tuple(reads))
             return obj
 
         return add

@@ -58,14 +58,14 @@ def save_checkpoint(path: str | Path, state: dict) -> Path:
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist; check the run directory or start without --resume")
+        raise CheckpointError(f"checkpoint {path} does not exist; check the run directory")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # truncated zip, wrong format, disallowed global
         raise CheckpointError(
             f"checkpoint {path} cannot be read ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
-            "it is truncated or not a tailaug checkpoint: delete it to resume from the previous epoch's "
-            "file, or start the run again without --resume"
+            "it is truncated or not a tailaug checkpoint: delete it and train the run again, or use "
+            "another run.name"
         ) from None
 
 

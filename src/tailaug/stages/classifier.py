@@ -192,8 +192,9 @@ def retrain_classifier(
     classifier ``init_weight``/``init_bias``; ``init_cosine_scale`` s says that classifier
     is a cosine head (logits s * cos(w_c, a), no bias), None a linear one. ``val`` =
     (features, labels) of a validation split, used to choose tau of ``tau_norm`` and logged
-    per epoch otherwise (no model selection). The module carries ``history`` (per-epoch loss / val accuracy) and, for
-    tau_norm, ``tau_scores``.
+    per epoch otherwise (no model selection). The module carries ``history`` (per-epoch loss /
+    val accuracy) and ``choices``, what was resolved at run time (the seed of a trained
+    classifier; tau-norm's tau, where it came from and the validation accuracy of every tau).
     """
     x, y = _as_inputs(train_features, train_labels, num_classes, "training", device)
     dim = x.shape[1]
@@ -214,6 +215,8 @@ def retrain_classifier(
         progress=progress, device=device, head_classes=head_classes,
     )
     model = CLASSIFIERS.get(cfg.method).obj(inputs)
+    model.history = getattr(model, "history", [])
+    model.choices = getattr(model, "choices", {})
     return model.eval()
 
 
@@ -251,14 +254,17 @@ class Stage3Inputs:
                         self.cfg.method, self.augmenter.name)
 
 
-@CLASSIFIERS.register("crt", label="cRT")
+TRAINED = ("epochs", "batch_size", "lr", "weight_decay", "sampler", "augmenter", "seed")
+
+
+@CLASSIFIERS.register("crt", label="cRT", reads=TRAINED)
 def _fit_crt(inp: Stage3Inputs) -> nn.Module:
     model = LinearClassifier(inp.dim, inp.num_classes)
     _init_linear(model, inp.seed)
     return _fit_trained(model, inp)
 
 
-@CLASSIFIERS.register("lws", label="LWS")
+@CLASSIFIERS.register("lws", label="LWS", reads=TRAINED)
 def _fit_lws(inp: Stage3Inputs) -> nn.Module:
     return _fit_trained(LWSClassifier(*inp.stage1(), inp.init_cosine_scale), inp)
 
@@ -272,20 +278,16 @@ def _tau_norm_needs_a_linear_head(cfg) -> None:
         )
 
 
-@CLASSIFIERS.register("tau_norm", label="tau-norm", check=_tau_norm_needs_a_linear_head)
+@CLASSIFIERS.register("tau_norm", label="tau-norm", check=_tau_norm_needs_a_linear_head, reads=("tau",))
 def _fit_tau_norm_method(inp: Stage3Inputs) -> nn.Module:
     inp.ignore_augmenter()
-    model = _fit_tau_norm(inp.stage1()[0], inp.cfg.tau, inp.val_xy)
-    model.history = []
-    return model
+    return _fit_tau_norm(inp.stage1()[0], inp.cfg.tau, inp.val_xy)
 
 
 @CLASSIFIERS.register("ncm", label="NCM")
 def _fit_ncm_method(inp: Stage3Inputs) -> nn.Module:
     inp.ignore_augmenter()
-    model = _fit_ncm(inp.x, inp.y, inp.num_classes)
-    model.history = []
-    return model
+    return _fit_ncm(inp.x, inp.y, inp.num_classes)
 
 
 def _fit_trained(model: nn.Module, inp: Stage3Inputs) -> nn.Module:
@@ -309,6 +311,7 @@ def _fit_trained(model: nn.Module, inp: Stage3Inputs) -> nn.Module:
         )
     model.history = _train(model, inp.x, inp.y, inp.cfg, inp.num_classes, inp.seed, augmenter, inp.val_xy,
                            inp.progress, inp.device)
+    model.choices = {"seed": inp.seed}
     return model
 
 
@@ -364,19 +367,24 @@ def _train(model, x, y, cfg, num_classes, seed, augmenter, val_xy, progress, dev
 
 
 def _fit_tau_norm(weight: torch.Tensor, tau: float | None, val_xy) -> TauNormClassifier:
+    """tau-norm with ``tau``, or chosen on ``val_xy``; ``choices`` says which and why."""
+    scores = None
     if tau is not None:
-        return TauNormClassifier(weight, tau)
-    if val_xy is None:
+        source = "retrain.tau"
+    elif val_xy is None:
         log.warning(
             "tau_norm: retrain.tau is not set and there is no validation split, so tau = 1; set "
             "retrain.tau or data.val_per_class > 0 to choose it on validation data (never on the test set)"
         )
-        return TauNormClassifier(weight, 1.0)
-    scores = {t: accuracy(TauNormClassifier(weight, t), *val_xy) for t in TAU_GRID}
-    best = max(TAU_GRID, key=lambda t: (scores[t], -t))
-    log.info("tau_norm: tau = %.1f chosen on the validation split (accuracy %.4f)", best, scores[best])
-    model = TauNormClassifier(weight, best)
+        tau, source = 1.0, "default (no validation split)"
+    else:
+        scores = {t: accuracy(TauNormClassifier(weight, t), *val_xy) for t in TAU_GRID}
+        tau, source = max(TAU_GRID, key=lambda t: (scores[t], -t)), "validation split"
+        log.info("tau_norm: tau = %.1f chosen on the validation split (accuracy %.4f)", tau, scores[tau])
+    model = TauNormClassifier(weight, tau)
     model.tau_scores = scores
+    model.choices = {"tau": tau, "tau_from": source,
+                     "tau_scores": None if scores is None else {f"{t:.1f}": s for t, s in scores.items()}}
     return model
 
 

@@ -1,6 +1,6 @@
 """Stage 2a: features of the frozen stage-1 backbone, cached in the run directory.
 
-The cache is one safetensors file per (stage-1 model, features config) key, so every later
+The cache is one safetensors file per key (``keys.features_key``), so every later
 stage and every variant of it reads features instead of running the backbone again.
 Keys: ``train_features``/``train_labels``/``train_index`` (un-augmented rows first, then
 ``views`` randomly augmented views per image), ``test_*``, ``val_*`` when there is a
@@ -16,10 +16,9 @@ from typing import NamedTuple
 
 import torch
 
-from ..data.loaders import Batches
-from ..engine.checkpoint import atomic_write, load_checkpoint, load_tensors
-from ..engine.inference import collect_outputs
-from .representation import Trainer, checkpoint_path, stage1_key
+from ..engine.checkpoint import atomic_write, load_tensors
+from .keys import features_key
+from .stage1_model import load_finished
 
 
 class Stage1Classifier(NamedTuple):
@@ -37,27 +36,20 @@ def stage1_classifier(cache: dict, cfg) -> Stage1Classifier:
     return Stage1Classifier(cache["head_weight"], cache["head_bias"], None)
 
 
-def features_key(cfg) -> str:
-    return f"{stage1_key(cfg)}-{cfg.section_hash('features')}"
-
-
 def cache_path(run_dir: Path, cfg) -> Path:
     return Path(run_dir) / "features" / f"{features_key(cfg)}.safetensors"
 
 
 def extract_features(cfg, run_dir: Path, *, progress: bool = True) -> dict[str, torch.Tensor]:
-    """Load the cache for this config, or run the backbone once and write it."""
+    """Load the cache for this config, or run the finished stage-1 backbone once and write it."""
     path = cache_path(run_dir, cfg)
     if path.is_file():
         return load_tensors(path)
-    trainer = Trainer(cfg, run_dir, progress=False)
-    trainer.model.load_state_dict(load_checkpoint(checkpoint_path(run_dir), trainer.device)["model"])
-    data, size = trainer.data, cfg.features.batch_size
+    stage1 = load_finished(cfg, run_dir)
+    data, model = stage1.data, stage1.model
 
     def run(split, augment=False, view=0):
-        batches = Batches(split, size, trainer.transform, trainer.device, augment=augment,
-                          seed=cfg.run.seed + 7919 * view, num_workers=cfg.data.num_workers)
-        return collect_outputs(trainer.model, batches, trainer.device, trainer.dtype)
+        return stage1.outputs(split, cfg.features.batch_size, augment=augment, seed=cfg.run.seed + 7919 * view)
 
     train = [run(data.train)] + [run(data.train, True, v) for v in range(1, cfg.features.views + 1)]
     cache = {
@@ -65,8 +57,8 @@ def extract_features(cfg, run_dir: Path, *, progress: bool = True) -> dict[str, 
         "train_labels": torch.cat([t["labels"] for t in train]),
         "train_index": torch.cat([t["index"] for t in train]),
         "class_counts": torch.tensor(data.class_counts),
-        "head_weight": trainer.model.head.weight.detach().float().cpu(),
-        "head_bias": _bias(trainer.model.head),
+        "head_weight": model.head.weight.detach().float().cpu(),
+        "head_bias": _bias(model.head),
     }
     for name, split in (("val", data.val), ("test", data.test)):
         if split is not None:

@@ -3,10 +3,12 @@
     stage 1   backbone + classifier         run_dir/checkpoints, stage1.json
     stage 2a  feature cache                 run_dir/features/<key>.safetensors
     stage 2b  semantic transformation gen.  run_dir/generator/<key>.safetensors (+ .json)
-    stage 3   classifier re-training        run_dir/retrain/<name>-<key>.json (+ .safetensors)
+    stage 3   classifier re-training        run_dir/retrain/<method>-<augmenter>-<key>.json
+                                            (+ .safetensors: its test logits)
 
-Every key hashes the config sections the output depends on, so changing a stage-3 option
-re-runs stage 3 alone.
+Every key hashes exactly the config fields its output depends on (``stages.keys``), so
+changing a stage-3 option re-runs stage 3 alone, and changing ``eval.*`` or the shot
+thresholds only scores the stored logits again. The rows go to results.json, merged.
 """
 
 from __future__ import annotations
@@ -16,18 +18,20 @@ from pathlib import Path
 
 import torch
 
-from ..augment.base import AugmentContext, NoAugmenter, build_augmenter
-from ..augment.stg import STGAugmenter, STGAugmenterModule, head_classes, transformation_kl_matrix
-from ..config import Config, short_hash
-from ..engine.checkpoint import atomic_write_text, load_checkpoint
-from ..engine.seed import torch_generator
-from ..errors import TailaugError
-from ..evaluation.report import format_table, markdown_table, write_json
+from ..augment.base import NoAugmenter, build_augmenter
+from ..augment.stg import head_classes
+from ..config import Config
+from ..engine.checkpoint import atomic_write, load_tensors
+from ..evaluation.report import format_table, write_json
+from ..evaluation.results import STAGE1, record_results, result_row
+from ..evaluation.scoring import eval_settings, score
 from ..registry import CLASSIFIERS
 from .classifier import retrain_classifier
-from .features import extract_features, features_key, stage1_classifier
+from .features import extract_features, stage1_classifier
 from .generator import load_generator, save_generator, train_generator
-from .representation import checkpoint_path, is_complete, score, stage1_key, train_stage1
+from .keys import features_key, generator_key, retrain_fields, retrain_key, retrain_seed
+from .representation import stage1_row, train_stage1
+from .stage1_model import check_checkpoint, checkpoint_path, is_complete, write_run_config
 
 
 def stage1_state(cfg: Config, run_dir: Path) -> str:
@@ -37,11 +41,7 @@ def stage1_state(cfg: Config, run_dir: Path) -> str:
         return "complete"
     if not checkpoint_path(run_dir).is_file():
         return "new"
-    if load_checkpoint(checkpoint_path(run_dir)).get("key") != stage1_key(cfg):
-        raise TailaugError(
-            f"{run_dir} holds a stage-1 model trained with a different data/model/train config; "
-            "choose another run.name for this config (nothing was changed)"
-        )
+    check_checkpoint(run_dir, cfg)
     return "resume"
 
 
@@ -59,8 +59,7 @@ def head_set(cfg: Config, counts) -> list[int]:
 
 
 def ensure_generator(cfg: Config, run_dir: Path, cache: dict, progress: bool):
-    key = f"{features_key(cfg)}-{cfg.section_hash('stg', 'data.shots', 'run.seed')}"
-    path = Path(run_dir) / "generator" / f"{key}.safetensors"
+    path = Path(run_dir) / "generator" / f"{generator_key(cfg)}.safetensors"
     if path.is_file():
         print(f"stage 2: reusing the generator {path.name}")
         return load_generator(path)[0]
@@ -77,105 +76,58 @@ def ensure_generator(cfg: Config, run_dir: Path, cache: dict, progress: bool):
 
 def retrain(cfg: Config, run_dir: Path, cache: dict, augmenter_cfg, generator=None, *,
             progress: bool = True) -> tuple[str, dict]:
-    """Stage 3 with one augmenter; returns (row label, test metrics), cached by config."""
+    """Stage 3 with one augmenter; returns (row label, results.json row).
+
+    The trained classifier's test logits are stored under its key and scored with the
+    current ``eval`` and shot settings every time."""
     retrain_cfg = cfg.retrain.model_copy(update={"augmenter": augmenter_cfg})
-    sections = {"retrain": retrain_cfg.model_dump(mode="json"), "eval": cfg.eval.model_dump(mode="json"),
-                "shots": cfg.data.shots.model_dump(), "seed": cfg.run.seed,
-                "stg": cfg.stg.model_dump(mode="json") if augmenter_cfg.uses_generator else None}
-    key = f"{features_key(cfg)}-{short_hash(sections)}"
+    key = retrain_key(cfg, retrain_cfg)
     label = CLASSIFIERS.get(retrain_cfg.method).label
     if augmenter_cfg.name != "none":
         label += f" + {augmenter_cfg.label()}"
     path = Path(run_dir) / "retrain" / f"{retrain_cfg.method}-{augmenter_cfg.name}-{key}.json"
-    if path.is_file():
-        return label, json.loads(path.read_text())["test"]
+    logits_path = path.with_suffix(".safetensors")
     counts = cache["class_counts"].tolist()
-    augmenter = build_augmenter(augmenter_cfg, generator_module=generator)
-    val = (cache["val_features"], cache["val_labels"]) if "val_features" in cache else None
-    head1 = stage1_classifier(cache, cfg)
-    head = retrain_classifier(
-        cache["train_features"], cache["train_labels"], counts, retrain_cfg,
-        num_classes=len(counts), seed=cfg.retrain.seed if cfg.retrain.seed is not None else cfg.run.seed,
-        augmenter=augmenter, init_weight=head1.weight, init_bias=head1.bias, init_cosine_scale=head1.cosine_scale,
-        val=val, progress=progress, head_classes=head_set(cfg, counts),
-    )
-    with torch.no_grad():
-        logits = head(cache["test_features"])
+    if path.is_file() and logits_path.is_file():
+        choices = json.loads(path.read_text())["choices"]
+        logits = load_tensors(logits_path)["test_logits"]
+    else:
+        augmenter = build_augmenter(augmenter_cfg, generator_module=generator)
+        val = (cache["val_features"], cache["val_labels"]) if "val_features" in cache else None
+        head1 = stage1_classifier(cache, cfg)
+        head = retrain_classifier(
+            cache["train_features"], cache["train_labels"], counts, retrain_cfg,
+            num_classes=len(counts), seed=retrain_seed(cfg, retrain_cfg), augmenter=augmenter,
+            init_weight=head1.weight, init_bias=head1.bias, init_cosine_scale=head1.cosine_scale,
+            val=val, progress=progress, head_classes=head_set(cfg, counts),
+        )
+        with torch.no_grad():
+            logits = head(cache["test_features"]).float().cpu().contiguous()
+        choices = head.choices
+        from safetensors.torch import save_file
+
+        atomic_write(logits_path, lambda tmp: save_file({"test_logits": logits}, tmp))
+        write_json(path, {"label": label, "config": retrain_fields(cfg, retrain_cfg), "choices": choices,
+                          "history": head.history})
     results = score(logits, cache["test_labels"], counts, cfg, plots_dir=Path(run_dir) / "plots", name=label)
-    write_json(path, {"label": label, "config": sections, "history": getattr(head, "history", []),
-                      "test": results})
-    return label, results
+    return label, result_row(results, key=key, settings=eval_settings(cfg), choices=choices)
 
 
 def run_pipeline(cfg: Config, run_dir: Path, *, progress: bool = True) -> dict:
+    """All three stages; writes their rows to results.json (merged) and config.yaml, and
+    returns {row label: test metrics}."""
     ensure_stage1(cfg, run_dir, progress)
     cache = extract_features(cfg, run_dir, progress=progress)
     counts = cache["class_counts"].tolist()
-    rows = [("stage 1", score(cache["test_logits"], cache["test_labels"], counts, cfg))]
-    rows.append(retrain(cfg, run_dir, cache, NoAugmenter(), progress=progress))
+    stage1 = score(cache["test_logits"], cache["test_labels"], counts, cfg)
+    rows = {STAGE1: stage1_row(cfg, stage1, features=features_key(cfg))}
+    rows.update([retrain(cfg, run_dir, cache, NoAugmenter(), progress=progress)])
     aug = cfg.retrain.augmenter
     if aug.name != "none":
         generator = ensure_generator(cfg, run_dir, cache, progress) if aug.uses_generator else None
-        rows.append(retrain(cfg, run_dir, cache, aug, generator, progress=progress))
-    print(format_table(rows))
-    write_json(Path(run_dir) / "results.json", {label: r for label, r in rows})
-    return dict(rows)
-
-
-# --------------------------------------------------------------------------- analysis
-
-
-def analyze_generator(cfg: Config, run_dir: Path, *, num_samples: int = 5) -> dict:
-    """The paper's Table 5 (pairwise KL of five tail samples' transformation distributions,
-    and each sample's most similar head class) and a t-SNE of real and augmented tail features."""
-    from ..evaluation.plots import plot_tsne
-
-    run_dir = Path(run_dir)
-    cache = extract_features(cfg, run_dir, progress=False)
-    generator = ensure_generator(cfg, run_dir, cache, progress=False)
-    counts = cache["class_counts"].tolist()
-    head = head_set(cfg, counts)
-    aug_cfg = cfg.retrain.augmenter if cfg.retrain.augmenter.name == "stg" else STGAugmenter(name="stg")
-    augmenter: STGAugmenterModule = build_augmenter(aug_cfg, generator_module=generator)
-    head1 = stage1_classifier(cache, cfg)
-    feats, labels = cache["train_features"], cache["train_labels"]
-    augmenter.fit(AugmentContext(features=feats, labels=labels, class_counts=torch.tensor(counts),
-                                 head_classes=head, classifier_weight=head1.weight, classifier_bias=head1.bias,
-                                 classifier_cosine_scale=head1.cosine_scale))
-    original = torch.arange(len(labels)) < sum(counts)  # the cache lists un-augmented rows first
-    tail = [c for c in range(len(counts)) if c not in head and counts[c] >= num_samples]
-    if not tail:
-        raise TailaugError(f"no tail class has {num_samples} training images to analyse")
-    cls = min(tail, key=lambda c: (counts[c], c))
-    gen = torch_generator(cfg.run.seed, 5)
-    rows = torch.where(original & (labels == cls))[0]
-    rows = rows[torch.randperm(len(rows), generator=gen)[:num_samples]]
-    tokens = augmenter.token_classes(feats[rows], labels[rows])
-    mu, sigma = augmenter.transformation(feats[rows], labels[rows])
-    kl = transformation_kl_matrix(mu, sigma)
-    names = [f"sample {i + 1}" for i in range(num_samples)]
-    table = [(n, {m: float(kl[i, j]) for j, m in enumerate(names)}) for i, n in enumerate(names)]
-    table.append(("most similar head class", {m: str(int(tokens[j])) for j, m in enumerate(names)}))
-    text = markdown_table(table, columns=names)
-    out = run_dir / "analysis"
-    out.mkdir(exist_ok=True)
-    report = {"tail_class": cls, "rows": rows.tolist(), "kl": kl.tolist(),
-              "most_similar_head_class": tokens.tolist(), "head_classes": head}
-    write_json(out / "stg_kl.json", report)
-    atomic_write_text(out / "stg_kl.md", f"KL(N_i || N_j) between the transformation distributions of "
-                                         f"{num_samples} samples of tail class {cls}\n\n{text}\n")
-    print(f"tail class {cls} ({counts[cls]} training images); KL(row || column):\n{text}")
-
-    # t-SNE: real features of the smallest tail classes and their STG augmentations
-    shown = sorted(tail, key=lambda c: counts[c])[:3]
-    real = original & torch.isin(labels, torch.tensor(shown))
-    reps = 10
-    base_f, base_y = feats[real].repeat(reps, 1), labels[real].repeat(reps)
-    aug_f, _ = augmenter(base_f, base_y, generator=gen)
-    points = torch.cat([feats[real], aug_f])
-    point_labels = torch.cat([labels[real], base_y])
-    markers = torch.cat([torch.zeros(int(real.sum()), dtype=torch.bool), torch.ones(len(aug_f), dtype=torch.bool)])
-    png = plot_tsne(points.numpy(), point_labels.numpy(), out / "stg_tsne.png", markers=markers.numpy(),
-                    seed=cfg.run.seed, title=f"real and STG-augmented features of tail classes {shown}")
-    print(f"wrote {out / 'stg_kl.md'}, {out / 'stg_kl.json'} and {png}")
-    return report
+        rows.update([retrain(cfg, run_dir, cache, aug, generator, progress=progress)])
+    metrics = {label: row["metrics"] for label, row in rows.items()}
+    print(format_table(list(metrics.items())))
+    record_results(run_dir, rows)
+    write_run_config(cfg, run_dir)
+    return metrics

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -16,7 +15,6 @@ from ..config import Config
 from ..data.datasets import LTData, build_data
 from ..data.loaders import Batches
 from ..data.samplers import build_sampler
-from ..data.transforms import BatchTransform
 from ..engine import distributed
 from ..engine.checkpoint import load_checkpoint, save_checkpoint
 from ..engine.device import autocast, resolve_device, resolve_precision
@@ -25,27 +23,14 @@ from ..engine.logging import MetricsLogger
 from ..engine.schedule import lr_at
 from ..engine.seed import seed_everything
 from ..errors import ConfigError, TailaugError
-from ..evaluation.metrics import evaluate_logits
-from ..evaluation.plots import plot_results
 from ..evaluation.report import format_table, write_json
-from ..losses import LossInputs, adjust_logits, build_loss
-from ..models import Network, build_model
-
-STAGE1_SECTIONS = ("run.seed", "data", "model", "train")
-
-
-def stage1_key(cfg: Config) -> str:
-    return cfg.section_hash(*STAGE1_SECTIONS)
-
-
-def checkpoint_path(run_dir: Path) -> Path:
-    return Path(run_dir) / "checkpoints" / "last.pt"
-
-
-def is_complete(run_dir: Path, cfg: Config) -> bool:
-    """True when ``run_dir`` holds a finished stage 1 trained with this config."""
-    done = Path(run_dir) / "stage1.json"
-    return done.is_file() and json.loads(done.read_text()).get("key") == stage1_key(cfg)
+from ..evaluation.results import STAGE1, record_results, result_row
+from ..evaluation.scoring import eval_settings, score
+from ..losses import LossInputs, build_loss
+from ..models import Network
+from .keys import stage1_key
+from .stage1_model import (batch_transform, build_network, check_checkpoint, checkpoint_path, is_complete,  # noqa: F401
+                           marker_path, write_run_config)
 
 
 class Trainer:
@@ -62,9 +47,7 @@ class Trainer:
                 f"train.batch_size {tc.batch_size} is the global batch and must divide by the "
                 f"{self.dist.world_size} processes"
             )
-        self.model: Network = build_model(cfg.model, self.data.num_classes, self.data.in_channels).to(self.device)
-        if tc.channels_last:
-            self.model = self.model.to(memory_format=torch.channels_last)
+        self.model: Network = build_network(cfg, self.data, self.device)
         self.loss_fn = build_loss(tc, self.data.class_counts).to(self.device)
         if self.loss_fn.needs_two_views and tc.mixup_alpha > 0:
             raise ConfigError("supcon needs two views of each image and cannot be combined with mixup; "
@@ -78,8 +61,7 @@ class Trainer:
             weight_decay=tc.weight_decay, nesterov=tc.nesterov,
         )
         self.scaler = torch.amp.GradScaler(enabled=self.dtype == torch.float16)
-        self.transform = BatchTransform(self.data.mean, self.data.std, cfg.data.crop_padding,
-                                        cfg.data.flip, tc.channels_last)
+        self.transform = batch_transform(cfg, self.data)
         sampler = build_sampler(tc.sampler, self.data.train.labels, self.data.num_classes,
                                 seed=cfg.run.seed, total_epochs=tc.epochs,
                                 rank=self.dist.rank, world_size=self.dist.world_size)
@@ -105,12 +87,7 @@ class Trainer:
         }
 
     def restore(self) -> tuple[int, dict | None]:
-        ckpt = load_checkpoint(checkpoint_path(self.run_dir), self.device)
-        if ckpt.get("key") != stage1_key(self.cfg):
-            raise TailaugError(
-                f"{checkpoint_path(self.run_dir)} was written with a different data/model/train config; "
-                "resume with the config saved in the run directory, or start a new run.name"
-            )
+        ckpt = check_checkpoint(self.run_dir, self.cfg, load_checkpoint(checkpoint_path(self.run_dir), self.device))
         self.model.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scaler.load_state_dict(ckpt["scaler"])
@@ -119,25 +96,32 @@ class Trainer:
     # ------------------------------------------------------------------ training
 
     def fit(self, resume: bool = False) -> dict:
+        """Train from epoch 0 or the last checkpoint. Nothing is written before the first epoch
+        of this call has finished: then config.yaml, metrics and checkpoints."""
         tc, main = self.cfg.train, self.dist.is_main
         start, best = self.restore() if resume else (0, None)
-        logger = MetricsLogger(self.run_dir, enabled=main, resume_epoch=start if resume else None)
+        logger = None
         try:
             for epoch in range(start, tc.epochs):
                 record = self.train_epoch(epoch)
+                new_best = False
                 if self.data.val is not None:
                     val = self.evaluate(self.data.val)
                     record.update({"val_top1": val["top1"], "val_few": val["few"]})
                     if best is None or val["top1"] > best["val_top1"]:
-                        best = {"epoch": epoch, "val_top1": val["top1"]}
-                        if main:
-                            save_checkpoint(self.run_dir / "checkpoints" / "best.pt", self.state(epoch, best))
+                        best, new_best = {"epoch": epoch, "val_top1": val["top1"]}, True
                 if main:
+                    if logger is None:
+                        write_run_config(self.cfg, self.run_dir)
+                        logger = MetricsLogger(self.run_dir, resume_epoch=start if resume else None)
+                    if new_best:
+                        save_checkpoint(self.run_dir / "checkpoints" / "best.pt", self.state(epoch, best))
                     logger.log(record, step=epoch)
                     save_checkpoint(checkpoint_path(self.run_dir), self.state(epoch, best))
                 distributed.barrier()
         finally:
-            logger.close()
+            if logger is not None:
+                logger.close()
         return self.finish()
 
     def train_epoch(self, epoch: int) -> dict:
@@ -217,44 +201,30 @@ class Trainer:
     def evaluate(self, split) -> dict:
         return score(self.outputs(split)["logits"], split.labels, self.data.class_counts, self.cfg)
 
-    def report(self, split) -> dict:
-        """Test metrics plus per-class and reliability plots in run_dir/plots."""
-        return score(self.outputs(split)["logits"], split.labels, self.data.class_counts, self.cfg,
-                     plots_dir=self.run_dir / "plots", name="stage 1")
-
     def finish(self) -> dict:
-        """Evaluate the last epoch on the test set, write results.json and stage1.json."""
+        """Evaluate the last epoch on the test set; write its row of results.json, then stage1.json."""
         results = {}
         if self.dist.is_main:
-            results = self.report(self.data.test)
-            results["epoch"] = self.cfg.train.epochs - 1
-            write_json(self.run_dir / "results.json", {"stage1": results})
-            write_json(self.run_dir / "stage1.json", {"key": stage1_key(self.cfg), "epochs": self.cfg.train.epochs})
+            logits = self.outputs(self.data.test)["logits"]
+            results = score(logits, self.data.test.labels, self.data.class_counts, self.cfg,
+                            plots_dir=self.run_dir / "plots", name=STAGE1)
+            record_results(self.run_dir, {STAGE1: stage1_row(self.cfg, results, precision=precision_name(self.dtype))})
+            write_json(marker_path(self.run_dir), {"key": stage1_key(self.cfg), "epochs": self.cfg.train.epochs})
             print(format_table([("stage 1 (last epoch)", results)]))
         distributed.barrier()
         return results
 
 
-def evaluated_logits(logits: torch.Tensor, class_counts, cfg: Config) -> torch.Tensor:
-    """The logits every reported number and figure comes from: the model's, with post-hoc
-    logit adjustment (``eval.logit_adjust_tau``) when configured."""
-    if cfg.eval.logit_adjust_tau > 0:
-        return adjust_logits(logits, class_counts, cfg.eval.logit_adjust_tau)
-    return logits
+def precision_name(dtype: torch.dtype | None) -> str:
+    """The precision a resolved autocast dtype stands for ('fp32', 'bf16', 'fp16')."""
+    return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
 
 
-def score(logits: torch.Tensor, labels, class_counts, cfg: Config, *, plots_dir: Path | None = None,
-          name: str = "") -> dict:
-    """Metrics of logits on a split; with ``plots_dir``, also the per-class and reliability
-    plots named ``name``, drawn from the same (adjusted) logits as the metrics."""
-    logits = evaluated_logits(logits, class_counts, cfg)
-    shots = cfg.data.shots
-    results = evaluate_logits(logits, torch.as_tensor(labels), class_counts, many=shots.many,
-                              few=shots.few, ece_bins=cfg.eval.ece_bins)
-    if plots_dir is not None:
-        plot_results(logits, labels, class_counts, results, plots_dir, name, many=shots.many,
-                     few=shots.few, bins=cfg.eval.ece_bins)
-    return results
+def stage1_row(cfg: Config, metrics: dict, **choices) -> dict:
+    """The results.json row of the last-epoch stage-1 model scored on the test set; ``choices``
+    adds what was resolved at run time (the precision it ran in, the feature cache, ...)."""
+    return result_row(metrics, key=stage1_key(cfg), settings=eval_settings(cfg),
+                      choices={"epoch": cfg.train.epochs - 1, **choices})
 
 
 def train_stage1(cfg: Config, run_dir: Path, *, resume: bool = False, progress: bool = True) -> dict:

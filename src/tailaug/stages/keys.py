@@ -1,0 +1,139 @@
+"""The key of each stored artefact: a hash of exactly the config fields that change it.
+
+A changed field outside an artefact's list never discards that artefact; a changed field
+inside it always does. Fields a setting makes inert are left out too (``train.milestones``
+under a cosine schedule, ``data.profile`` for an image folder, ...).
+
+    stage 1    backbone + classifier      stage1_key
+    cache      cached features            features_key   (stage 1 + views + test split)
+    stage 2    generator                  generator_key  (stage 1 + views + stg + head set + seed)
+    stage 3    re-trained classifier      retrain_key    (cache + the fields of its method)
+
+Decisions where a field could go either way:
+
+- Not in the stage-1 key: where the data lives (``data.root``, ``data.download``), how
+  fast it is read or scored (``data.num_workers``, ``train.eval_batch_size``,
+  ``train.channels_last``, ``run.device``) and everything that only changes the report (``data.shots``, ``data.test_per_class``,
+  ``data.test_split``, ``eval.*``). The test split is in the cache key instead.
+- In the stage-1 key: the validation split (it picks ``best.pt``), ``train.precision``
+  as written (``auto`` is not resolved: the key of a config is the same on every machine)
+  and ``model.weights`` (the path of the initial weights).
+- Stage 3 is keyed without ``eval.*`` and ``data.shots``: its test logits are stored and
+  scored again on every run, so a new ECE bin count or shot threshold costs no training.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..config import Config, RetrainConfig, short_hash
+from ..registry import CLASSIFIERS
+
+# Fields of the sections stage 1 reads that never change the stage-1 model (see above).
+NOT_IN_STAGE1 = (
+    "data.root", "data.download", "data.num_workers", "data.shots", "data.test_per_class",
+    "data.test_split", "train.eval_batch_size", "train.channels_last",
+)
+
+
+def _pick(section, names: tuple[str, ...]) -> dict[str, Any]:
+    dumped = section.model_dump(mode="json")
+    return {name: dumped[name] for name in names}
+
+
+def stage1_fields(cfg: Config) -> dict[str, Any]:
+    """Everything the stage-1 model (checkpoints, ``stage1.json``) depends on."""
+    d, m, t = cfg.data, cfg.model, cfg.train
+    data = _pick(d, ("dataset", "crop_padding", "flip"))
+    if d.dataset == "image_folder":
+        data.update(_pick(d, ("train_split", "val_split", "num_classes", "image_size")))
+    else:
+        data.update(_pick(d, ("profile", "imbalance_factor", "n_max", "lt_seed", "val_per_class")))
+    model = _pick(m, ("arch", "in_channels", "head", "weights"))
+    if m.head == "cosine":
+        model["cosine_scale"] = m.cosine_scale
+    train = _pick(t, ("epochs", "batch_size", "lr", "momentum", "nesterov", "weight_decay",
+                      "warmup_epochs", "schedule", "mixup_alpha", "loss", "sampler", "precision",
+                      "grad_clip"))
+    train.update(_pick(t, {"multistep": ("milestones", "gamma"), "step": ("step_size", "gamma"),
+                           "cosine": ("min_lr",)}[t.schedule]))
+    reweight = {"scheme": t.reweight.scheme}
+    if t.reweight.scheme != "none":
+        reweight["start_epoch"] = t.reweight.start_epoch
+    if t.reweight.scheme == "effective_number":
+        reweight["beta"] = t.reweight.beta
+    train["reweight"] = reweight
+    return {"run": {"seed": cfg.run.seed}, "data": data, "model": model, "train": train}
+
+
+def stage1_key(cfg: Config) -> str:
+    return short_hash(stage1_fields(cfg))
+
+
+def _views_key(cfg: Config) -> dict[str, Any]:
+    return {"stage1": stage1_key(cfg), "views": cfg.features.views}
+
+
+def features_key(cfg: Config) -> str:
+    """The feature cache: the stage-1 model's training features (with ``features.views``
+    augmented views) and its validation and test features. ``features.batch_size`` only
+    sets the inference batch."""
+    d = cfg.data
+    test = _pick(d, ("test_split",)) if d.dataset == "image_folder" else _pick(d, ("test_per_class",))
+    return f"{stage1_key(cfg)}-{short_hash({'views': cfg.features.views, 'test': test})}"
+
+
+def head_set_fields(cfg: Config) -> dict[str, Any]:
+    """The fields that pick the head classes (``stg.head``; many-shot uses ``data.shots.many``)."""
+    head = cfg.stg.head
+    value = {"many_shot": cfg.data.shots.many, "threshold": head.threshold, "top_k": head.top_k}[head.rule]
+    return {"rule": head.rule, "value": value}
+
+
+def generator_key(cfg: Config) -> str:
+    """The generator trains on the cached training features of the head classes; the test
+    split does not reach it."""
+    stg = cfg.stg.model_dump(mode="json")
+    stg["head"] = head_set_fields(cfg)
+    return f"{stage1_key(cfg)}-{short_hash({**_views_key(cfg), 'stg': stg, 'seed': cfg.run.seed})}"
+
+
+def retrain_seed(cfg: Config, retrain: RetrainConfig | None = None) -> int:
+    """``retrain.seed``, or ``run.seed`` when it is not set."""
+    seed = (retrain or cfg.retrain).seed
+    return cfg.run.seed if seed is None else seed
+
+
+def retrain_fields(cfg: Config, retrain: RetrainConfig) -> dict[str, Any]:
+    """What the classifier of ``retrain`` (``cfg.retrain`` with its augmenter chosen) depends
+    on besides the cache: the options its registration ``reads`` (e.g. ``ncm`` none,
+    ``tau_norm`` ``retrain.tau``, the validation split being in the stage-1 key; ``crt``/``lws``
+    their training settings and the resolved seed) and, with an augmenter, the head set (and
+    the generator when the augmenter uses it)."""
+    reads = CLASSIFIERS.get(retrain.method).reads
+    fields: dict[str, Any] = {"method": retrain.method, **_pick(retrain, tuple(r for r in reads if r != "seed"))}
+    if "seed" in reads:
+        fields["seed"] = retrain_seed(cfg, retrain)
+    if "augmenter" in reads and retrain.augmenter.name != "none":
+        fields["head_set"] = head_set_fields(cfg)
+        if retrain.augmenter.uses_generator:
+            fields["generator"] = generator_key(cfg)
+    return fields
+
+
+def retrain_key(cfg: Config, retrain: RetrainConfig | None = None) -> str:
+    return f"{features_key(cfg)}-{short_hash(retrain_fields(cfg, retrain or cfg.retrain))}"
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name, value in tree.items():
+        path = f"{prefix}{name}"
+        out.update(_flatten(value, path + ".") if isinstance(value, dict) else {path: value})
+    return out
+
+
+def changed_fields(a: Config, b: Config) -> list[str]:
+    """The stage-1 fields (dotted, as in :func:`stage1_fields`) whose values differ."""
+    fa, fb = _flatten(stage1_fields(a)), _flatten(stage1_fields(b))
+    return sorted(k for k in fa.keys() | fb.keys() if fa.get(k, ...) != fb.get(k, ...))

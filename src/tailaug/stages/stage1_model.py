@@ -1,0 +1,137 @@
+"""The stage-1 model outside training: its files, building it, loading a finished one.
+
+Later stages and ``tailaug evaluate`` load a finished stage 1 here: the data, the network
+with the last checkpoint's weights and the batch transform, on the run's device and
+precision. No optimizer, sampler, process group or global reseed is built.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..config import Config
+from ..data.datasets import LTData, Split, build_data
+from ..data.loaders import Batches
+from ..data.transforms import BatchTransform
+from ..engine.checkpoint import atomic_write_text, load_checkpoint
+from ..engine.device import resolve_device, resolve_precision
+from ..engine.inference import collect_outputs
+from ..errors import CheckpointError, TailaugError
+from ..models import Network, build_model
+from .keys import changed_fields, stage1_key
+
+
+def checkpoint_path(run_dir: Path) -> Path:
+    return Path(run_dir) / "checkpoints" / "last.pt"
+
+
+def marker_path(run_dir: Path) -> Path:
+    """``stage1.json``: written when stage 1 finished, with the key of its config."""
+    return Path(run_dir) / "stage1.json"
+
+
+def config_path(run_dir: Path) -> Path:
+    return Path(run_dir) / "config.yaml"
+
+
+def write_run_config(cfg: Config, run_dir: Path) -> None:
+    atomic_write_text(config_path(run_dir), cfg.to_yaml())
+
+
+def finished_key(run_dir: Path) -> str | None:
+    """The stage-1 key ``stage1.json`` records, or None when stage 1 has not finished."""
+    path = marker_path(run_dir)
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text()).get("key")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        raise CheckpointError(f"{path} cannot be read; delete it, then 'tailaug run' or 'tailaug train "
+                              "CONFIG --resume' with the run's config scores the last checkpoint again") from None
+
+
+def is_complete(run_dir: Path, cfg: Config) -> bool:
+    """True when ``run_dir`` holds a finished stage 1 trained with this config."""
+    return finished_key(run_dir) == stage1_key(cfg)
+
+
+def other_config_hint(run_dir: Path, cfg: Config) -> str:
+    """Which stage-1 fields of ``cfg`` differ from the run's saved config.yaml, as a phrase."""
+    try:
+        from ..config import load_config
+
+        saved = load_config(config_path(run_dir))
+    except TailaugError:
+        return "a different data/model/train config"
+    fields = changed_fields(saved, cfg)
+    return f"another {', '.join(fields)}" if fields else "a different data/model/train config"
+
+
+def check_checkpoint(run_dir: Path, cfg: Config, ckpt: dict | None = None) -> dict:
+    """The run's last checkpoint; raises unless it was trained with this config's stage-1 fields."""
+    ckpt = load_checkpoint(checkpoint_path(run_dir)) if ckpt is None else ckpt
+    if ckpt.get("key") != stage1_key(cfg):
+        raise CheckpointError(
+            f"{checkpoint_path(run_dir)} was trained with {other_config_hint(run_dir, cfg)} "
+            f"(fields that change the stage-1 model); use the config saved in {config_path(run_dir)}, or "
+            "another run.name for this config (nothing was changed)"
+        )
+    return ckpt
+
+
+def build_network(cfg: Config, data: LTData, device: torch.device, *, initial_weights: bool = True) -> Network:
+    """The stage-1 network for ``data`` on ``device`` (channels-last when configured).
+    ``initial_weights=False`` skips ``model.weights``, for a model a checkpoint then fills."""
+    model_cfg = cfg.model if initial_weights else cfg.model.model_copy(update={"weights": None})
+    model = build_model(model_cfg, data.num_classes, data.in_channels).to(device)
+    if cfg.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def batch_transform(cfg: Config, data: LTData) -> BatchTransform:
+    return BatchTransform(data.mean, data.std, cfg.data.crop_padding, cfg.data.flip, cfg.train.channels_last)
+
+
+@dataclass
+class Stage1Model:
+    cfg: Config
+    data: LTData
+    model: Network
+    transform: BatchTransform
+    device: torch.device
+    dtype: torch.dtype | None
+
+    def outputs(self, split: Split, batch_size: int, *, augment: bool = False, seed: int = 0) -> dict:
+        """Features, logits, labels and indices of ``split`` (eval mode, no gradients)."""
+        batches = Batches(split, batch_size, self.transform, self.device, augment=augment, seed=seed,
+                          num_workers=self.cfg.data.num_workers)
+        return collect_outputs(self.model, batches, self.device, self.dtype)
+
+
+def load_finished(cfg: Config, run_dir: Path) -> Stage1Model:
+    """The finished stage 1 of ``run_dir``; raises a :class:`TailaugError` when stage 1 has
+    not finished, or was trained with other stage-1 fields than ``cfg``'s."""
+    run_dir = Path(run_dir)
+    done = finished_key(run_dir)
+    if done is None:
+        raise TailaugError(
+            f"stage 1 in {run_dir} has not finished (no stage1.json); finish it with 'tailaug train CONFIG "
+            "--resume' or 'tailaug run CONFIG' and the same config"
+        )
+    if done != stage1_key(cfg):
+        raise TailaugError(
+            f"stage 1 in {run_dir} was trained with {other_config_hint(run_dir, cfg)} (fields that change "
+            f"the stage-1 model); use the config saved in {config_path(run_dir)} (nothing was changed)"
+        )
+    device = resolve_device(cfg.run.device)
+    dtype = resolve_precision(cfg.train.precision, device)
+    ckpt = check_checkpoint(run_dir, cfg, load_checkpoint(checkpoint_path(run_dir), device))
+    data = build_data(cfg.data)
+    model = build_network(cfg, data, device, initial_weights=False)
+    model.load_state_dict(ckpt["model"])
+    return Stage1Model(cfg, data, model.eval(), batch_transform(cfg, data), device, dtype)

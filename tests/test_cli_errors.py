@@ -6,7 +6,7 @@ from PIL import Image
 
 from tailaug.cli import main
 
-from synthetic import class_images, write_fashion_mnist
+from synthetic import class_images, write_fashion_mnist, write_idx
 
 CONFIG = "configs/fmnist_lt/demo.yaml"
 QUICK = ["train.epochs=1", "train.batch_size=16", "model.arch=resnet20", "train.precision=fp32",
@@ -127,3 +127,45 @@ def test_debug_shows_the_traceback(out):
 
     with pytest.raises(ConfigError):
         main(["--debug", "train", CONFIG, "train.epchs=5", f"run.output_dir={out}"])
+
+
+# --------------------------------------------------------------------------- data that does not fit
+
+
+def fm_args(data, out, name="bad"):
+    return ["train", CONFIG, f"data.root={data}", "data.n_max=20", "data.imbalance_factor=5",
+            f"run.name={name}", f"run.output_dir={out}", *QUICK]
+
+
+def test_model_in_channels_must_match_the_data(capsys, out, tmp_path):
+    data = write_fashion_mnist(tmp_path / "fm", per_class_train=20, per_class_test=4)
+    err = run_cli(capsys, *fm_args(data, out), "model.in_channels=3")
+    assert err == ("tailaug: error: model.in_channels is 3 but the dataset's images have 1 channel(s); set "
+                   "model.in_channels=1 or remove it (it defaults to the dataset's)\n")
+    assert not (out / "bad" / "checkpoints").exists()
+
+
+def test_test_per_class_beyond_the_test_set_names_its_key(capsys, out, tmp_path):
+    data = write_fashion_mnist(tmp_path / "fm", per_class_train=20, per_class_test=4)
+    err = run_cli(capsys, *fm_args(data, out), "data.test_per_class=5")
+    assert "data.test_per_class is 5 but class 0 has only 4 test images" in err
+    assert "at most 4" in err and "data.n_max" not in err
+
+
+def test_train_and_test_images_of_different_shapes(capsys, out, tmp_path):
+    data = write_fashion_mnist(tmp_path / "fm", per_class_train=20, per_class_test=4)
+    labels = np.repeat(np.arange(10), 20).astype(np.uint8)
+    write_idx(data / "train-images-idx3-ubyte.gz", class_images(labels, np.random.default_rng(0), size=32)[:, 0])
+    write_idx(data / "train-labels-idx1-ubyte.gz", labels)
+    err = run_cli(capsys, *fm_args(data, out))
+    assert f"the fashion_mnist files under {data}: the training images are 1x32x32 but the test images 1x28x28" in err
+    assert not (out / "bad" / "checkpoints").exists()
+
+
+def test_empty_test_set_fails_before_training(capsys, out, tmp_path):
+    data = write_fashion_mnist(tmp_path / "fm", per_class_train=20, per_class_test=4)
+    write_idx(data / "t10k-images-idx3-ubyte.gz", np.zeros((0, 28, 28), np.uint8))
+    write_idx(data / "t10k-labels-idx1-ubyte.gz", np.zeros(0, np.uint8))
+    err = run_cli(capsys, *fm_args(data, out))
+    assert f"the fashion_mnist files under {data} hold no test images" in err
+    assert not (out / "bad" / "checkpoints").exists()

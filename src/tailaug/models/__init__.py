@@ -10,7 +10,7 @@ from torch import nn
 
 from ..config import CIFAR_ARCHS, ModelConfig
 from ..engine.checkpoint import load_tensors
-from ..errors import CheckpointError
+from ..errors import CheckpointError, ConfigError
 from .cifar_resnet import CifarResNet
 from .heads import CosineHead, LinearHead, build_head
 from .torchvision_models import torchvision_backbone
@@ -45,7 +45,13 @@ def build_backbone(arch: str, in_channels: int) -> nn.Module:
 
 
 def build_model(cfg: ModelConfig, num_classes: int, in_channels: int) -> Network:
-    backbone = build_backbone(cfg.arch, cfg.in_channels or in_channels)
+    """The network for images of ``in_channels`` channels (model.in_channels may only agree)."""
+    if cfg.in_channels is not None and cfg.in_channels != in_channels:
+        raise ConfigError(
+            f"model.in_channels is {cfg.in_channels} but the dataset's images have {in_channels} "
+            f"channel(s); set model.in_channels={in_channels} or remove it (it defaults to the dataset's)"
+        )
+    backbone = build_backbone(cfg.arch, in_channels)
     if cfg.weights:
         load_backbone_weights(backbone, cfg.weights)
     return Network(backbone, build_head(cfg.head, backbone.feature_dim, num_classes, cfg.cosine_scale))

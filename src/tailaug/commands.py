@@ -42,13 +42,12 @@ def train(config: str, overrides: list[str], *, resume: bool, progress: bool) ->
 
 
 def evaluate(run_dir: Path, overrides: list[str] = ()) -> dict:
-    from .engine.checkpoint import load_checkpoint
     from .evaluation.report import format_table, write_json
-    from .stages.representation import Trainer, checkpoint_path
+    from .stages.representation import Trainer, load_stage1_model
 
     cfg = load_run_config(run_dir, overrides)
     trainer = Trainer(cfg, run_dir, progress=False)
-    trainer.model.load_state_dict(load_checkpoint(checkpoint_path(run_dir), trainer.device)["model"])
+    load_stage1_model(trainer.model, run_dir, trainer.device)
     results = trainer.report(trainer.data.test)
     write_json(run_dir / "results.json", {"stage1": results})
     print(format_table([("stage 1 (last epoch)", results)]))

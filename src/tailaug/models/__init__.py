@@ -68,13 +68,15 @@ def load_backbone_weights(backbone: nn.Module, path: str | Path) -> None:
         state = state["model"]
     cleaned = {}
     for key, value in state.items():
+        key = str(key)
         for prefix in ("module.", "backbone."):
             key = key.removeprefix(prefix)
         if not key.startswith(("fc.", "head.")):
             cleaned[key] = value
     own = backbone.state_dict()
     missing = sorted(set(own) - set(cleaned))
-    mismatched = [k for k in own if k in cleaned and cleaned[k].shape != own[k].shape]
+    mismatched = [k for k in own if k in cleaned
+                  and (not isinstance(cleaned[k], torch.Tensor) or cleaned[k].shape != own[k].shape)]
     if missing or mismatched:
         raise CheckpointError(
             f"weights in {path} do not fit this backbone: {len(missing)} missing keys "

@@ -15,9 +15,15 @@ from pathlib import Path
 import torch
 
 from ..data.loaders import Batches
-from ..engine.checkpoint import atomic_write, load_checkpoint, load_tensors
+from ..engine.checkpoint import atomic_write, load_tensors
 from ..engine.inference import collect_outputs
-from .representation import Trainer, checkpoint_path, stage1_key
+from ..errors import CheckpointError
+from .representation import Trainer, load_stage1_model, stage1_key
+
+# the entries of a cache, by split: each split's entries have one row per feature vector
+SPLIT_ENTRIES = {"train": ("features", "labels", "index"), "test": ("features", "labels", "logits"),
+                 "val": ("features", "labels", "logits")}
+MODEL_ENTRIES = ("class_counts", "head_weight", "head_bias")
 
 
 def features_key(cfg) -> str:
@@ -32,9 +38,9 @@ def extract_features(cfg, run_dir: Path, *, progress: bool = True) -> dict[str, 
     """Load the cache for this config, or run the backbone once and write it."""
     path = cache_path(run_dir, cfg)
     if path.is_file():
-        return load_tensors(path)
+        return load_cache(path)
     trainer = Trainer(cfg, run_dir, progress=False)
-    trainer.model.load_state_dict(load_checkpoint(checkpoint_path(run_dir), trainer.device)["model"])
+    load_stage1_model(trainer.model, run_dir, trainer.device)
     data, size = trainer.data, cfg.features.batch_size
 
     def run(split, augment=False, view=0):
@@ -63,6 +69,25 @@ def extract_features(cfg, run_dir: Path, *, progress: bool = True) -> dict[str, 
     if progress:
         print(f"cached {len(cache['train_features']):,} training and {len(cache['test_features']):,} "
               f"test features in {path}")
+    return cache
+
+
+def load_cache(path: Path) -> dict[str, torch.Tensor]:
+    """The cache at ``path`` with every entry the later stages read (val_* all or none), one
+    row count per split; a CheckpointError that says to delete it otherwise."""
+    fix = f"delete {path} and rerun: the features are extracted again from the stage-1 checkpoint"
+    cache = load_tensors(path, fix=fix)
+    needed = [*MODEL_ENTRIES, *(f"{split}_{entry}" for split, entries in SPLIT_ENTRIES.items()
+                                for entry in entries if split != "val" or "val_features" in cache)]
+    missing = [k for k in needed if k not in cache]
+    if missing:
+        raise CheckpointError(f"feature cache {path} lacks {', '.join(missing)}; {fix}")
+    for split, entries in SPLIT_ENTRIES.items():
+        rows = {len(cache[f"{split}_{e}"]) for e in entries if f"{split}_{e}" in cache}
+        if len(rows) > 1:
+            raise CheckpointError(
+                f"feature cache {path}: the {split}_* entries disagree in length {sorted(rows)}; {fix}"
+            )
     return cache
 
 

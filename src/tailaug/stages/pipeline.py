@@ -11,7 +11,6 @@ re-runs stage 3 alone.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -19,15 +18,16 @@ import torch
 from ..augment.base import AugmentContext, build_augmenter
 from ..augment.stg import STGAugmenterModule, head_classes, transformation_kl_matrix
 from ..config import Config, NoAugmenter, STGAugmenter, short_hash
-from ..engine.checkpoint import atomic_write_text, load_checkpoint
+from ..engine.checkpoint import atomic_write_text
 from ..engine.seed import torch_generator
 from ..errors import TailaugError
 from ..evaluation.plots import plot_results
-from ..evaluation.report import format_table, markdown_table, write_json
+from ..evaluation.report import format_table, markdown_table, read_json, write_json
 from .classifier import retrain_classifier
 from .features import extract_features, features_key
 from .generator import load_generator, save_generator, train_generator
-from .representation import checkpoint_path, is_complete, score, stage1_key, train_stage1
+from .representation import (checkpoint_path, is_complete, load_stage1_checkpoint, score, stage1_key,
+                             train_stage1)
 
 
 def stage1_state(cfg: Config, run_dir: Path) -> str:
@@ -37,7 +37,7 @@ def stage1_state(cfg: Config, run_dir: Path) -> str:
         return "complete"
     if not checkpoint_path(run_dir).is_file():
         return "new"
-    if load_checkpoint(checkpoint_path(run_dir)).get("key") != stage1_key(cfg):
+    if load_stage1_checkpoint(run_dir)["key"] != stage1_key(cfg):
         raise TailaugError(
             f"{run_dir} holds a stage-1 model trained with a different data/model/train config; "
             "choose another run.name for this config (nothing was changed)"
@@ -95,7 +95,7 @@ def retrain(cfg: Config, run_dir: Path, cache: dict, augmenter_cfg, generator=No
     label += augmenter_label(augmenter_cfg)
     path = Path(run_dir) / "retrain" / f"{retrain_cfg.method}-{augmenter_cfg.name}-{key}.json"
     if path.is_file():
-        return label, json.loads(path.read_text())["test"]
+        return label, read_json(path, fix="delete it to train this stage-3 classifier again", keys=("test",))["test"]
     counts = cache["class_counts"].tolist()
     augmenter = build_augmenter(augmenter_cfg, generator_module=generator)
     val = (cache["val_features"], cache["val_labels"]) if "val_features" in cache else None

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -18,16 +17,16 @@ from ..data.loaders import Batches
 from ..data.samplers import build_sampler
 from ..data.transforms import BatchTransform
 from ..engine import distributed
-from ..engine.checkpoint import load_checkpoint, save_checkpoint
+from ..engine.checkpoint import load_checkpoint, load_state, save_checkpoint
 from ..engine.device import autocast, resolve_device, resolve_precision
 from ..engine.inference import collect_outputs
 from ..engine.logging import MetricsLogger
 from ..engine.schedule import lr_at
 from ..engine.seed import seed_everything
-from ..errors import ConfigError, TailaugError
+from ..errors import CheckpointError, ConfigError, TailaugError
 from ..evaluation.metrics import evaluate_logits
 from ..evaluation.plots import plot_results
-from ..evaluation.report import format_table, write_json
+from ..evaluation.report import format_table, read_json, write_json
 from ..losses import LossInputs, adjust_logits, build_loss
 from ..models import Network, build_model
 
@@ -45,7 +44,37 @@ def checkpoint_path(run_dir: Path) -> Path:
 def is_complete(run_dir: Path, cfg: Config) -> bool:
     """True when ``run_dir`` holds a finished stage 1 trained with this config."""
     done = Path(run_dir) / "stage1.json"
-    return done.is_file() and json.loads(done.read_text()).get("key") == stage1_key(cfg)
+    fix = ("delete it and rerun 'tailaug run' or 'tailaug train --resume': stage 1 is then finished "
+           "again from checkpoints/last.pt without training")
+    return done.is_file() and read_json(done, fix=fix, keys=("key",))["key"] == stage1_key(cfg)
+
+
+CHECKPOINT_ENTRIES = ("epoch", "key", "model", "optimizer", "scaler", "best")  # what Trainer.state saves
+
+
+def _checkpoint_fix(run_dir: Path) -> str:
+    return ("tailaug keeps only the last epoch's checkpoint, so there is no earlier one to resume or "
+            f"evaluate from: train stage 1 again under another run.name, or delete {run_dir} and rerun")
+
+
+def load_stage1_checkpoint(run_dir: Path, device: str | torch.device = "cpu") -> dict:
+    """checkpoints/last.pt of ``run_dir`` holding every entry of :meth:`Trainer.state`; a
+    CheckpointError that says what to do when it is unreadable or holds something else."""
+    path, fix = checkpoint_path(run_dir), _checkpoint_fix(run_dir)
+    ckpt = load_checkpoint(path, device, fix=fix)
+    missing = [k for k in CHECKPOINT_ENTRIES if k not in ckpt] if isinstance(ckpt, dict) else CHECKPOINT_ENTRIES
+    if missing or not isinstance(ckpt["epoch"], int) or not isinstance(ckpt["model"], dict):
+        what = f"without {', '.join(missing)}" if missing else "with a malformed epoch or model entry"
+        raise CheckpointError(f"checkpoint {path} is not a tailaug stage-1 checkpoint (a {type(ckpt).__name__} "
+                              f"{what}); {fix}")
+    return ckpt
+
+
+def load_stage1_model(model: torch.nn.Module, run_dir: Path, device: str | torch.device = "cpu") -> dict:
+    """Load the weights of ``run_dir``'s stage-1 checkpoint into ``model``; returns the checkpoint."""
+    ckpt = load_stage1_checkpoint(run_dir, device)
+    load_state(model, ckpt["model"], checkpoint_path(run_dir), _checkpoint_fix(run_dir))
+    return ckpt
 
 
 class Trainer:
@@ -103,16 +132,16 @@ class Trainer:
         }
 
     def restore(self) -> tuple[int, dict | None]:
-        ckpt = load_checkpoint(checkpoint_path(self.run_dir), self.device)
-        if ckpt.get("key") != stage1_key(self.cfg):
+        path = checkpoint_path(self.run_dir)
+        ckpt = load_stage1_checkpoint(self.run_dir, self.device)
+        if ckpt["key"] != stage1_key(self.cfg):
             raise TailaugError(
-                f"{checkpoint_path(self.run_dir)} was written with a different data/model/train config; "
+                f"{path} was written with a different data/model/train config; "
                 "resume with the config saved in the run directory, or start a new run.name"
             )
-        self.model.load_state_dict(ckpt["model"])
-        self.optimizer.load_state_dict(ckpt["optimizer"])
-        self.scaler.load_state_dict(ckpt["scaler"])
-        return ckpt["epoch"] + 1, ckpt.get("best")
+        for target, entry in ((self.model, "model"), (self.optimizer, "optimizer"), (self.scaler, "scaler")):
+            load_state(target, ckpt[entry], path, _checkpoint_fix(self.run_dir))
+        return ckpt["epoch"] + 1, ckpt["best"]
 
     # ------------------------------------------------------------------ training
 

@@ -303,3 +303,20 @@ def test_resume_after_a_partial_metrics_line(capsys, damaged):
     assert main(["train", *args, "--resume"]) == 0
     assert metrics.read_text() == complete
 
+
+def test_version(capsys):
+    from importlib.metadata import version
+
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0
+    assert capsys.readouterr().out == f"tailaug {version('tailaug')}\n"
+
+
+def test_help_says_what_the_tool_does(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    description = out.split("\n\n")[1]
+    assert description.startswith("tailaug trains and evaluates long-tailed image classifiers")
+    assert "``" not in out

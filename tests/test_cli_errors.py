@@ -1,12 +1,14 @@
 """Each kind of bad input ends with a short error (exit 2, no traceback) and destroys nothing."""
 
+import shutil
+
 import numpy as np
 import pytest
 from PIL import Image
 
 from tailaug.cli import main
 
-from synthetic import class_images, write_fashion_mnist
+from synthetic import class_images, write_fashion_mnist, write_idx
 
 CONFIG = "configs/fmnist_lt/demo.yaml"
 QUICK = ["train.epochs=1", "train.batch_size=16", "model.arch=resnet20", "train.precision=fp32",
@@ -124,6 +126,8 @@ def test_resume_from_truncated_checkpoint(capsys, out, tmp_path):
     capsys.readouterr()
     err = run_cli(capsys, *args, "--resume")
     assert "truncated" in err and str(ckpt) in err
+    # only last.pt exists: no advice to fall back on "the previous epoch's file"
+    assert HONEST_FIX in err and "previous epoch" not in err
     assert {p.name: p.read_bytes() for p in (out / "cut").iterdir() if p.is_file()} == before
 
 
@@ -183,3 +187,195 @@ def test_debug_shows_the_traceback(out):
 
     with pytest.raises(ConfigError):
         main(["--debug", "train", CONFIG, "train.epchs=5", f"run.output_dir={out}"])
+
+
+# --------------------------------------------------------------------------- data that does not fit
+
+
+def fm_args(data, out, name="bad"):
+    return ["train", CONFIG, f"data.root={data}", "data.n_max=20", "data.imbalance_factor=5",
+            f"run.name={name}", f"run.output_dir={out}", *QUICK]
+
+
+def test_model_in_channels_must_match_the_data(capsys, out, tmp_path):
+    data = write_fashion_mnist(tmp_path / "fm", per_class_train=20, per_class_test=4)
+    err = run_cli(capsys, *fm_args(data, out), "model.in_channels=3")
+    assert err == ("tailaug: error: model.in_channels is 3 but the dataset's images have 1 channel(s); set "
+                   "model.in_channels=1 or remove it (it defaults to the dataset's)\n")
+    assert not (out / "bad" / "checkpoints").exists()
+
+
+def test_test_per_class_beyond_the_test_set_names_its_key(capsys, out, tmp_path):
+    data = write_fashion_mnist(tmp_path / "fm", per_class_train=20, per_class_test=4)
+    err = run_cli(capsys, *fm_args(data, out), "data.test_per_class=5")
+    assert "data.test_per_class is 5 but class 0 has only 4 test images" in err
+    assert "at most 4" in err and "data.n_max" not in err
+
+
+def test_train_and_test_images_of_different_shapes(capsys, out, tmp_path):
+    data = write_fashion_mnist(tmp_path / "fm", per_class_train=20, per_class_test=4)
+    labels = np.repeat(np.arange(10), 20).astype(np.uint8)
+    write_idx(data / "train-images-idx3-ubyte.gz", class_images(labels, np.random.default_rng(0), size=32)[:, 0])
+    write_idx(data / "train-labels-idx1-ubyte.gz", labels)
+    err = run_cli(capsys, *fm_args(data, out))
+    assert f"the fashion_mnist files under {data}: the training images are 1x32x32 but the test images 1x28x28" in err
+    assert not (out / "bad" / "checkpoints").exists()
+
+
+def test_empty_test_set_fails_before_training(capsys, out, tmp_path):
+    data = write_fashion_mnist(tmp_path / "fm", per_class_train=20, per_class_test=4)
+    write_idx(data / "t10k-images-idx3-ubyte.gz", np.zeros((0, 28, 28), np.uint8))
+    write_idx(data / "t10k-labels-idx1-ubyte.gz", np.zeros(0, np.uint8))
+    err = run_cli(capsys, *fm_args(data, out))
+    assert f"the fashion_mnist files under {data} hold no test images" in err
+    assert not (out / "bad" / "checkpoints").exists()
+
+
+# --------------------------------------------------------------------------- damaged files of a finished run
+
+NO_AUG = ["retrain.epochs=1", "retrain.augmenter={name: none}", "data.n_max=20", "data.imbalance_factor=5"]
+
+
+@pytest.fixture(scope="module")
+def template_run(tmp_path_factory):
+    """A finished `tailaug run` (stage 1, feature cache, cRT) to copy and damage."""
+    root = tmp_path_factory.mktemp("finished")
+    data = write_fashion_mnist(root / "fm", per_class_train=20, per_class_test=4)
+    assert main(["run", CONFIG, f"data.root={data}", f"run.output_dir={root / 'runs'}", "run.name=done",
+                 *NO_AUG, *QUICK]) == 0
+    return root / "runs" / "done", data
+
+
+@pytest.fixture()
+def damaged(template_run, tmp_path, capsys):
+    """(run dir, `train`/`run` arguments) of a fresh copy of the finished run under tmp_path."""
+    from tailaug.config import load_config
+
+    template, data = template_run
+    run_dir = tmp_path / "runs" / "done"
+    shutil.copytree(template, run_dir)
+    # the copy's config names its own output_dir, so re-running it rewrites config.yaml byte for byte
+    saved = load_config(run_dir / "config.yaml", [f"run.output_dir={tmp_path / 'runs'}"]).to_yaml()
+    (run_dir / "config.yaml").write_text(saved)
+    capsys.readouterr()
+    args = [CONFIG, f"data.root={data}", f"run.output_dir={tmp_path / 'runs'}", "run.name=done", *NO_AUG, *QUICK]
+    return run_dir, args
+
+
+def snapshot(run_dir):
+    return {str(p.relative_to(run_dir)): p.read_bytes() for p in sorted(run_dir.rglob("*")) if p.is_file()}
+
+
+def fails_and_changes_nothing(capsys, run_dir, *args):
+    before = snapshot(run_dir)
+    err = run_cli(capsys, *args)
+    assert snapshot(run_dir) == before
+    return err
+
+
+HONEST_FIX = "tailaug keeps only the last epoch's checkpoint, so there is no earlier one to resume or evaluate from"
+
+
+def test_resume_from_an_empty_checkpoint(capsys, damaged):
+    run_dir, args = damaged
+    ckpt = run_dir / "checkpoints" / "last.pt"
+    ckpt.write_bytes(b"")
+    for command in (["train", *args, "--resume"], ["evaluate", str(run_dir)]):
+        err = fails_and_changes_nothing(capsys, run_dir, *command)
+        assert err.startswith(f"tailaug: error: checkpoint {ckpt} cannot be read (EOFError); it is truncated")
+        assert HONEST_FIX in err and f"delete {run_dir} and rerun" in err
+
+
+def _rewrite_checkpoint(path, change):
+    import torch
+
+    torch.save(change(torch.load(path, weights_only=True)), path)
+
+
+@pytest.mark.parametrize(
+    "change, problem",
+    [
+        (lambda c: {"epoch": c["epoch"]}, "is not a tailaug stage-1 checkpoint (a dict without key, model, "
+                                          "optimizer, scaler, best)"),
+        (lambda c: [1, 2], "is not a tailaug stage-1 checkpoint (a list without epoch, key, model"),
+        (lambda c: {**c, "model": {**c["model"], "head.weight": c["model"]["head.weight"][:3]}},
+         "the Network state in {ckpt} does not fit (RuntimeError: Error(s) in loading state_dict for Network: "
+         "size mismatch for head.weight"),
+    ],
+    ids=["dict-without-model", "list", "wrong-shape"],
+)
+def test_checkpoint_with_the_wrong_content(capsys, damaged, change, problem):
+    run_dir, args = damaged
+    ckpt = run_dir / "checkpoints" / "last.pt"
+    _rewrite_checkpoint(ckpt, change)
+    err = fails_and_changes_nothing(capsys, run_dir, "evaluate", str(run_dir))
+    assert problem.format(ckpt=ckpt) in err and HONEST_FIX in err
+    (run_dir / "stage1.json").unlink()  # a run stopped before its end: --resume reads the checkpoint
+    err = fails_and_changes_nothing(capsys, run_dir, "train", *args, "--resume")
+    assert problem.format(ckpt=ckpt) in err and HONEST_FIX in err
+
+
+def test_corrupt_stage1_json_then_its_fix(capsys, damaged):
+    run_dir, args = damaged
+    done = run_dir / "stage1.json"
+    done.write_text('{"key": "3f0')
+    err = fails_and_changes_nothing(capsys, run_dir, "run", *args)
+    assert err.startswith(f"tailaug: error: {done} cannot be read as JSON (JSONDecodeError: ")
+    assert "delete it and rerun 'tailaug run' or 'tailaug train --resume'" in err
+    # following the advice finishes stage 1 from the checkpoint without training an epoch again
+    metrics = (run_dir / "metrics.jsonl").read_text()
+    done.unlink()
+    assert main(["run", *args]) == 0
+    assert "stage 1: resuming" in capsys.readouterr().out
+    assert (run_dir / "metrics.jsonl").read_text() == metrics and done.is_file()
+
+
+def test_corrupt_retrain_json(capsys, damaged):
+    run_dir, args = damaged
+    [saved] = (run_dir / "retrain").glob("*.json")
+    saved.write_text('{"label": "cRT", "test": {"top1": 1')
+    err = fails_and_changes_nothing(capsys, run_dir, "run", *args)
+    assert err.startswith(f"tailaug: error: {saved} cannot be read as JSON")
+    assert err.endswith("; delete it and its .safetensors to train this stage-3 classifier again\n")
+
+
+def test_feature_cache_missing_a_key(capsys, damaged):
+    from safetensors.torch import load_file, save_file
+
+    run_dir, args = damaged
+    [cache] = (run_dir / "features").glob("*.safetensors")
+    tensors = load_file(cache)
+    del tensors["test_logits"], tensors["head_bias"]
+    save_file(tensors, cache)
+    err = fails_and_changes_nothing(capsys, run_dir, "run", *args)
+    assert err == (f"tailaug: error: feature cache {cache} lacks head_bias, test_logits; delete {cache} and "
+                   "rerun: the features are extracted again from the stage-1 checkpoint\n")
+
+
+def test_resume_after_a_partial_metrics_line(capsys, damaged):
+    # kill -9 while appending to metrics.jsonl leaves half a line; --resume drops it and keeps the rest
+    run_dir, args = damaged
+    (run_dir / "stage1.json").unlink()  # killed before stage 1 was marked finished
+    metrics = run_dir / "metrics.jsonl"
+    complete = metrics.read_text()
+    metrics.write_text(complete + '{"epoch": 1, "train_lo')
+    assert main(["train", *args, "--resume"]) == 0
+    assert metrics.read_text() == complete
+
+
+def test_version(capsys):
+    from importlib.metadata import version
+
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0
+    assert capsys.readouterr().out == f"tailaug {version('tailaug')}\n"
+
+
+def test_help_says_what_the_tool_does(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    description = out.split("\n\n")[1]
+    assert description.startswith("tailaug trains and evaluates long-tailed image classifiers")
+    assert "``" not in out

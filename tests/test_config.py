@@ -123,6 +123,68 @@ def test_decreasing_milestones():
     assert "train" in msg
 
 
+@pytest.mark.parametrize(
+    "override, shown, problem",
+    [
+        ("train.epochs=true", "train.epochs = True", "expected a number, not the boolean true"),
+        ("train.lr=false", "train.lr = False", "expected a number, not the boolean false"),
+        ("train.grad_clip=true", "train.grad_clip = True", "expected a number, not the boolean true"),
+        ("train.milestones=[10, true]", "train.milestones = [10, True]", "expected a number, not the boolean true"),
+        ("train.loss.0.weight=true", "train.loss.0.weight = True", "expected a number, not the boolean true"),
+        ("retrain.augmenter={name: stg, lam: true}", "retrain.augmenter.lam = True",
+         "expected a number, not the boolean true"),
+        ("train.nesterov=1", "train.nesterov = 1", "expected true or false, not int 1"),
+        ("data.flip='yes'", "data.flip = 'yes'", "expected true or false, not str 'yes'"),
+        ("train.epochs=5.0", "train.epochs = 5.0", "expected a whole number such as 5, not float 5.0"),
+        ("train.epochs='5'", "train.epochs = '5'", "expected a whole number such as 5, not str '5'"),
+        ("data.n_max=2.5", "data.n_max = 2.5", "expected a whole number such as 5, not float 2.5"),
+    ],
+)
+def test_bools_and_numbers_are_kept_apart(override, shown, problem):
+    # lax pydantic would read true as 1 (a 1-epoch run) and 1 as true
+    msg = error_of([override])
+    assert f"{shown}: {problem}" in msg
+
+
+def test_strict_values_also_on_assignment():
+    cfg = Config()
+    with pytest.raises(ValidationError, match="expected a number, not the boolean true"):
+        cfg.train.epochs = True
+    with pytest.raises(ValidationError, match="expected true or false"):
+        cfg.data.flip = 0
+
+
+def test_numbers_that_stay_accepted():
+    # an int for a float field, YAML 1.1's "1e-3" string, null for an optional number, yes/no booleans
+    cfg = load_config(None, ["train.lr=1", "train.weight_decay=5e-4", "train.grad_clip=null", "data.flip=no",
+                             "data.imbalance_factor=50", "stg.hidden_dims=[8, 4]"])
+    assert cfg.train.lr == 1.0 and isinstance(cfg.train.lr, float)
+    assert cfg.train.weight_decay == pytest.approx(5e-4)
+    assert cfg.train.grad_clip is None and cfg.data.flip is False
+    assert cfg.data.imbalance_factor == 50.0 and cfg.stg.hidden_dims == [8, 4]
+
+
+@pytest.mark.parametrize("value", [".inf", "inf", ".nan", "nan"])
+def test_infinite_or_nan_number(value):
+    msg = error_of([f"train.lr={value}"])
+    assert "train.lr = " in msg and "finite number" in msg
+
+
+@pytest.mark.parametrize("key", ["run.seed", "data.lt_seed", "retrain.seed"])
+def test_seeds_are_bounded_by_numpy(key):
+    # numpy's RandomState and np.random.seed overflow at 2**32
+    assert load_config(None, [f"{key}={2**32 - 1}"])
+    msg = error_of([f"{key}={2**32}"])
+    assert f"{key} = 4294967296: Input should be less than 4294967296" in msg
+
+
+@pytest.mark.parametrize("dataset", ["fashion_mnist", "mnist", "cifar10", "cifar100"])
+def test_num_classes_only_for_image_folders(dataset):
+    msg = error_of([f"data.dataset={dataset}", "data.num_classes=5"])
+    assert (f"data.num_classes is read for dataset 'image_folder' only; {dataset} has a fixed number of "
+            "classes: remove data.num_classes") in msg
+
+
 def test_shot_thresholds_out_of_order():
     msg = error_of(["data.shots.few=200"])
     assert "few (200) must not exceed many (100)" in msg
@@ -304,10 +366,63 @@ def test_invalid_yaml_file(tmp_path):
     assert f"{path} is not valid YAML" in msg
 
 
-def test_empty_yaml_file_is_defaults(tmp_path):
+@pytest.mark.parametrize("text", ["", "# nothing\n", "{}\n"])
+def test_empty_yaml_file_is_an_error(tmp_path, text):
+    # an empty file would be a 200-epoch job with every default in ./runs/run
     path = tmp_path / "c.yaml"
-    path.write_text("# nothing\n")
-    assert load_config(path) == Config()
+    path.write_text(text)
+    msg = error_of([], path)
+    assert msg.startswith(f"{path} holds no settings") and "configs/fmnist_lt/demo.yaml" in msg
+
+
+def test_base_only_file_is_not_empty(tmp_path):
+    (tmp_path / "base.yaml").write_text("train: {epochs: 3}\n")
+    (tmp_path / "c.yaml").write_text("base: base.yaml\n")
+    assert load_config(tmp_path / "c.yaml").train.epochs == 3
+
+
+@pytest.mark.parametrize("blob", [b"\xff\xfe\x00t\x00r\x00a\x00i\x00n\x00", b"train:\n  epochs: 3\x89PNG\n"])
+def test_binary_yaml_file_is_an_error(tmp_path, blob):
+    path = tmp_path / "c.yaml"
+    path.write_bytes(blob)
+    msg = error_of([], path)
+    offset = blob.index(b"\xff" if blob[0] == 0xFF else b"\x89")
+    assert msg == (f"{path} is not a YAML text file (byte 0x{blob[offset]:02x} at offset {offset} is not UTF-8); "
+                   "give a config such as configs/fmnist_lt/demo.yaml, saved as UTF-8 text")
+
+
+def test_duplicate_yaml_key_names_key_and_lines(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  epochs: 3\n  lr: 0.1\n  epochs: 5\n")
+    msg = error_of([], path)
+    assert msg.startswith(f"{path} line 4: key 'epochs' is given twice in the same mapping (first on line 2)")
+    path.write_text("run: {name: a}\ntrain: {epochs: 3}\nrun: {seed: 1}\n")
+    assert error_of([], path).startswith(f"{path} line 3: key 'run' is given twice")
+
+
+def test_duplicate_key_in_override():
+    msg = error_of(["train.loss=[{name: ce, name: focal}]"])
+    assert msg == ("override 'train.loss=[{name: ce, name: focal}]': key 'name' is given twice in the same "
+                   "mapping; give each key once")
+
+
+def test_yaml_merge_keys_may_be_overridden(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train: &t {epochs: 3, lr: 0.5}\nstg:\n  epochs: 4\nretrain:\n  <<: {epochs: 7, lr: 0.2}\n"
+                    "  epochs: 9\n")
+    cfg = load_config(path)
+    assert (cfg.retrain.epochs, cfg.retrain.lr, cfg.train.epochs) == (9, 0.2, 3)
+
+
+def test_unreadable_config_file(tmp_path, monkeypatch):
+    path = tmp_path / "c.yaml"
+    path.write_text("train: {epochs: 3}\n")
+
+    def refuse(self):
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "read_bytes", refuse)
+    assert error_of([], path) == f"cannot read config file {path} (Permission denied); check its permissions"
 
 
 # --------------------------------------------------------------------------- hash and round trip

@@ -15,7 +15,8 @@ from tailaug.config import TrainConfig
 from tailaug.data.datasets import Split
 from tailaug.data.loaders import Batches
 from tailaug.data.transforms import MEAN_STD, BatchTransform, random_crop, random_flip
-from tailaug.engine.checkpoint import atomic_write, load_checkpoint, save_checkpoint
+from tailaug.engine.checkpoint import (atomic_write, atomic_write_text, exception_summary, load_checkpoint,
+                                      load_state, load_tensors, save_checkpoint)
 from tailaug.engine.device import resolve_precision
 from tailaug.engine.logging import MetricsLogger
 from tailaug.engine.schedule import lr_at
@@ -165,8 +166,70 @@ def test_load_truncated_checkpoint(tmp_path):
         load_checkpoint(path)
     msg = str(info.value)
     assert f"checkpoint {path} cannot be read" in msg
-    assert "truncated or not a tailaug checkpoint" in msg
-    assert "delete it and train the run again" in msg and "--resume" not in msg
+    assert "truncated or not a tailaug checkpoint: replace it with an intact copy" in msg
+    # no advice to fall back on "the previous epoch's file": tailaug keeps none
+    assert "previous epoch" not in msg
+
+
+def test_load_empty_checkpoint(tmp_path):
+    # torch.load raises an exception with an empty message here; the error must still be one clean line
+    path = tmp_path / "last.pt"
+    path.write_bytes(b"")
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(path, fix="do this")
+    assert str(info.value) == (f"checkpoint {path} cannot be read (EOFError); it is truncated or not a tailaug "
+                               "checkpoint: do this")
+
+
+def test_exception_summary():
+    assert exception_summary(EOFError()) == "EOFError"
+    assert exception_summary(ValueError("bad\nmore detail")) == "ValueError: bad"
+    # a first line that only introduces the second keeps both
+    assert exception_summary(RuntimeError("Errors in X:\n\tsize mismatch for w\n\tother")) == \
+        "RuntimeError: Errors in X: size mismatch for w"
+    long = exception_summary(KeyError("k" * 500), limit=40)
+    assert len(long) == 40 and long.endswith("...")
+
+
+def test_load_state_that_does_not_fit(tmp_path):
+    model = torch.nn.Linear(3, 2)
+    with pytest.raises(CheckpointError) as info:
+        load_state(model, {"weight": torch.zeros(5, 5), "bias": torch.zeros(2)}, tmp_path / "c.pt", "do this")
+    msg = str(info.value)
+    assert msg.startswith(f"the Linear state in {tmp_path / 'c.pt'} does not fit (RuntimeError: ")
+    assert "size mismatch for weight" in msg and msg.endswith("; do this") and "\n" not in msg
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    for bad in ({"x": 1}, [1, 2]):
+        with pytest.raises(CheckpointError, match="the SGD state in .* does not fit"):
+            load_state(optimizer, bad, tmp_path / "c.pt")
+
+
+@pytest.mark.parametrize("content", [[1, 2], "text", 3])
+def test_load_tensors_refuses_a_torch_file_without_a_dict(tmp_path, content):
+    path = tmp_path / "w.pt"
+    torch.save(content, path)
+    with pytest.raises(CheckpointError) as info:
+        load_tensors(path)
+    assert str(info.value) == (f"{path} holds a {type(content).__name__}, not a dict of tensors; "
+                               "replace it with an intact copy")
+
+
+def test_atomic_write_makes_every_file_0644(tmp_path):
+    from safetensors.torch import save_file
+
+    writers = {
+        "a.txt": lambda p: atomic_write_text(p, "x"),
+        "b.pt": lambda p: save_checkpoint(p, {"epoch": 1}),
+        # save_file replaces the temporary file with one of its own, mode 0600
+        "c.safetensors": lambda p: atomic_write(p, lambda tmp: save_file({"w": torch.zeros(2)}, tmp)),
+    }
+    old = os.umask(0o077)  # the mode is the promised one whatever the umask
+    try:
+        for name, write in writers.items():
+            write(tmp_path / name)
+    finally:
+        os.umask(old)
+    assert {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()} == dict.fromkeys(writers, 0o644)
 
 
 class Payload:
@@ -397,6 +460,32 @@ def test_metrics_logger_resume_drops_rerun_epochs(tmp_path):
         logger.close()
     assert [r.get("epoch") for r in _read(logger.path)] == [0, 1, 2, None, 3]
     assert (tmp_path / "tensorboard").is_dir()
+
+
+def test_metrics_logger_resume_drops_a_partial_last_line(tmp_path):
+    # kill -9 during an append leaves a last line cut short
+    _write_metrics(tmp_path, range(3))
+    path = tmp_path / "metrics.jsonl"
+    path.write_text(path.read_text() + '{"epoch": 3, "lo')
+    logger = MetricsLogger(tmp_path, resume_epoch=3)
+    try:
+        logger.log({"epoch": 3, "loss": 0.1}, step=3)
+    finally:
+        logger.close()
+    assert [r.get("epoch") for r in _read(path)] == [0, 1, 2, None, 3]
+
+
+@pytest.mark.parametrize("bad", ['{"epoch": 1, "lo', "[1, 2]", "7"])
+def test_metrics_logger_corrupt_line_inside_the_file(tmp_path, bad):
+    _write_metrics(tmp_path, range(3))
+    path = tmp_path / "metrics.jsonl"
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join([lines[0], bad, *lines[1:]]) + "\n")
+    before = path.read_text()
+    with pytest.raises(CheckpointError) as info:
+        MetricsLogger(tmp_path, resume_epoch=2)
+    assert str(info.value).startswith(f"{path} line 2 is not a JSON record; delete that line")
+    assert path.read_text() == before
 
 
 def test_metrics_logger_fresh_run_starts_empty(tmp_path):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from tailaug.errors import DataError
+from tailaug.errors import CheckpointError, DataError
 from tailaug.evaluation.metrics import (
     confusion_matrix,
     evaluate_logits,
@@ -16,7 +16,7 @@ from tailaug.evaluation.metrics import (
     shot_groups,
 )
 from tailaug.evaluation.plots import plot_per_class_accuracy, plot_reliability, plot_tsne
-from tailaug.evaluation.report import format_table, markdown_table, mean_std_table, write_json
+from tailaug.evaluation.report import format_table, markdown_table, mean_std_table, read_json, write_json
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -209,6 +209,32 @@ def test_write_json_atomic(tmp_path):
         write_json(path, {"bad": {1, 2}})
     assert json.loads(path.read_text())["a"] == 1.5
     assert os.listdir(path.parent) == ["results.json"]
+
+
+def test_read_json_round_trip_and_required_keys(tmp_path):
+    path = write_json(tmp_path / "stage1.json", {"key": "abc", "epochs": 3})
+    assert read_json(path, fix="x", keys=("key",)) == {"key": "abc", "epochs": 3}
+    with pytest.raises(CheckpointError) as info:
+        read_json(path, fix="delete it", keys=("key", "test"))
+    assert str(info.value) == f"{path} lacks 'test'; delete it"
+
+
+@pytest.mark.parametrize(
+    "blob, problem",
+    [(b'{"key": "ab', "cannot be read as JSON (JSONDecodeError: Unterminated string starting at: line 1 column 9"),
+     (b"", "cannot be read as JSON (JSONDecodeError: Expecting value: line 1 column 1 (char 0))"),
+     (b"\xff\xfe{}", "cannot be read as JSON (UnicodeDecodeError: "),
+     (b"[1, 2]", "holds a JSON array, not an object"),
+     (b"null", "holds a JSON null, not an object"),
+     (b"2.5", "holds a JSON number, not an object")],
+)
+def test_read_json_corrupt_file_names_file_and_fix(tmp_path, blob, problem):
+    path = tmp_path / "stage1.json"
+    path.write_bytes(blob)
+    with pytest.raises(CheckpointError) as info:
+        read_json(path, fix="delete it and rerun", keys=("key",))
+    msg = str(info.value)
+    assert msg.startswith(f"{path} {problem}") and msg.endswith("; delete it and rerun") and "\n" not in msg
 
 
 # --------------------------------------------------------------------------- plots

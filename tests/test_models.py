@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from tailaug.config import ModelConfig
-from tailaug.errors import CheckpointError
+from tailaug.errors import CheckpointError, ConfigError
 from tailaug.models import (
     CosineHead,
     LinearHead,
@@ -91,9 +91,15 @@ def test_resnet32_output_shapes(in_channels, size):
     assert (out.features >= 0).all()
 
 
-def test_model_in_channels_from_config_overrides_the_dataset():
-    model = build_model(ModelConfig(arch="resnet20", in_channels=1), num_classes=3, in_channels=3)
+def test_model_in_channels_must_agree_with_the_dataset():
+    # the network sees the dataset's images, so a different model.in_channels could only fail in
+    # the first convolution
+    model = build_model(ModelConfig(arch="resnet20", in_channels=1), num_classes=3, in_channels=1)
     assert model.backbone.conv1.in_channels == 1
+    with pytest.raises(ConfigError) as info:
+        build_model(ModelConfig(arch="resnet20", in_channels=1), num_classes=3, in_channels=3)
+    assert str(info.value) == ("model.in_channels is 1 but the dataset's images have 3 channel(s); set "
+                               "model.in_channels=3 or remove it (it defaults to the dataset's)")
 
 
 def test_option_a_shortcut_pads_channels_and_subsamples():
@@ -109,7 +115,7 @@ def test_option_a_shortcut_pads_channels_and_subsamples():
 
 
 def test_torchvision_resnet18_one_channel():
-    model = build_model(ModelConfig(arch="resnet18", in_channels=1), num_classes=5, in_channels=3).eval()
+    model = build_model(ModelConfig(arch="resnet18"), num_classes=5, in_channels=1).eval()
     assert model.feature_dim == 512
     assert model.backbone.conv1.in_channels == 1
     assert isinstance(model.backbone.fc, nn.Identity)

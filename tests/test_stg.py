@@ -296,10 +296,19 @@ def test_save_and_load_generator(tmp_path):
     for got, want in zip(loaded(x, tok), model(x, tok)):
         assert torch.equal(got, want)
     assert loaded.trained_tokens.tolist() == [True, True, False]
-    # a tensor file that does not match its sidecar is refused
-    path.write_bytes(path.read_bytes()[:-7])
-    with pytest.raises(CheckpointError, match="does not match"):
+    # a tensor file that does not match its sidecar is refused; it is reused as long as it exists,
+    # so the fix is to delete both files
+    fix = f"delete {path} and {sidecar_path(path)} and rerun: stage 2 trains the generator again"
+    side = sidecar_path(path).read_text()
+    sidecar_path(path).write_text(side[:-9])
+    with pytest.raises(CheckpointError) as info:
         load_generator(path)
+    assert str(info.value).startswith(f"{sidecar_path(path)} cannot be read as JSON") and str(info.value).endswith(fix)
+    sidecar_path(path).write_text(side)
+    path.write_bytes(path.read_bytes()[:-7])
+    with pytest.raises(CheckpointError, match="does not match") as info:
+        load_generator(path)
+    assert str(info.value).endswith(fix)
     with pytest.raises(CheckpointError, match="does not exist"):
         load_generator(tmp_path / "missing.safetensors")
 

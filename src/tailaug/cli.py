@@ -5,9 +5,18 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from importlib import metadata
 from pathlib import Path
 
 from .errors import TailaugError
+
+DESCRIPTION = """\
+tailaug trains and evaluates long-tailed image classifiers: stage 1 trains a backbone on a
+long-tailed dataset, stage 2 learns a semantic transformation generator from head-class
+features, and stage 3 re-trains the classifier on cached features with tail samples
+augmented in feature space. Commands take a YAML config (with key=value overrides after it)
+or a run directory that an earlier command wrote.
+"""
 
 USAGE_EXAMPLES = """examples:
   tailaug train configs/fmnist_lt/ce.yaml train.epochs=5 data.imbalance_factor=50
@@ -18,8 +27,9 @@ USAGE_EXAMPLES = """examples:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tailaug", description=__doc__, epilog=USAGE_EXAMPLES,
+    parser = argparse.ArgumentParser(prog="tailaug", description=DESCRIPTION, epilog=USAGE_EXAMPLES,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -53,6 +63,14 @@ def build_parser() -> argparse.ArgumentParser:
     stg.add_argument("run_dir")
     stg.add_argument("--debug", action="store_true", default=argparse.SUPPRESS)
     return parser
+
+
+def version() -> str:
+    """The installed package's version (pyproject.toml), or "unknown" when run from a bare tree."""
+    try:
+        return metadata.version("tailaug")
+    except metadata.PackageNotFoundError:
+        return "unknown"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -30,6 +30,9 @@ SamplerName = SAMPLERS.name()
 ClassifierName = CLASSIFIERS.name()
 LossSection = LOSSES.section()
 AugmenterSection = AUGMENTERS.section()
+from .strict_scalars import ERROR_TYPE as STRICT_SCALAR
+
+SEED_LIMIT = 2**32  # numpy's legacy seeding (RandomState, np.random.seed) takes seeds in [0, 2**32)
 
 
 # --------------------------------------------------------------------------- run / data
@@ -38,7 +41,7 @@ AugmenterSection = AUGMENTERS.section()
 class RunConfig(Section):
     name: str = "run"
     output_dir: str = "runs"
-    seed: int = Field(0, ge=0)
+    seed: int = Field(0, ge=0, lt=SEED_LIMIT)  # seeds numpy too, which takes seeds below 2**32
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
 
@@ -62,7 +65,7 @@ class DataConfig(Section):
     profile: Literal["exponential", "step", "none"] = "exponential"
     imbalance_factor: float = Field(100.0, ge=1.0)
     n_max: int | None = Field(None, ge=1)  # per-class size of the balanced set; None: from the data
-    lt_seed: int = Field(0, ge=0)  # RandomState seed of the subset draw (protocol: 0)
+    lt_seed: int = Field(0, ge=0, lt=SEED_LIMIT)  # RandomState seed of the subset draw (protocol: 0)
     val_per_class: int = Field(0, ge=0)  # held out of the LT train set as a validation split
     test_per_class: int | None = Field(None, ge=1)  # subsample the (balanced) test set
     shots: ShotThresholds = ShotThresholds()
@@ -86,6 +89,11 @@ class DataConfig(Section):
                     f"dataset 'image_folder' needs data.{', data.'.join(missing)}: an image root "
                     "and split files with one 'relative/path label' line per image"
                 )
+        elif self.num_classes is not None:
+            raise ValueError(
+                f"data.num_classes is read for dataset 'image_folder' only; {self.dataset} has a fixed "
+                "number of classes: remove data.num_classes"
+            )
         return self
 
 
@@ -192,7 +200,7 @@ class RetrainConfig(Section):
         default_factory=lambda: AUGMENTERS.get("none").config()
     )
     tau: float | None = Field(None, ge=0)  # tau-norm; None: chosen on the validation split
-    seed: int | None = Field(None, ge=0)  # None: run.seed
+    seed: int | None = Field(None, ge=0, lt=SEED_LIMIT)  # None: run.seed
 
 
 class EvalConfig(Section):
@@ -255,13 +263,44 @@ def short_hash(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:12]
 
 
+class DuplicateKeyError(yaml.YAMLError):
+    def __init__(self, key: Any, line: int, first_line: int):
+        super().__init__(f"key {key!r} is given twice in the same mapping")
+        self.key, self.line, self.first_line = key, line, first_line
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.safe_load`` that refuses a key given twice in one mapping (YAML itself would
+    keep the last one silently). Keys brought in by a ``<<`` merge may be overridden."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            first: dict = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge" or not isinstance(key_node, yaml.ScalarNode):
+                    continue
+                key = self.construct_object(key_node)
+                line = key_node.start_mark.line + 1
+                if key in first:
+                    raise DuplicateKeyError(key, line, first[key])
+                first[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+def load_yaml(text: str) -> Any:
+    """``text`` parsed like ``yaml.safe_load``, but a duplicate key raises DuplicateKeyError."""
+    return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader subclass)
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     """``a.b.c=value`` -> (["a", "b", "c"], value parsed as YAML)."""
     key, sep, raw = text.partition("=")
     if not sep or not key.strip():
         raise ConfigError(f"override {text!r} is not of the form section.key=value (e.g. train.epochs=5)")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = load_yaml(raw) if raw.strip() else None
+    except DuplicateKeyError as exc:
+        raise ConfigError(f"override {text!r}: {exc}; give each key once") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"override {text!r}: the value is not valid YAML ({exc.problem})") from None
     return key.strip().split("."), value
@@ -320,9 +359,30 @@ def read_tree(path: Path, _seen: tuple = ()) -> dict:
     if path.resolve() in _seen:
         raise ConfigError(f"{path}: 'base' files include each other in a loop")
     try:
-        tree = yaml.safe_load(path.read_text()) or {}
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path} ({exc.strerror}); check its permissions") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"{path} is not a YAML text file (byte 0x{raw[exc.start]:02x} at offset {exc.start} is not "
+            "UTF-8); give a config such as configs/fmnist_lt/demo.yaml, saved as UTF-8 text"
+        ) from None
+    try:
+        tree = load_yaml(text)
+    except DuplicateKeyError as exc:
+        raise ConfigError(
+            f"{path} line {exc.line}: key {exc.key!r} is given twice in the same mapping (first on line "
+            f"{exc.first_line}); YAML would keep the last silently: delete one of them"
+        ) from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+    if tree is None or tree == {}:
+        raise ConfigError(
+            f"{path} holds no settings; a config needs at least the sections it changes (run, data, "
+            "model, ...) or 'base: FILE': start from a shipped config such as configs/fmnist_lt/demo.yaml"
+        )
     if not isinstance(tree, dict):
         raise ConfigError(f"{path} must hold a mapping of sections (run, data, model, ...)")
     base = tree.pop("base", None)
@@ -350,6 +410,8 @@ def validate_config(tree: dict, source: str = "config") -> Config:
 
 def _describe(err: dict, tree: dict) -> str:
     loc = [str(part) for part in err["loc"]]
+    if err["type"] == STRICT_SCALAR:  # raised by the section for one of its fields
+        loc, err = [*loc, err["ctx"]["field"]], {**err, "input": err["ctx"]["value"]}
     where = ".".join(loc)
     msg = err["msg"].removeprefix("Value error, ")
     if err["type"] == "extra_forbidden":
@@ -358,6 +420,7 @@ def _describe(err: dict, tree: dict) -> str:
         hint = difflib.get_close_matches(loc[-1], allowed, n=1, cutoff=0.5)
         fix = f"did you mean '{'.'.join(loc[:-1] + hint)}'?" if hint else f"valid keys: {', '.join(allowed)}"
         return f"unknown key '{where}': {fix}"
+    msg = err["msg"].removeprefix("Value error, ")
     if not where:  # a check across sections
         return msg
     value = err.get("input")

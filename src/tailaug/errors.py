@@ -19,4 +19,5 @@ class DataError(TailaugError):
 
 
 class CheckpointError(TailaugError):
-    """A checkpoint that is missing, truncated or does not match the run."""
+    """A checkpoint or other stage output (cache, stage1.json, ...) that is missing, truncated
+    or does not match the run."""

@@ -28,15 +28,22 @@ import importlib
 import pkgutil
 from typing import Annotated, Any, Callable
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, PlainSerializer, WrapValidator
+from pydantic import AfterValidator, BaseModel, ConfigDict, PlainSerializer, WrapValidator, model_validator
 
 from .errors import ConfigError
+from .strict_scalars import check_scalars
 
 
 class Section(BaseModel):
-    """A config section: unknown keys are errors, assignments are validated."""
+    """A config section: unknown keys are errors, values are checked on assignment too, no
+    inf/nan, and booleans and numbers are kept apart (:mod:`tailaug.strict_scalars`)."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _strict_scalars(cls, data: Any) -> Any:
+        return check_scalars(cls, data)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -73,6 +73,7 @@ def build_data(cfg: DataConfig) -> LTData:
         load = lambda train: load_idx(cfg.root, cfg.dataset, train, cfg.download)  # noqa: E731
     train_x, train_y = load(True)
     test_x, test_y = load(False)
+    _check_splits(cfg, train_x, test_x)
     num_classes = NUM_CLASSES[cfg.dataset]
     train_y, test_y = train_y.numpy(), test_y.numpy()
     n_max = cfg.n_max or BALANCED_SIZE[cfg.dataset]
@@ -83,6 +84,14 @@ def build_data(cfg: DataConfig) -> LTData:
         keep, val_idx = _hold_out_validation(train_y, keep, cfg.val_per_class, cfg.lt_seed)
         val = Split(train_y[val_idx], train_x[val_idx])
     if cfg.test_per_class:
+        have = np.bincount(test_y, minlength=num_classes)
+        fewest = int(have.min())
+        if fewest < cfg.test_per_class:
+            lower = f"lower data.test_per_class to at most {fewest}, or " if fewest else ""
+            raise DataError(
+                f"data.test_per_class is {cfg.test_per_class} but class {int(have.argmin())} has only "
+                f"{fewest} test images; {lower}remove data.test_per_class to use the whole test set"
+            )
         test_idx = long_tail_indices(test_y, [cfg.test_per_class] * num_classes, cfg.lt_seed)
         test_x, test_y = test_x[test_idx], test_y[test_idx]
     mean, std = MEAN_STD[cfg.dataset]
@@ -93,6 +102,21 @@ def build_data(cfg: DataConfig) -> LTData:
         train=Split(train_labels, train_x[torch.from_numpy(keep)]), test=Split(test_y, test_x),
         val=val, mean=mean, std=std,
     )
+
+
+def _check_splits(cfg: DataConfig, train_x: torch.Tensor, test_x: torch.Tensor) -> None:
+    """Refuse, before any training, a test set the final report could not use."""
+    where = f"the {cfg.dataset} files under {cfg.root}" if cfg.root else f"the {cfg.dataset} files"
+    if len(test_x) == 0:
+        raise DataError(f"{where} hold no test images, and every run ends with a test report; "
+                        "replace the test files with intact ones")
+    if train_x.shape[1:] != test_x.shape[1:]:
+        shape = lambda x: "x".join(map(str, x.shape[1:]))  # noqa: E731
+        raise DataError(
+            f"{where}: the training images are {shape(train_x)} but the test images {shape(test_x)} "
+            "(channels x height x width); the files come from different datasets: replace them with a "
+            "matching set"
+        )
 
 
 def _hold_out_validation(labels: np.ndarray, keep: np.ndarray, per_class: int, seed: int):

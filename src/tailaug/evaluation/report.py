@@ -15,7 +15,8 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from ..engine.checkpoint import atomic_write_text
+from ..engine.checkpoint import atomic_write_text, exception_summary
+from ..errors import CheckpointError
 
 DEFAULT_COLUMNS = ("top1", "many", "medium", "few", "ece")
 
@@ -119,3 +120,20 @@ def write_json(path: str | os.PathLike, obj: Any, *, indent: int = 2) -> Path:
     file. numpy/torch values are converted and nan/inf become null. Returns the path written.
     """
     return atomic_write_text(path, json.dumps(_jsonable(obj), indent=indent, allow_nan=False) + "\n")
+
+
+def read_json(path: str | os.PathLike, *, fix: str, keys: Sequence[str] = ()) -> dict:
+    """The JSON object in ``path`` (a stage output such as stage1.json), which must hold
+    ``keys``; a CheckpointError naming the file and ``fix`` when it is unreadable, truncated,
+    not an object or lacks a key."""
+    try:
+        obj = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path} cannot be read as JSON ({exception_summary(exc)}); {fix}") from None
+    if not isinstance(obj, dict):
+        kind = {list: "array", str: "string", bool: "boolean", type(None): "null"}.get(type(obj), "number")
+        raise CheckpointError(f"{path} holds a JSON {kind}, not an object; {fix}")
+    missing = [k for k in keys if k not in obj]
+    if missing:
+        raise CheckpointError(f"{path} lacks {', '.join(repr(k) for k in missing)}; {fix}")
+    return obj

@@ -10,7 +10,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from ..engine.checkpoint import load_tensors
-from ..errors import CheckpointError
+from ..errors import CheckpointError, ConfigError
 from ..registry import BACKBONES
 from .heads import CosineHead, LinearHead, build_head
 
@@ -40,7 +40,13 @@ def build_backbone(arch: str, in_channels: int) -> nn.Module:
 
 
 def build_model(cfg: ModelConfig, num_classes: int, in_channels: int) -> Network:
-    backbone = build_backbone(cfg.arch, cfg.in_channels or in_channels)
+    """The network for images of ``in_channels`` channels (model.in_channels may only agree)."""
+    if cfg.in_channels is not None and cfg.in_channels != in_channels:
+        raise ConfigError(
+            f"model.in_channels is {cfg.in_channels} but the dataset's images have {in_channels} "
+            f"channel(s); set model.in_channels={in_channels} or remove it (it defaults to the dataset's)"
+        )
+    backbone = build_backbone(cfg.arch, in_channels)
     if cfg.weights:
         load_backbone_weights(backbone, cfg.weights)
     return Network(backbone, build_head(cfg.head, backbone.feature_dim, num_classes, cfg.cosine_scale))
@@ -57,13 +63,15 @@ def load_backbone_weights(backbone: nn.Module, path: str | Path) -> None:
         state = state["model"]
     cleaned = {}
     for key, value in state.items():
+        key = str(key)
         for prefix in ("module.", "backbone."):
             key = key.removeprefix(prefix)
         if not key.startswith(("fc.", "head.")):
             cleaned[key] = value
     own = backbone.state_dict()
     missing = sorted(set(own) - set(cleaned))
-    mismatched = [k for k in own if k in cleaned and cleaned[k].shape != own[k].shape]
+    mismatched = [k for k in own if k in cleaned
+                  and (not isinstance(cleaned[k], torch.Tensor) or cleaned[k].shape != own[k].shape)]
     if missing or mismatched:
         raise CheckpointError(
             f"weights in {path} do not fit this backbone: {len(missing)} missing keys "

@@ -17,8 +17,14 @@ from typing import NamedTuple
 import torch
 
 from ..engine.checkpoint import atomic_write, load_tensors
+from ..errors import CheckpointError
 from .keys import features_key
 from .stage1_model import load_finished
+
+# the entries of a cache, by split: each split's entries have one row per feature vector
+SPLIT_ENTRIES = {"train": ("features", "labels", "index"), "test": ("features", "labels", "logits"),
+                 "val": ("features", "labels", "logits")}
+MODEL_ENTRIES = ("class_counts", "head_weight", "head_bias")
 
 
 class Stage1Classifier(NamedTuple):
@@ -44,7 +50,7 @@ def extract_features(cfg, run_dir: Path, *, progress: bool = True) -> dict[str, 
     """Load the cache for this config, or run the finished stage-1 backbone once and write it."""
     path = cache_path(run_dir, cfg)
     if path.is_file():
-        return load_tensors(path)
+        return load_cache(path)
     stage1 = load_finished(cfg, run_dir)
     data, model = stage1.data, stage1.model
 
@@ -72,6 +78,25 @@ def extract_features(cfg, run_dir: Path, *, progress: bool = True) -> dict[str, 
     if progress:
         print(f"cached {len(cache['train_features']):,} training and {len(cache['test_features']):,} "
               f"test features in {path}")
+    return cache
+
+
+def load_cache(path: Path) -> dict[str, torch.Tensor]:
+    """The cache at ``path`` with every entry the later stages read (val_* all or none), one
+    row count per split; a CheckpointError that says to delete it otherwise."""
+    fix = f"delete {path} and rerun: the features are extracted again from the stage-1 checkpoint"
+    cache = load_tensors(path, fix=fix)
+    needed = [*MODEL_ENTRIES, *(f"{split}_{entry}" for split, entries in SPLIT_ENTRIES.items()
+                                for entry in entries if split != "val" or "val_features" in cache)]
+    missing = [k for k in needed if k not in cache]
+    if missing:
+        raise CheckpointError(f"feature cache {path} lacks {', '.join(missing)}; {fix}")
+    for split, entries in SPLIT_ENTRIES.items():
+        rows = {len(cache[f"{split}_{e}"]) for e in entries if f"{split}_{e}" in cache}
+        if len(rows) > 1:
+            raise CheckpointError(
+                f"feature cache {path}: the {split}_* entries disagree in length {sorted(rows)}; {fix}"
+            )
     return cache
 
 

@@ -19,8 +19,9 @@ import torch
 from tqdm.auto import tqdm
 
 from ..augment.stg import SemanticTransformationGenerator, TargetEstimator, generator_loss, head_classes
-from ..engine.checkpoint import atomic_write, atomic_write_text
+from ..engine.checkpoint import atomic_write, atomic_write_text, exception_summary
 from ..errors import CheckpointError, ConfigError, DataError, TailaugError
+from ..evaluation.report import read_json
 
 log = logging.getLogger(__name__)
 
@@ -196,29 +197,26 @@ def load_generator(
     for p in (path, side):
         if not p.is_file():
             raise CheckpointError(f"generator file {p} does not exist; run stage 2 (the generator) first")
-    try:
-        meta = json.loads(side.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{side} is not a readable generator sidecar ({exc}); rerun stage 2") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise CheckpointError(f"{side} is not a tailaug generator sidecar; rerun stage 2")
+    # a cached generator is reused as long as its file exists: the fix is to delete both files
+    fix = f"delete {path} and {side} and rerun: stage 2 trains the generator again"
+    meta = read_json(side, fix=fix)
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{side} is not a tailaug generator sidecar; {fix}")
     if meta.get("version") != VERSION:
-        raise CheckpointError(f"{side} has format version {meta.get('version')}, expected {VERSION}; rerun stage 2")
+        raise CheckpointError(f"{side} has format version {meta.get('version')}, expected {VERSION}; {fix}")
     if meta.get("tensors_sha256") != _sha256(path):
-        raise CheckpointError(
-            f"{path} does not match its sidecar {side} (truncated or from another run); rerun stage 2"
-        )
+        raise CheckpointError(f"{path} does not match its sidecar {side} (truncated or from another run); {fix}")
     arch = meta.get("arch") or {}
     try:
         model = SemanticTransformationGenerator(
             int(arch["dim"]), int(arch["num_classes"]), [int(h) for h in arch["hidden_dims"]], float(arch["token_std"])
         )
     except (KeyError, TypeError, ValueError) as exc:
-        raise CheckpointError(f"{side} has an invalid architecture entry ({exc!r}); rerun stage 2") from None
+        raise CheckpointError(f"{side} has an invalid architecture entry ({exc!r}); {fix}") from None
     try:
         state = load_file(str(path), device="cpu")
         model.load_state_dict(state, strict=True)
     except (SafetensorError, RuntimeError, OSError) as exc:
-        raise CheckpointError(f"cannot load generator weights from {path}: {exc}; rerun stage 2") from None
+        raise CheckpointError(f"cannot load generator weights from {path} ({exception_summary(exc)}); {fix}") from None
     model.requires_grad_(False)
     return model.to(device).eval(), meta.get("config", {})

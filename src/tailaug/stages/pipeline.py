@@ -13,7 +13,6 @@ thresholds only scores the stored logits again. The rows go to results.json, mer
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -22,7 +21,7 @@ from ..augment.base import NoAugmenter, build_augmenter
 from ..augment.stg import head_classes
 from ..config import Config
 from ..engine.checkpoint import atomic_write, load_tensors
-from ..evaluation.report import format_table, write_json
+from ..evaluation.report import format_table, read_json, write_json
 from ..evaluation.results import STAGE1, record_results, result_row
 from ..evaluation.scoring import eval_settings, score
 from ..registry import CLASSIFIERS
@@ -89,7 +88,8 @@ def retrain(cfg: Config, run_dir: Path, cache: dict, augmenter_cfg, generator=No
     logits_path = path.with_suffix(".safetensors")
     counts = cache["class_counts"].tolist()
     if path.is_file() and logits_path.is_file():
-        choices = json.loads(path.read_text())["choices"]
+        choices = read_json(path, fix="delete it and its .safetensors to train this stage-3 classifier again",
+                            keys=("choices",))["choices"]
         logits = load_tensors(logits_path)["test_logits"]
     else:
         augmenter = build_augmenter(augmenter_cfg, generator_module=generator)

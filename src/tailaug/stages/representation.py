@@ -16,7 +16,7 @@ from ..data.datasets import LTData, build_data
 from ..data.loaders import Batches
 from ..data.samplers import build_sampler
 from ..engine import distributed
-from ..engine.checkpoint import load_checkpoint, save_checkpoint
+from ..engine.checkpoint import load_state, save_checkpoint
 from ..engine.device import autocast, resolve_device, resolve_precision
 from ..engine.inference import collect_outputs
 from ..engine.logging import MetricsLogger
@@ -29,8 +29,8 @@ from ..evaluation.scoring import eval_settings, score
 from ..losses import LossInputs, build_loss
 from ..models import Network
 from .keys import stage1_key
-from .stage1_model import (batch_transform, build_network, check_checkpoint, checkpoint_path, is_complete,  # noqa: F401
-                           marker_path, write_run_config)
+from .stage1_model import (batch_transform, build_network, check_checkpoint, checkpoint_fix, checkpoint_path,  # noqa: F401
+                           is_complete, marker_path, write_run_config)
 
 
 class Trainer:
@@ -87,11 +87,11 @@ class Trainer:
         }
 
     def restore(self) -> tuple[int, dict | None]:
-        ckpt = check_checkpoint(self.run_dir, self.cfg, load_checkpoint(checkpoint_path(self.run_dir), self.device))
-        self.model.load_state_dict(ckpt["model"])
-        self.optimizer.load_state_dict(ckpt["optimizer"])
-        self.scaler.load_state_dict(ckpt["scaler"])
-        return ckpt["epoch"] + 1, ckpt.get("best")
+        path = checkpoint_path(self.run_dir)
+        ckpt = check_checkpoint(self.run_dir, self.cfg, device=self.device)
+        for target, entry in ((self.model, "model"), (self.optimizer, "optimizer"), (self.scaler, "scaler")):
+            load_state(target, ckpt[entry], path, checkpoint_fix(self.run_dir))
+        return ckpt["epoch"] + 1, ckpt["best"]
 
     # ------------------------------------------------------------------ training
 
@@ -119,6 +119,8 @@ class Trainer:
                     logger.log(record, step=epoch)
                     save_checkpoint(checkpoint_path(self.run_dir), self.state(epoch, best))
                 distributed.barrier()
+            if main and resume and logger is None:  # nothing left to train: still mend the metrics
+                logger = MetricsLogger(self.run_dir, resume_epoch=start)
         finally:
             if logger is not None:
                 logger.close()

@@ -7,7 +7,6 @@ precision. No optimizer, sampler, process group or global reseed is built.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,10 +16,11 @@ from ..config import Config
 from ..data.datasets import LTData, Split, build_data
 from ..data.loaders import Batches
 from ..data.transforms import BatchTransform
-from ..engine.checkpoint import atomic_write_text, load_checkpoint
+from ..engine.checkpoint import atomic_write_text, load_checkpoint, load_state
 from ..engine.device import resolve_device, resolve_precision
 from ..engine.inference import collect_outputs
 from ..errors import CheckpointError, TailaugError
+from ..evaluation.report import read_json
 from ..models import Network, build_model
 from .keys import changed_fields, stage1_key
 
@@ -47,11 +47,9 @@ def finished_key(run_dir: Path) -> str | None:
     path = marker_path(run_dir)
     if not path.is_file():
         return None
-    try:
-        return json.loads(path.read_text()).get("key")
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
-        raise CheckpointError(f"{path} cannot be read; delete it, then 'tailaug run' or 'tailaug train "
-                              "CONFIG --resume' with the run's config scores the last checkpoint again") from None
+    fix = ("delete it and rerun 'tailaug run' or 'tailaug train --resume' with the run's config: stage 1 "
+           "is then finished again from checkpoints/last.pt without training")
+    return read_json(path, fix=fix, keys=("key",))["key"]
 
 
 def is_complete(run_dir: Path, cfg: Config) -> bool:
@@ -71,10 +69,32 @@ def other_config_hint(run_dir: Path, cfg: Config) -> str:
     return f"another {', '.join(fields)}" if fields else "a different data/model/train config"
 
 
-def check_checkpoint(run_dir: Path, cfg: Config, ckpt: dict | None = None) -> dict:
+CHECKPOINT_ENTRIES = ("epoch", "key", "model", "optimizer", "scaler", "best")  # what Trainer.state saves
+
+
+def checkpoint_fix(run_dir: Path) -> str:
+    """What to do about a damaged stage-1 checkpoint."""
+    return ("tailaug keeps only the last epoch's checkpoint, so there is no earlier one to resume or "
+            f"evaluate from: train stage 1 again under another run.name, or delete {run_dir} and rerun")
+
+
+def load_stage1_checkpoint(run_dir: Path, device: str | torch.device = "cpu") -> dict:
+    """checkpoints/last.pt of ``run_dir`` holding every entry of ``Trainer.state``; a
+    CheckpointError that says what to do when it is unreadable or holds something else."""
+    path, fix = checkpoint_path(run_dir), checkpoint_fix(run_dir)
+    ckpt = load_checkpoint(path, device, fix=fix)
+    missing = [k for k in CHECKPOINT_ENTRIES if k not in ckpt] if isinstance(ckpt, dict) else CHECKPOINT_ENTRIES
+    if missing or not isinstance(ckpt["epoch"], int) or not isinstance(ckpt["model"], dict):
+        what = f"without {', '.join(missing)}" if missing else "with a malformed epoch or model entry"
+        raise CheckpointError(f"checkpoint {path} is not a tailaug stage-1 checkpoint (a {type(ckpt).__name__} "
+                              f"{what}); {fix}")
+    return ckpt
+
+
+def check_checkpoint(run_dir: Path, cfg: Config, *, device: str | torch.device = "cpu") -> dict:
     """The run's last checkpoint; raises unless it was trained with this config's stage-1 fields."""
-    ckpt = load_checkpoint(checkpoint_path(run_dir)) if ckpt is None else ckpt
-    if ckpt.get("key") != stage1_key(cfg):
+    ckpt = load_stage1_checkpoint(run_dir, device)
+    if ckpt["key"] != stage1_key(cfg):
         raise CheckpointError(
             f"{checkpoint_path(run_dir)} was trained with {other_config_hint(run_dir, cfg)} "
             f"(fields that change the stage-1 model); use the config saved in {config_path(run_dir)}, or "
@@ -130,8 +150,8 @@ def load_finished(cfg: Config, run_dir: Path) -> Stage1Model:
         )
     device = resolve_device(cfg.run.device)
     dtype = resolve_precision(cfg.train.precision, device)
-    ckpt = check_checkpoint(run_dir, cfg, load_checkpoint(checkpoint_path(run_dir), device))
+    ckpt = check_checkpoint(run_dir, cfg, device=device)
     data = build_data(cfg.data)
     model = build_network(cfg, data, device, initial_weights=False)
-    model.load_state_dict(ckpt["model"])
+    load_state(model, ckpt["model"], checkpoint_path(run_dir), checkpoint_fix(run_dir))
     return Stage1Model(cfg, data, model.eval(), batch_transform(cfg, data), device, dtype)

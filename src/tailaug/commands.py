@@ -102,7 +102,7 @@ def evaluate(run_dir: Path, overrides: list[str] = ()) -> dict:
 
 def describe(config: str, overrides: list[str]) -> str:
     from .data.datasets import planned_counts
-    from .evaluation.metrics import shot_groups
+    from .data.classes import shot_groups
 
     cfg = load_config(config, overrides)
     counts = planned_counts(cfg.data)

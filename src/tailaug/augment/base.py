@@ -34,6 +34,7 @@ import torch
 from pydantic import ValidationError
 from torch import nn
 
+from ..data.classes import check_labels, class_means
 from ..errors import ConfigError
 from ..registry import AUGMENTERS, Section
 
@@ -97,8 +98,7 @@ class AugmentContext:
                 f"class_counts must have one entry per class ({self.num_classes}), "
                 f"got shape {tuple(self.class_counts.shape)}"
             )
-        if self.labels.numel() and (int(self.labels.min()) < 0 or int(self.labels.max()) >= self.num_classes):
-            raise ValueError(f"labels must lie in 0..{self.num_classes - 1}")
+        check_labels(self.labels, self.num_classes)
         self.head_classes = sorted(int(c) for c in self.head_classes)
         bad = [c for c in self.head_classes if not 0 <= c < self.num_classes]
         if bad:
@@ -134,13 +134,10 @@ class AugmentContext:
 
     def class_means(self, classes: Iterable[int] | None = None) -> torch.Tensor:
         """Mean feature of each listed class (default: all), [len(classes), d]; zero if empty."""
-        classes = list(range(self.num_classes)) if classes is None else [int(c) for c in classes]
-        feats = self.features.float()
-        sums = torch.zeros(self.num_classes, feats.shape[1], dtype=feats.dtype, device=feats.device)
-        sums.index_add_(0, self.labels, feats)
-        counts = torch.bincount(self.labels, minlength=self.num_classes).clamp_min(1).to(feats.dtype)
-        means = sums / counts[:, None]
-        return means[torch.tensor(classes, dtype=torch.long, device=feats.device)]
+        means = class_means(self.features, self.labels, self.num_classes)
+        if classes is None:
+            return means
+        return means[torch.tensor([int(c) for c in classes], dtype=torch.long, device=means.device)]
 
 
 @AUGMENTERS.register("none", config=NoAugmenter)

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
+from ..data.classes import shot_groups
 from ..errors import ConfigError
 from ..models.heads import head_logits
 from ..registry import AUGMENTERS
@@ -47,7 +48,7 @@ def head_classes(class_counts, cfg=None, *, many: int = 100) -> list[int]:
     counts = [int(c) for c in torch.as_tensor(class_counts).reshape(-1).tolist()]
     rule = "many_shot" if cfg is None else cfg.rule
     if rule == "many_shot":
-        return [c for c, n in enumerate(counts) if n > many]
+        return shot_groups(counts, many=many, few=0)["many"]
     if rule == "threshold":
         return [c for c, n in enumerate(counts) if n > cfg.threshold]
     if rule == "top_k":

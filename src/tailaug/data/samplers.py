@@ -32,27 +32,8 @@ import numpy as np
 from torch.utils.data import Sampler
 
 from ..errors import DataError
+from .classes import check_counts, check_labels
 from ..registry import SAMPLERS
-
-
-def _check_counts(class_counts: Sequence[int]) -> np.ndarray:
-    counts = np.asarray(class_counts)
-    if counts.ndim != 1 or counts.size == 0:
-        raise DataError(f"class_counts must be a non-empty 1-D sequence, got shape {counts.shape}")
-    if counts.dtype.kind == "f" and not np.all(np.isfinite(counts) & (counts == np.round(counts))):
-        raise DataError("class_counts must be whole numbers")
-    counts = counts.astype(np.int64)
-    negative = np.flatnonzero(counts < 0).tolist()
-    if negative:
-        raise DataError(f"class_counts are negative for class(es) {negative}")
-    empty = np.flatnonzero(counts == 0).tolist()
-    if empty:
-        raise DataError(
-            f"class(es) {empty} have no training samples, so a class-aware sampler cannot draw "
-            "from them; check the labels and data.num_classes, or lower data.imbalance_factor "
-            "so that every class keeps at least one image"
-        )
-    return counts
 
 
 def class_probabilities(
@@ -65,7 +46,7 @@ def class_probabilities(
     frequency n_c / N (the class frequencies of one permutation epoch).
     """
     probability = SAMPLERS.get(kind).obj
-    probs = probability(_check_counts(class_counts).astype(np.float64), epoch, total_epochs)
+    probs = probability(np.asarray(check_counts(class_counts), dtype=np.float64), epoch, total_epochs)
     return probs / probs.sum()
 
 
@@ -96,23 +77,9 @@ def _progressive(counts: np.ndarray, epoch: int, total_epochs: int) -> np.ndarra
 
 
 def _as_labels(labels, num_classes: int) -> np.ndarray:
-    if hasattr(labels, "detach"):  # torch tensor
-        labels = labels.detach().cpu().numpy()
-    arr = np.asarray(labels)
-    if arr.ndim != 1:
-        raise DataError(f"labels must be a 1-D sequence of class ids, got shape {arr.shape}")
+    arr = check_labels(labels, num_classes)
     if arr.size == 0:
         raise DataError("labels are empty: the dataset has no samples to draw")
-    if arr.dtype.kind not in "iub":
-        if arr.dtype.kind != "f" or not np.all(np.isfinite(arr) & (arr == np.round(arr))):
-            raise DataError(f"labels must be integer class ids, got dtype {arr.dtype}")
-    arr = arr.astype(np.int64)
-    bad = (arr < 0) | (arr >= num_classes)
-    if bad.any():
-        raise DataError(
-            f"labels must lie in 0..{num_classes - 1} (num_classes={num_classes}) but "
-            f"{int(bad.sum())} do not, e.g. {arr[bad][:5].tolist()}; check data.num_classes"
-        )
     return arr
 
 
@@ -146,7 +113,7 @@ class ClassAwareSampler(Sampler[int]):
         self.labels = _as_labels(labels, num_classes)
         self.kind = kind
         self.num_classes = int(num_classes)
-        self.class_counts = _check_counts(np.bincount(self.labels, minlength=num_classes))
+        self.class_counts = np.asarray(check_counts(np.bincount(self.labels, minlength=num_classes)), dtype=np.int64)
         self.seed = int(seed)
         self.total_epochs = int(total_epochs)
         self.rank = int(rank)

@@ -4,9 +4,9 @@ Pure numpy/torch. Conventions:
 
 * ``per_class_accuracy`` and ``expected_calibration_error`` return fractions in [0, 1];
   :func:`evaluate_logits` reports percentages (top-1, shot groups, per-class, ECE).
-* Shot groups follow classifier-balancing (Kang et al. 2019): many = more than ``many``
-  training images, few = fewer than ``few``, medium = the rest (``few``..``many``
-  inclusive). Shot-group accuracy is the mean of the group's per-class accuracies, which
+* Shot groups follow classifier-balancing (Kang et al. 2019; :func:`tailaug.data.classes.shot_groups`):
+  many = more than ``many`` training images, few = fewer than ``few``, medium = the rest
+  (``few``..``many`` inclusive). Shot-group accuracy is the mean of the group's per-class accuracies, which
   on the balanced test set equals the accuracy over the group's test samples.
 * ECE uses equal-width bins on the max probability; bin b holds confidences in
   (b/B, (b+1)/B] (the first bin also holds 0).
@@ -20,9 +20,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from ..data.classes import SHOT_GROUPS, check_labels, shot_groups
 from ..errors import DataError
-
-SHOT_GROUPS = ("many", "medium", "few")
 
 
 def _np(x, name: str) -> np.ndarray:
@@ -34,50 +33,12 @@ def _np(x, name: str) -> np.ndarray:
     return np.asarray(x)
 
 
-def _labels(x, name: str, num_classes: int | None = None) -> np.ndarray:
-    arr = _np(x, name)
-    if arr.ndim != 1:
-        raise DataError(f"{name} must be a 1-D array of class ids, got shape {arr.shape}")
-    if arr.size and arr.dtype.kind not in "iub":
-        if arr.dtype.kind != "f" or not np.all(arr == np.round(arr)):
-            raise DataError(f"{name} must hold integer class ids, got dtype {arr.dtype}")
-    arr = arr.astype(np.int64)
-    if num_classes is not None and arr.size and (arr.min() < 0 or arr.max() >= num_classes):
-        bad = arr[(arr < 0) | (arr >= num_classes)]
-        raise DataError(
-            f"{name} must lie in 0..{num_classes - 1} (num_classes={num_classes}); found "
-            f"{bad[:5].tolist()}; check that the model and the data agree on the number of classes"
-        )
-    return arr
-
-
 def _pair(preds, targets, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
-    p = _labels(preds, "preds", num_classes)
-    t = _labels(targets, "targets", num_classes)
+    p = check_labels(preds, num_classes, "preds")
+    t = check_labels(targets, num_classes, "targets")
     if p.shape != t.shape:
         raise DataError(f"preds ({p.shape[0]}) and targets ({t.shape[0]}) differ in length")
     return p, t
-
-
-# --------------------------------------------------------------------------- shot groups
-
-
-def shot_groups(class_counts: Sequence[int], many: int = 100, few: int = 20) -> dict[str, list[int]]:
-    """Class ids per shot group: many: n > many; few: n < few; medium: the rest."""
-    if few > many:
-        raise DataError(f"the few-shot threshold ({few}) must not exceed the many-shot one ({many})")
-    counts = _np(class_counts, "class_counts")
-    if counts.ndim != 1:
-        raise DataError(f"class_counts must be 1-D, got shape {counts.shape}")
-    groups: dict[str, list[int]] = {g: [] for g in SHOT_GROUPS}
-    for c, n in enumerate(counts.tolist()):
-        if n > many:
-            groups["many"].append(c)
-        elif n < few:
-            groups["few"].append(c)
-        else:
-            groups["medium"].append(c)
-    return groups
 
 
 # --------------------------------------------------------------------------- accuracy
@@ -110,7 +71,7 @@ def _probs(probs, targets) -> tuple[np.ndarray, np.ndarray]:
         raise DataError(f"probs must be [N, C] class probabilities, got shape {p.shape}")
     if p.size and (np.nanmin(p) < 0 or np.nanmax(p) > 1 or not np.all(np.isfinite(p))):
         raise DataError("probs must be finite probabilities in [0, 1]; pass softmax(logits), not logits")
-    t = _labels(targets, "targets", p.shape[1])
+    t = check_labels(targets, p.shape[1], "targets")
     if t.shape[0] != p.shape[0]:
         raise DataError(f"probs ({p.shape[0]} rows) and targets ({t.shape[0]}) differ in length")
     return p, t
@@ -188,7 +149,7 @@ def evaluate_logits(logits, targets, class_counts, *, many: int = 100, few: int 
             f"class_counts has {counts.size} entries but the logits have {num_classes} classes; "
             "pass the training-set count of every class"
         )
-    t = _labels(targets, "targets", num_classes)
+    t = check_labels(targets, num_classes, "targets")
     if t.shape[0] != x.shape[0]:
         raise DataError(f"logits ({x.shape[0]} rows) and targets ({t.shape[0]}) differ in length")
     if x.shape[0] == 0:

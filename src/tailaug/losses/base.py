@@ -12,7 +12,6 @@ Conventions every term follows:
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -20,7 +19,8 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from ..errors import ConfigError, DataError, TailaugError
+from ..data.classes import check_counts  # noqa: F401 (the terms validate counts with it)
+from ..errors import ConfigError
 from ..registry import Section
 
 
@@ -81,38 +81,6 @@ def require_cosine(inputs: LossInputs, name: str) -> torch.Tensor:
 def as_compute(t: torch.Tensor) -> torch.Tensor:
     """``t`` in the dtype losses compute in: float64 stays, everything else float32."""
     return t if t.dtype == torch.float64 else t.float()
-
-
-def check_class_counts(class_counts: Sequence[int] | torch.Tensor) -> tuple[int, ...]:
-    """Validate per-class training counts and return them as a tuple of ints.
-
-    Every class needs at least one training image: priors, margins and class-balanced
-    weights are all undefined (log 0, 1/0) for an empty class.
-    """
-    if isinstance(class_counts, torch.Tensor):
-        raw = class_counts.detach().cpu().reshape(-1).tolist()
-    else:
-        try:
-            raw = [c.item() if hasattr(c, "item") else c for c in class_counts]
-        except TypeError:
-            raise TailaugError(
-                f"class_counts must be a sequence of per-class image counts, got {type(class_counts).__name__}"
-            ) from None
-    counts = []
-    for c, n in enumerate(raw):
-        if isinstance(n, bool) or not isinstance(n, (int, float)) or float(n) != math.floor(float(n)):
-            raise TailaugError(f"class_counts[{c}] = {n!r} is not a whole number of training images")
-        counts.append(int(n))
-    if len(counts) < 2:
-        raise TailaugError(f"class_counts has {len(counts)} entries; a classifier needs at least 2 classes")
-    empty = [c for c, n in enumerate(counts) if n < 1]
-    if empty:
-        raise DataError(
-            f"class(es) {empty} have no training images; the long-tailed losses need n_c >= 1 for "
-            "every class (log prior and margins are undefined otherwise): lower "
-            "data.imbalance_factor, raise data.n_max, or drop the empty classes from the split"
-        )
-    return tuple(counts)
 
 
 def log_prior(class_counts: Sequence[int]) -> torch.Tensor:

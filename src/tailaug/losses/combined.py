@@ -11,7 +11,7 @@ from torch import nn
 from ..config import ReweightConfig, TrainConfig
 from ..errors import ConfigError, TailaugError
 from ..registry import LOSSES
-from .base import BaseLossTerm, LossInputs, check_class_counts
+from .base import BaseLossTerm, LossInputs, check_counts
 from .reweight import class_weights
 
 
@@ -42,7 +42,7 @@ class LossFunction(nn.Module):
         if not terms:
             raise ConfigError("train.loss is empty; give at least one loss term, e.g. [{name: ce}]")
         reweight = reweight or ReweightConfig()
-        self.class_counts = check_class_counts(class_counts)
+        self.class_counts = check_counts(class_counts)
         self.num_classes = len(self.class_counts)
         self.terms = nn.ModuleList([t for t, _ in terms])
         self.term_weights = [float(w) for _, w in terms]
@@ -125,7 +125,7 @@ def build_loss(train_cfg: TrainConfig, class_counts: Sequence[int]) -> LossFunct
     weights (balanced_softmax, logit_adjust and supcon ignore them), since the setting would
     silently do nothing. Warns when re-weighting would start at or after the last epoch.
     """
-    counts = check_class_counts(class_counts)
+    counts = check_counts(class_counts)
     terms = [(LOSSES.get(term_cfg.name).obj(term_cfg, counts), term_cfg.weight) for term_cfg in train_cfg.loss]
     reweight = train_cfg.reweight
     if reweight.scheme != "none":

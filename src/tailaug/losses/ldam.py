@@ -12,7 +12,7 @@ from .base import (
     BaseLossTerm,
     LossInputs,
     LossTermConfig,
-    check_class_counts,
+    check_counts,
     per_sample_nll,
     replace_target_column,
     require_cosine,
@@ -25,7 +25,7 @@ def ldam_margins(class_counts: Sequence[int], max_margin: float = 0.5) -> torch.
 
     The largest margin goes to the smallest class; m_a / m_b = (n_b / n_a)^(1/4).
     """
-    counts = torch.tensor(check_class_counts(class_counts), dtype=torch.float64)
+    counts = torch.tensor(check_counts(class_counts), dtype=torch.float64)
     raw = counts.pow(-0.25)
     return (raw * (max_margin / raw.max())).to(torch.float32)
 

@@ -16,7 +16,7 @@ import torch
 from pydantic import Field
 
 from ..registry import LOSSES
-from .base import BaseLossTerm, LossInputs, LossTermConfig, as_compute, check_class_counts, log_prior, per_sample_nll
+from .base import BaseLossTerm, LossInputs, LossTermConfig, as_compute, check_counts, log_prior, per_sample_nll
 
 
 class BalancedSoftmaxLoss(LossTermConfig):
@@ -36,7 +36,7 @@ def adjust_logits(
     Returns a tensor of the same dtype and device as ``logits``; tau = 0 returns the logits
     unchanged. Works on any [..., C] tensor.
     """
-    counts = check_class_counts(class_counts)
+    counts = check_counts(class_counts)
     if logits.shape[-1] != len(counts):
         raise ValueError(f"logits have {logits.shape[-1]} classes but class_counts has {len(counts)}")
     if tau == 0:

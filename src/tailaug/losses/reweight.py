@@ -21,7 +21,7 @@ from typing import Sequence
 import torch
 
 from ..errors import ConfigError
-from .base import check_class_counts
+from .base import check_counts
 
 SCHEMES = ("none", "effective_number", "inverse_frequency")
 
@@ -32,7 +32,7 @@ def class_weights(scheme: str, class_counts: Sequence[int], beta: float = 0.9999
     ``beta`` is only used by ``effective_number`` and must lie in [0, 1); beta = 0 gives all
     ones, beta -> 1 approaches ``inverse_frequency``.
     """
-    counts = torch.tensor(check_class_counts(class_counts), dtype=torch.float64)
+    counts = torch.tensor(check_counts(class_counts), dtype=torch.float64)
     num_classes = counts.numel()
     if scheme == "none":
         return torch.ones(num_classes, dtype=torch.float32)

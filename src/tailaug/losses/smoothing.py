@@ -28,7 +28,7 @@ import torch
 from pydantic import Field
 
 from ..registry import LOSSES
-from .base import BaseLossTerm, LossInputs, LossTermConfig, as_compute, check_class_counts, weighted_mean
+from .base import BaseLossTerm, LossInputs, LossTermConfig, as_compute, check_counts, weighted_mean
 
 SHAPES = ("concave", "linear", "convex")
 
@@ -41,7 +41,7 @@ def label_aware_smoothing(
     power: float = 2.0,
 ) -> torch.Tensor:
     """[C] float32 per-class smoothing eps_c (see the module docstring)."""
-    counts = torch.tensor(check_class_counts(class_counts), dtype=torch.float64)
+    counts = torch.tensor(check_counts(class_counts), dtype=torch.float64)
     n_head, n_tail = counts.max(), counts.min()
     if n_head == n_tail:
         r = torch.ones_like(counts)

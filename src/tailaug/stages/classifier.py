@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 
 from ..augment.base import AugmentContext, FeatureAugmenter
 from ..augment.stg import head_classes as _head_classes
+from ..data.classes import check_features, class_means
 from ..data.samplers import build_sampler
 from ..errors import ConfigError, DataError, TailaugError
 from ..models.heads import head_logits
@@ -129,19 +130,8 @@ def accuracy(model: nn.Module, features: torch.Tensor, labels: torch.Tensor, bat
 
 
 def _as_inputs(features, labels, num_classes: int, what: str, device) -> tuple[torch.Tensor, torch.Tensor]:
-    features = torch.as_tensor(features).float()
-    labels = torch.as_tensor(labels).long().reshape(-1)
-    if features.ndim != 2:
-        raise DataError(f"{what} features must be [N, d], got shape {tuple(features.shape)}")
-    if labels.numel() != features.shape[0]:
-        raise DataError(f"{what}: {labels.numel()} labels for {features.shape[0]} feature rows")
-    if features.shape[0] == 0:
-        raise DataError(f"{what} features are empty")
-    if int(labels.min()) < 0 or int(labels.max()) >= num_classes:
-        raise DataError(f"{what} labels must lie in 0..{num_classes - 1} (num_classes={num_classes})")
-    if not torch.isfinite(features).all():
-        raise DataError(f"{what} features contain NaN or inf; re-extract them")
-    return features.to(device), labels.to(device)
+    x, y = check_features(features, labels, num_classes, what)
+    return x.to(device), y.to(device)
 
 
 def _stage1(init_weight, init_bias, init_cosine_scale, num_classes: int, dim: int, method: str, device):
@@ -389,10 +379,7 @@ def _fit_tau_norm(weight: torch.Tensor, tau: float | None, val_xy) -> TauNormCla
 
 
 def _fit_ncm(x: torch.Tensor, y: torch.Tensor, num_classes: int) -> NCMClassifier:
-    normed = F.normalize(x, dim=1)
-    sums = torch.zeros(num_classes, x.shape[1], device=x.device).index_add_(0, y, normed)
-    counts = torch.bincount(y, minlength=num_classes)
-    present = counts > 0
+    present = torch.bincount(y, minlength=num_classes) > 0
     if not bool(present.all()):
         log.warning("ncm: class(es) %s have no training sample and are never predicted", (~present).nonzero().flatten().tolist())
-    return NCMClassifier(sums / counts.clamp_min(1)[:, None].float(), present).to(x.device)
+    return NCMClassifier(class_means(F.normalize(x, dim=1), y, num_classes), present).to(x.device)

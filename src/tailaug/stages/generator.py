@@ -19,6 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..augment.stg import SemanticTransformationGenerator, TargetEstimator, generator_loss, head_classes
+from ..data.classes import check_features
 from ..engine.checkpoint import atomic_write, atomic_write_text, exception_summary
 from ..errors import CheckpointError, ConfigError, DataError, TailaugError
 from ..evaluation.report import read_json
@@ -53,22 +54,13 @@ def train_generator(
     of whose rows ever had one, is a ConfigError: the generator (or that class's token)
     would be returned untrained.
     """
-    features = torch.as_tensor(features).float()
-    if features.ndim != 2:
-        raise DataError(f"features must be [N, d], got shape {tuple(features.shape)}")
+    counts = torch.as_tensor(class_counts).long().reshape(-1)
+    num_classes = counts.numel()
+    features, labels = check_features(features, labels, num_classes, "cached")
     n_rows, dim = features.shape
-    labels = torch.as_tensor(labels).long().reshape(-1)
-    if labels.numel() != n_rows:
-        raise DataError(f"{labels.numel()} labels for {n_rows} feature rows")
     index = torch.arange(n_rows) if index is None else torch.as_tensor(index).long().reshape(-1)
     if index.numel() != n_rows:
         raise DataError(f"{index.numel()} dataset indices for {n_rows} feature rows")
-    counts = torch.as_tensor(class_counts).long().reshape(-1)
-    num_classes = counts.numel()
-    if n_rows and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
-        raise DataError(f"labels must lie in 0..{num_classes - 1} (one class count per class)")
-    if not torch.isfinite(features).all():
-        raise DataError("the cached features contain NaN or inf; re-extract them (stage 1 may have diverged)")
 
     heads = head_classes(counts, cfg.head, many=many)
     if not heads:

@@ -160,3 +160,11 @@ def test_evaluate_needs_a_finished_stage1(data_root, tmp_path, capsys, monkeypat
     err = capsys.readouterr().err
     assert "has not finished" in err and "--resume" in err
     assert snapshot(run) == before
+
+
+def test_a_non_finite_training_loss_is_a_clear_error_and_saves_nothing(data_root, tmp_path):
+    from tailaug.errors import TailaugError
+
+    with pytest.raises(TailaugError, match=r"training loss became nan \(not finite\) by step 11 of epoch 1"):
+        train(data_root, tmp_path, "diverged", extra=["train.lr=1e30", "train.warmup_epochs=0", "train.epochs=1"])
+    assert not (tmp_path / "diverged" / "checkpoints" / "last.pt").exists()

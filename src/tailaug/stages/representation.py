@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 
@@ -133,7 +134,8 @@ class Trainer:
         self.loss_fn.set_epoch(epoch)
         rng = np.random.default_rng([self.cfg.run.seed, epoch, self.dist.rank])
         steps = len(self.train_batches)
-        totals = torch.zeros(3, dtype=torch.float64)  # loss sum, correct, seen
+        # loss sum, correct, seen: kept on the device (no host sync per step; NCCL reduces CUDA tensors only)
+        totals = torch.zeros(3, dtype=torch.float64, device=self.device)
         t0 = time.perf_counter()
         bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{tc.epochs}", leave=False,
                    disable=not (self.show_progress and self.dist.is_main), dynamic_ncols=True)
@@ -146,26 +148,35 @@ class Trainer:
             if self.loss_fn.needs_two_views:
                 x, y = torch.cat([x, self.transform(raw, gen)]), torch.cat([y, y])
             loss, logits = self.step(x, y, rng)
-            totals += torch.tensor([loss * len(y), (logits.argmax(1) == y).sum().item(), len(y)],
-                                   dtype=torch.float64)
+            totals[0] += loss * len(y)
+            totals[1] += (logits.argmax(1) == y).sum()
+            totals[2] += len(y)
             bar.update()
-            if step % 10 == 0 or step == steps - 1:
-                ips = totals[2].item() * self.dist.world_size / (time.perf_counter() - t0)
-                bar.set_postfix(loss=f"{totals[0] / totals[2]:.3f}", lr=f"{lr:.4f}", img_s=f"{ips:.0f}")
+            if step % 10 == 0 or step == steps - 1:  # the only host reads of the epoch
+                loss_sum, _, seen = totals.tolist()
+                if not math.isfinite(loss_sum):
+                    raise TailaugError(
+                        f"the training loss became {loss.item()} (not finite) by step {step + 1} of epoch "
+                        f"{epoch + 1}; lower train.lr, enable train.grad_clip, or use train.precision=fp32; "
+                        "the last good checkpoint is kept"
+                    )
+                ips = seen * self.dist.world_size / (time.perf_counter() - t0)
+                bar.set_postfix(loss=f"{loss_sum / seen:.3f}", lr=f"{lr:.4f}", img_s=f"{ips:.0f}")
         bar.close()
         distributed.all_reduce_sum(totals)
+        loss_sum, correct, seen = totals.tolist()
         elapsed = time.perf_counter() - t0
         record = {
-            "epoch": epoch, "train_loss": totals[0].item() / totals[2].item(),
-            "train_acc": 100 * totals[1].item() / totals[2].item(), "lr": lr,
-            "images_per_s": totals[2].item() / elapsed, "epoch_s": elapsed,
+            "epoch": epoch, "train_loss": loss_sum / seen, "train_acc": 100 * correct / seen, "lr": lr,
+            "images_per_s": seen / elapsed, "epoch_s": elapsed,
         }
         if self.show_progress and self.dist.is_main:
             tqdm.write(f"epoch {epoch + 1}/{tc.epochs}  loss {record['train_loss']:.4f}  "
                        f"train acc {record['train_acc']:.2f}  lr {lr:.4f}  {record['images_per_s']:.0f} img/s")
         return record
 
-    def step(self, x: torch.Tensor, y: torch.Tensor, rng: np.random.Generator) -> tuple[float, torch.Tensor]:
+    def step(self, x: torch.Tensor, y: torch.Tensor, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """One optimiser step; returns the (detached) loss and logits, still on the device."""
         tc = self.cfg.train
         lam, perm = 1.0, None
         if tc.mixup_alpha > 0:
@@ -177,11 +188,6 @@ class Trainer:
         loss = self.loss_fn(LossInputs(logits, y, features, cosine))
         if perm is not None:
             loss = lam * loss + (1 - lam) * self.loss_fn(LossInputs(logits, y[perm], features, cosine))
-        if not torch.isfinite(loss):
-            raise TailaugError(
-                f"the training loss became {loss.item()} (not finite); lower train.lr, enable "
-                "train.grad_clip, or use train.precision=fp32; the last good checkpoint is kept"
-            )
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         if tc.grad_clip:
@@ -189,27 +195,39 @@ class Trainer:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.grad_clip)
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        return loss.item(), logits.detach()
+        return loss.detach(), logits.detach()
 
     # ------------------------------------------------------------------ evaluation
 
-    def batches(self, split) -> Batches:
-        return Batches(split, self.cfg.train.eval_batch_size, self.transform, self.device,
+    def batches(self, split, order=None) -> Batches:
+        return Batches(split, self.cfg.train.eval_batch_size, self.transform, self.device, order=order,
                        num_workers=self.cfg.data.num_workers)
 
     def outputs(self, split) -> dict[str, torch.Tensor]:
-        return collect_outputs(self.model, self.batches(split), self.device, self.dtype)
+        """Features, logits, labels and indices of ``split`` in its order (on the CPU).
+
+        Under DDP every rank runs rank 0's model (:func:`distributed.broadcast_buffers`) on its own
+        block of the split (:func:`distributed.shard`) and the blocks are gathered on the device;
+        every rank calls this and gets all rows.
+        """
+        if not self.dist.enabled:
+            return collect_outputs(self.model, self.batches(split), self.device, self.dtype)
+        distributed.broadcast_buffers(self.model)
+        order = distributed.shard(len(split), self.dist.rank, self.dist.world_size)
+        local = collect_outputs(self.model, self.batches(split, order), self.device, self.dtype)
+        return {k: distributed.all_gather_cat(v.to(self.device))[: len(split)].cpu() for k, v in local.items()}
 
     def evaluate(self, split) -> dict:
         return score(self.outputs(split)["logits"], split.labels, self.data.class_counts, self.cfg)
 
     def finish(self) -> dict:
-        """Evaluate the last epoch on the test set; write its row of results.json, then stage1.json."""
-        results = {}
+        """Evaluate the last epoch on the test set; write its row of results.json, then stage1.json.
+
+        Every rank takes part in the (sharded) evaluation; the main process writes."""
+        logits = self.outputs(self.data.test)["logits"]
+        plots = self.run_dir / "plots" if self.dist.is_main else None
+        results = score(logits, self.data.test.labels, self.data.class_counts, self.cfg, plots_dir=plots, name=STAGE1)
         if self.dist.is_main:
-            logits = self.outputs(self.data.test)["logits"]
-            results = score(logits, self.data.test.labels, self.data.class_counts, self.cfg,
-                            plots_dir=self.run_dir / "plots", name=STAGE1)
             record_results(self.run_dir, {STAGE1: stage1_row(self.cfg, results, precision=precision_name(self.dtype))})
             write_json(marker_path(self.run_dir), {"key": stage1_key(self.cfg), "epochs": self.cfg.train.epochs})
             print(format_table([("stage 1 (last epoch)", results)]))

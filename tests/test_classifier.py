@@ -241,6 +241,19 @@ class _AppendRows(FeatureAugmenter):
         return torch.cat([features, features[:2]]), torch.cat([labels, labels[:2]])
 
 
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16])
+def test_crt_trains_in_the_run_precision_and_evaluates_in_float32(dtype):
+    from test_stg import linear_output_dtypes
+
+    x, y, xv, yv, counts, _ = clusters(3)
+    cfg = RetrainConfig(method="crt", epochs=10, lr=1e-2)
+    seen, model = linear_output_dtypes(lambda: retrain_classifier(
+        x, y, counts, cfg, num_classes=5, seed=0, val=(xv, yv), progress=False, device="cpu", dtype=dtype))
+    assert seen == {dtype or torch.float32, torch.float32}  # training under autocast, validation in float32
+    assert model.weight.dtype == torch.float32 and model(xv).dtype == torch.float32
+    assert model.history[-1]["val_acc"] >= 0.95
+
+
 def test_stage3_drives_all_augmenter_hooks():
     x, y, _, _, counts, _ = clusters(4)
     aug = _AppendRows()

@@ -352,3 +352,32 @@ def test_stage3_gets_the_scoring_of_a_cosine_stage1_head(tmp_path, monkeypatch):
     pipeline.retrain(cfg, tmp_path, cache, NoAugmenter(), progress=False)
     assert seen["init_cosine_scale"] == 20.0 and seen["init_bias"] is None
     assert torch.equal(seen["init_weight"], cache["head_weight"])
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_stages_2_and_3_get_the_device_and_precision_of_the_run(finished_run, monkeypatch):
+    run_dir, args, _ = finished_run
+    gpu = torch.device("cuda", 0)  # this machine need not have one: the stages stop before using it
+    monkeypatch.setattr(pipeline, "resolve_device", lambda name, local_rank=0: gpu)
+    monkeypatch.setattr(pipeline, "resolve_precision", lambda precision, device: torch.bfloat16)
+    seen = {}
+
+    def spy(stage):
+        def record(*a, device, dtype, **k):
+            seen[stage] = (device, dtype)
+            raise _Stop
+        return record
+
+    monkeypatch.setattr(pipeline, "train_generator", spy("stage 2"))
+    monkeypatch.setattr(pipeline, "retrain_classifier", spy("stage 3"))
+    saved = (run_dir / "config.yaml").read_text()
+    try:
+        for change in ("stg.epochs=2", "retrain.augmenter={name: noise, std: 0.7}"):  # each re-runs that stage
+            with pytest.raises(_Stop):
+                commands.run(args[0], [*args[1:], change], progress=False)
+    finally:
+        (run_dir / "config.yaml").write_text(saved)
+    assert seen == {"stage 2": (gpu, torch.bfloat16), "stage 3": (gpu, torch.bfloat16)}

@@ -245,6 +245,34 @@ def test_a_non_finite_generator_loss_is_a_clear_error():
         train_generator(feats, labels, None, counts, cfg, seed=0, progress=False)
 
 
+def linear_output_dtypes(run):
+    """The dtypes of every nn.Linear output while ``run()`` executes."""
+    seen = set()
+
+    def hook(module, args, out):
+        if isinstance(module, nn.Linear):
+            seen.add(out.dtype)
+
+    handle = torch.nn.modules.module.register_module_forward_hook(hook)
+    try:
+        result = run()
+    finally:
+        handle.remove()
+    return seen, result
+
+
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16])
+def test_train_generator_runs_forward_passes_in_the_run_precision(dtype):
+    feats, labels, counts = _gaussian_heads(1, [[1.0] * 6, [0.5] * 6], n=200)
+    cfg = STGConfig(epochs=3, hidden_dims=[16], memory_size=200)
+    seen, (model, losses) = linear_output_dtypes(
+        lambda: train_generator(feats, labels, None, counts, cfg, seed=0, progress=False, device="cpu", dtype=dtype)
+    )
+    assert seen == {dtype or torch.float32}
+    assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
+    assert {p.dtype for p in model.parameters()} == {torch.float32}  # autocast, not a cast model
+
+
 def test_train_generator_is_seeded_and_needs_a_head_class():
     feats, labels, counts = _gaussian_heads(2, [[1.0] * 6, [1.0] * 6], n=150)
     cfg = STGConfig(epochs=2, hidden_dims=[16], memory_size=100)

@@ -41,6 +41,7 @@ from ..augment.base import AugmentContext, FeatureAugmenter
 from ..augment.stg import head_classes as _head_classes
 from ..data.classes import check_features, class_means
 from ..data.samplers import build_sampler
+from ..engine.device import autocast
 from ..errors import ConfigError, DataError, TailaugError
 from ..models.heads import head_logits
 from ..registry import CLASSIFIERS
@@ -172,6 +173,7 @@ def retrain_classifier(
     progress: bool = True,
     device: str | torch.device = "cpu",
     head_classes: Sequence[int] | None = None,
+    dtype: torch.dtype | None = None,
 ) -> nn.Module:
     """Stage 3 on cached features; returns a module (eval mode) mapping [N, d] -> [N, C].
 
@@ -185,7 +187,10 @@ def retrain_classifier(
     per epoch otherwise (no model selection). The module carries ``history`` (per-epoch loss /
     val accuracy) and ``choices``, what was resolved at run time (the seed of a trained
     classifier; tau-norm's tau, where it came from and the validation accuracy of every tau).
+    Everything runs on ``device``; ``crt`` and ``lws`` train the classifier under autocast to
+    ``dtype`` (None: float32; the loss and every evaluation are float32).
     """
+    device = torch.device(device)
     x, y = _as_inputs(train_features, train_labels, num_classes, "training", device)
     dim = x.shape[1]
     counts = torch.as_tensor(class_counts).long().reshape(-1)
@@ -202,7 +207,7 @@ def retrain_classifier(
     inputs = Stage3Inputs(
         x=x, y=y, counts=counts, cfg=cfg, num_classes=num_classes, seed=seed, augmenter=augmenter,
         init_weight=init_weight, init_bias=init_bias, init_cosine_scale=init_cosine_scale, val_xy=val_xy,
-        progress=progress, device=device, head_classes=head_classes,
+        progress=progress, device=device, head_classes=head_classes, dtype=dtype,
     )
     model = CLASSIFIERS.get(cfg.method).obj(inputs)
     model.history = getattr(model, "history", [])
@@ -228,6 +233,7 @@ class Stage3Inputs:
     progress: bool
     device: Any
     head_classes: Sequence[int] | None
+    dtype: torch.dtype | None = None  # autocast dtype of training; None: float32
 
     @property
     def dim(self) -> int:
@@ -300,7 +306,7 @@ def _fit_trained(model: nn.Module, inp: Stage3Inputs) -> nn.Module:
             )
         )
     model.history = _train(model, inp.x, inp.y, inp.cfg, inp.num_classes, inp.seed, augmenter, inp.val_xy,
-                           inp.progress, inp.device)
+                           inp.progress, inp.device, inp.dtype)
     model.choices = {"seed": inp.seed}
     return model
 
@@ -314,11 +320,12 @@ def _init_linear(layer: nn.Linear, seed: int) -> None:
         layer.bias.copy_(torch.rand(layer.bias.shape, generator=gen) * 2 * bound - bound)
 
 
-def _train(model, x, y, cfg, num_classes, seed, augmenter, val_xy, progress, device) -> list[dict]:
+def _train(model, x, y, cfg, num_classes, seed, augmenter, val_xy, progress, device, dtype) -> list[dict]:
     params = [p for p in model.parameters() if p.requires_grad]
     if augmenter is not None:
         augmenter.to(device).train()
     optimiser = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     sampler = build_sampler(cfg.sampler, y.cpu(), num_classes, seed=seed, total_epochs=cfg.epochs)
     aug_rng = torch.Generator(device=device).manual_seed(seed + 1)
     history: list[dict] = []
@@ -335,14 +342,16 @@ def _train(model, x, y, cfg, num_classes, seed, augmenter, val_xy, progress, dev
             xb, yb = x[b], y[b]
             if augmenter is not None:
                 xb, yb = augmenter(xb, yb, generator=aug_rng)
-            logits = model(xb)
-            loss = F.cross_entropy(logits, yb)
+            with autocast(device, dtype):
+                logits = model(xb)
+            loss = F.cross_entropy(logits.float(), yb)
             if not torch.isfinite(loss):
                 raise TailaugError(f"the stage-3 loss became {loss.item()} in epoch {epoch + 1}; lower "
                                    "retrain.lr or the augmentation strength (e.g. retrain.augmenter.lam)")
             optimiser.zero_grad(set_to_none=True)
-            loss.backward()
-            optimiser.step()
+            scaler.scale(loss).backward()
+            scaler.step(optimiser)
+            scaler.update()
             total += float(loss.detach()) * yb.numel()
             seen += yb.numel()
         record = {"epoch": epoch, "loss": total / max(1, seen)}

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from ..augment.stg import SemanticTransformationGenerator, TargetEstimator, generator_loss, head_classes
 from ..data.classes import check_features
 from ..engine.checkpoint import atomic_write, atomic_write_text, exception_summary
+from ..engine.device import autocast
 from ..errors import CheckpointError, ConfigError, DataError, TailaugError
 from ..evaluation.report import read_json
 
@@ -41,6 +42,7 @@ def train_generator(
     many: int = 100,
     progress: bool = True,
     device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
 ) -> tuple[SemanticTransformationGenerator, list[float]]:
     """Train the STG on the head-class rows of ``features`` (an :class:`~tailaug.config.STGConfig`).
 
@@ -49,11 +51,13 @@ def train_generator(
     defines the head set (``cfg.head``; ``many`` is the many-shot threshold). Mini-batches of
     ``cfg.batch_size`` come from a permutation drawn with ``torch.Generator`` seeded by
     ``seed``; the model is initialised from ``seed`` too (the global RNG is left untouched).
-    Returns the model in eval mode and the mean loss of each epoch (over the batches that
+    The model trains on ``device`` with its forward pass under autocast to ``dtype`` (None:
+    float32; the loss is always float32). Returns the model in eval mode and the mean loss of each epoch (over the batches that
     had at least one target). An epoch in which no batch had a target, or a head class none
     of whose rows ever had one, is a ConfigError: the generator (or that class's token)
     would be returned untrained.
     """
+    device = torch.device(device)
     counts = torch.as_tensor(class_counts).long().reshape(-1)
     num_classes = counts.numel()
     features, labels = check_features(features, labels, num_classes, "cached")
@@ -80,6 +84,7 @@ def train_generator(
     model.trained_tokens[torch.tensor(heads)] = True
     model.to(device)
     optimiser = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     estimator = TargetEstimator(cfg.memory_size, cfg.min_neighbours, cfg.ema)
     order_rng = torch.Generator().manual_seed(seed)
     batch_size = cfg.batch_size
@@ -100,7 +105,9 @@ def train_generator(
             mu_t, sigma_t, mask = estimator(xb, yb, ib)
             if not bool(mask.any()):
                 continue
-            mu, log_var = model(xb, yb)
+            with autocast(device, dtype):
+                mu, log_var = model(xb, yb)
+            mu, log_var = mu.float(), log_var.float()
             loss = generator_loss(mu[mask], log_var[mask], mu_t[mask], sigma_t[mask], cfg.loss)
             if not torch.isfinite(loss):
                 raise TailaugError(
@@ -108,8 +115,9 @@ def train_generator(
                     "use stg.loss=mse (nothing was saved)"
                 )
             optimiser.zero_grad(set_to_none=True)
-            loss.backward()
-            optimiser.step()
+            scaler.scale(loss).backward()
+            scaler.step(optimiser)
+            scaler.update()
             had_target[yb[mask]] = True
             total += float(loss.detach())
             batches += 1

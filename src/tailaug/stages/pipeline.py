@@ -20,7 +20,9 @@ import torch
 from ..augment.base import NoAugmenter, build_augmenter
 from ..augment.stg import head_classes
 from ..config import Config
+from ..engine import distributed
 from ..engine.checkpoint import atomic_write, load_tensors
+from ..engine.device import resolve_device, resolve_precision
 from ..evaluation.report import format_table, read_json, write_json
 from ..evaluation.results import STAGE1, record_results, result_row
 from ..evaluation.scoring import eval_settings, score
@@ -31,6 +33,8 @@ from .generator import load_generator, save_generator, train_generator
 from .keys import features_key, generator_key, retrain_fields, retrain_key, retrain_seed
 from .representation import stage1_row, train_stage1
 from .stage1_model import check_checkpoint, checkpoint_path, is_complete, write_run_config
+
+CPU = torch.device("cpu")
 
 
 def stage1_state(cfg: Config, run_dir: Path) -> str:
@@ -57,16 +61,17 @@ def head_set(cfg: Config, counts) -> list[int]:
     return head_classes(counts, cfg.stg.head, many=cfg.data.shots.many)
 
 
-def ensure_generator(cfg: Config, run_dir: Path, cache: dict, progress: bool):
+def ensure_generator(cfg: Config, run_dir: Path, cache: dict, progress: bool, device=CPU, dtype=None):
+    """The stage-2 generator of this config (trained now or loaded), on ``device``."""
     path = Path(run_dir) / "generator" / f"{generator_key(cfg)}.safetensors"
     if path.is_file():
         print(f"stage 2: reusing the generator {path.name}")
-        return load_generator(path)[0]
+        return load_generator(path, device=device)[0]
     print("stage 2: training the semantic transformation generator on head-class features")
     model, losses = train_generator(
         cache["train_features"], cache["train_labels"], cache["train_index"],
         cache["class_counts"].tolist(), cfg.stg, seed=cfg.run.seed, many=cfg.data.shots.many,
-        progress=progress,
+        progress=progress, device=device, dtype=dtype,
     )
     print("stage 2: loss per epoch " + " ".join(f"{v:.4f}" for v in losses))
     save_generator(path, model, {"stg": cfg.stg.model_dump(mode="json"), "losses": losses})
@@ -74,8 +79,8 @@ def ensure_generator(cfg: Config, run_dir: Path, cache: dict, progress: bool):
 
 
 def retrain(cfg: Config, run_dir: Path, cache: dict, augmenter_cfg, generator=None, *,
-            progress: bool = True) -> tuple[str, dict]:
-    """Stage 3 with one augmenter; returns (row label, results.json row).
+            progress: bool = True, device=CPU, dtype=None) -> tuple[str, dict]:
+    """Stage 3 with one augmenter on ``device``; returns (row label, results.json row).
 
     The trained classifier's test logits are stored under its key and scored with the
     current ``eval`` and shot settings every time."""
@@ -99,10 +104,10 @@ def retrain(cfg: Config, run_dir: Path, cache: dict, augmenter_cfg, generator=No
             cache["train_features"], cache["train_labels"], counts, retrain_cfg,
             num_classes=len(counts), seed=retrain_seed(cfg, retrain_cfg), augmenter=augmenter,
             init_weight=head1.weight, init_bias=head1.bias, init_cosine_scale=head1.cosine_scale,
-            val=val, progress=progress, head_classes=head_set(cfg, counts),
+            val=val, progress=progress, head_classes=head_set(cfg, counts), device=device, dtype=dtype,
         )
         with torch.no_grad():
-            logits = head(cache["test_features"]).float().cpu().contiguous()
+            logits = head(cache["test_features"].to(device)).float().cpu().contiguous()
         choices = head.choices
         from safetensors.torch import save_file
 
@@ -113,6 +118,12 @@ def retrain(cfg: Config, run_dir: Path, cache: dict, augmenter_cfg, generator=No
     return label, result_row(results, key=key, settings=eval_settings(cfg), choices=choices)
 
 
+def run_device(cfg: Config) -> tuple[torch.device, torch.dtype | None]:
+    """The device and autocast dtype of the run (run.device, train.precision) for stages 2 and 3."""
+    device = resolve_device(cfg.run.device, distributed.local_rank())
+    return device, resolve_precision(cfg.train.precision, device)
+
+
 def run_pipeline(cfg: Config, run_dir: Path, *, progress: bool = True) -> dict:
     """All three stages; writes their rows to results.json (merged) and config.yaml, and
     returns {row label: test metrics}."""
@@ -121,11 +132,12 @@ def run_pipeline(cfg: Config, run_dir: Path, *, progress: bool = True) -> dict:
     counts = cache["class_counts"].tolist()
     stage1 = score(cache["test_logits"], cache["test_labels"], counts, cfg)
     rows = {STAGE1: stage1_row(cfg, stage1, features=features_key(cfg))}
-    rows.update([retrain(cfg, run_dir, cache, NoAugmenter(), progress=progress)])
+    device, dtype = run_device(cfg)
+    rows.update([retrain(cfg, run_dir, cache, NoAugmenter(), progress=progress, device=device, dtype=dtype)])
     aug = cfg.retrain.augmenter
     if aug.name != "none":
-        generator = ensure_generator(cfg, run_dir, cache, progress) if aug.uses_generator else None
-        rows.update([retrain(cfg, run_dir, cache, aug, generator, progress=progress)])
+        generator = ensure_generator(cfg, run_dir, cache, progress, device, dtype) if aug.uses_generator else None
+        rows.update([retrain(cfg, run_dir, cache, aug, generator, progress=progress, device=device, dtype=dtype)])
     metrics = {label: row["metrics"] for label, row in rows.items()}
     print(format_table(list(metrics.items())))
     record_results(run_dir, rows)

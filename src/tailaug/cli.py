@@ -8,6 +8,7 @@ import sys
 from importlib import metadata
 from pathlib import Path
 
+from .engine.threads import set_passive_wait
 from .errors import TailaugError
 
 DESCRIPTION = """\
@@ -74,6 +75,7 @@ def version() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    set_passive_wait()  # before torch loads its OpenMP runtime: idle threads sleep instead of spinning
     parser = build_parser()
     # overrides may stand before or after flags: collect the stragglers argparse leaves over
     args, extra = parser.parse_known_args(argv)

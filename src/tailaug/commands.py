@@ -11,6 +11,7 @@ from pathlib import Path
 from .config import Config, load_config
 from .engine.device import resolve_device
 from .engine.rundir import open_run_dir, run_dir_path
+from .engine.threads import apply_threads
 from .errors import TailaugError
 
 
@@ -38,6 +39,7 @@ def train(config: str, overrides: list[str], *, resume: bool, progress: bool) ->
     from .stages.stage1_model import check_checkpoint, checkpoint_path, is_complete
 
     cfg = load_config(config, overrides)
+    apply_threads(cfg.run.threads)
     run_dir = run_dir_of(cfg)
     resolve_device(cfg.run.device)
     main = _is_main(cfg)
@@ -89,6 +91,7 @@ def evaluate(run_dir: Path, overrides: list[str] = ()) -> dict:
     saved = load_run_config(run_dir)
     cfg = load_run_config(run_dir, overrides)
     _check_report_overrides(saved, cfg, list(overrides))
+    apply_threads(cfg.run.threads)
     with open_run_dir(run_dir, create=False):
         read_results(run_dir)
         stage1 = load_finished(cfg, run_dir)
@@ -133,6 +136,7 @@ def run(config: str, overrides: list[str], *, resume: bool = False, progress: bo
     from .stages.pipeline import run_pipeline, stage1_state
 
     cfg = load_config(config, overrides)
+    apply_threads(cfg.run.threads)
     run_dir = run_dir_of(cfg)
     resolve_device(cfg.run.device)  # a device this machine lacks fails before anything is written
     main = _is_main(cfg)
@@ -152,6 +156,7 @@ def analyze_stg(run_dir: Path) -> dict:
 
     run_dir = Path(run_dir)
     cfg = load_run_config(run_dir)
+    apply_threads(cfg.run.threads)
     with open_run_dir(run_dir, create=False):
         cache = extract_features(cfg, run_dir, progress=False)
         generator = ensure_generator(cfg, run_dir, cache, progress=False)

@@ -43,6 +43,7 @@ class RunConfig(Section):
     output_dir: str = "runs"
     seed: int = Field(0, ge=0, lt=SEED_LIMIT)  # seeds numpy too, which takes seeds below 2**32
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    threads: int | None = Field(None, ge=1)  # CPU threads per process; None: OMP_NUM_THREADS, else the free cores
 
 
 class ShotThresholds(Section):

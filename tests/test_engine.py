@@ -17,7 +17,7 @@ from tailaug.data.loaders import Batches
 from tailaug.data.transforms import MEAN_STD, BatchTransform, random_crop, random_flip
 from tailaug.engine.checkpoint import (atomic_write, atomic_write_text, exception_summary, load_checkpoint,
                                       load_state, load_tensors, save_checkpoint)
-from tailaug.engine.device import resolve_precision
+from tailaug.engine.device import cpu_flags, resolve_precision
 from tailaug.engine.logging import MetricsLogger
 from tailaug.engine.schedule import lr_at
 from tailaug.engine.seed import torch_generator
@@ -427,8 +427,32 @@ def test_batches_augment_is_seeded_by_epoch():
 # --------------------------------------------------------------------------- precision
 
 
+AMX = {"fpu", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "amx_int8"}
+AVX512_BF16 = {"fpu", "avx512f", "avx512_bf16"}  # the CPU where bf16 autocast measured slower than fp32
+
+
+def test_precision_auto_on_the_cpu_is_bf16_only_with_amx(capsys):
+    assert resolve_precision("auto", CPU, flags=AMX) is torch.bfloat16
+    assert resolve_precision("auto", CPU, flags=AVX512_BF16) is None
+    assert resolve_precision("auto", CPU, flags=set()) is None
+    for _ in range(3):
+        resolve_precision("auto", CPU, flags=AMX)
+    out = capsys.readouterr().out.splitlines()
+    assert out.count("train.precision auto: bf16 on a CPU with AMX") == 1  # printed once
+    assert out.count("train.precision auto: fp32 on a CPU without AMX, where bf16 is slower") == 1
+
+
+def test_cpu_flags_from_cpuinfo(tmp_path):
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nmodel name\t: Xeon\nflags\t\t: fpu avx512f amx_bf16 amx_tile\n\n"
+                    "processor\t: 1\nflags\t\t: fpu avx512f amx_bf16 amx_tile\n")
+    assert cpu_flags(info) == {"fpu", "avx512f", "amx_bf16", "amx_tile"}
+    assert cpu_flags(tmp_path / "missing") == frozenset()
+    info.write_text("processor\t: 0\nFeatures\t: fp asimd bf16\n")  # ARM
+    assert cpu_flags(info) == {"fp", "asimd", "bf16"}
+
+
 def test_resolve_precision_cpu():
-    assert resolve_precision("auto", CPU) is None
     assert resolve_precision("fp32", CPU) is None
     assert resolve_precision("bf16", CPU) is torch.bfloat16
     with pytest.raises(ConfigError, match="train.precision fp16 needs CUDA; on the CPU use bf16 or fp32"):

@@ -81,10 +81,11 @@ def _check_report_overrides(saved: Config, cfg: Config, overrides: list[str]) ->
 def evaluate(run_dir: Path, overrides: list[str] = ()) -> dict:
     """Score the finished stage 1 of ``run_dir`` on the test set again (e.g. with other shot
     thresholds or eval settings); its row of results.json is replaced, the others kept."""
+    from .engine.device import precision_name
     from .evaluation.report import format_table
     from .evaluation.results import STAGE1, read_results, record_results
     from .evaluation.scoring import score
-    from .stages.representation import precision_name, stage1_row
+    from .stages.representation import stage1_row
     from .stages.stage1_model import load_finished
 
     run_dir = Path(run_dir)

@@ -18,7 +18,7 @@ from ..data.loaders import Batches
 from ..data.samplers import build_sampler
 from ..engine import distributed
 from ..engine.checkpoint import load_state, save_checkpoint
-from ..engine.device import autocast, resolve_device, resolve_precision
+from ..engine.device import autocast, precision_name, resolve_device, resolve_precision
 from ..engine.inference import collect_outputs
 from ..engine.logging import MetricsLogger
 from ..engine.schedule import lr_at
@@ -233,11 +233,6 @@ class Trainer:
             print(format_table([("stage 1 (last epoch)", results)]))
         distributed.barrier()
         return results
-
-
-def precision_name(dtype: torch.dtype | None) -> str:
-    """The precision a resolved autocast dtype stands for ('fp32', 'bf16', 'fp16')."""
-    return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
 
 
 def stage1_row(cfg: Config, metrics: dict, **choices) -> dict:

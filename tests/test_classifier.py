@@ -12,7 +12,8 @@ from tailaug.augment.noise import NoiseAugmenter
 from tailaug.augment.stg import STGAugmenter
 from tailaug.config import RetrainConfig, STGConfig, load_config
 from tailaug.errors import ConfigError, DataError
-from tailaug.stages.classifier import TAU_GRID, accuracy, retrain_classifier
+from tailaug.classifiers.tau_norm import TAU_GRID
+from tailaug.stages.classifier import accuracy, retrain_classifier
 from tailaug.stages.generator import train_generator
 
 
@@ -153,7 +154,7 @@ def test_tau_is_chosen_on_the_validation_split(caplog):
     assert model.tau == pytest.approx(1.0)
     assert accuracy(model, xv, yv) == max(model.tau_scores.values()) == 1.0
     assert model.tau_scores[0.0] < 0.8 and model.tau_scores[2.0] < 0.8
-    with caplog.at_level(logging.WARNING, logger="tailaug.stages.classifier"):
+    with caplog.at_level(logging.WARNING, logger="tailaug.classifiers.tau_norm"):
         fallback = retrain_classifier(x, y, counts, cfg, num_classes=2, seed=0, init_weight=weight, progress=False)
     assert fallback.tau == 1.0 and "no validation split" in caplog.text
 

@@ -105,7 +105,3 @@ def barrier() -> None:
     else:
         dist.barrier()
 
-
-def shutdown() -> None:
-    if _active():
-        dist.destroy_process_group()

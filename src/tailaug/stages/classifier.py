@@ -1,25 +1,11 @@
 """Stage 3: re-train (or re-balance) the classifier on cached features (methods.md 4 and 6).
 
-:func:`retrain_classifier` maps plain tensors to a module ``features [N, d] -> logits [N, C]``:
-
-``crt``
-    a re-initialised linear classifier trained with cross-entropy (Eq. 5) on batches drawn
-    by ``cfg.sampler`` (class-balanced by default), Adam, ``cfg.epochs`` epochs of N
-    samples each; the augmenter is applied to every batch.
-``lws``
-    learnable weight scaling: the stage-1 head stays frozen and one scale f_c per class
-    (initialised to 1) is trained like cRT; logits_c = f_c * z_c with z the stage-1 head's
-    own logits: w_c . a + b_c for a linear head, s * cos(w_c, a) for a cosine head
-    (``init_cosine_scale`` = s).
-``tau_norm``
-    w_c / ||w_c||^tau, no training. Decision (Kang et al.'s implementation): the stage-1
-    bias is dropped. tau = cfg.tau, or when None the best of 0, 0.1, ..., 2.0 by accuracy on
-    ``val`` (ties: smaller tau); without ``val``, tau = 1 with a warning. Never pass the test
-    set as ``val``. A cosine stage-1 head is an error: it normalises its weights, so every
-    tau gives back the stage-1 model.
-``ncm``
-    nearest class mean: logits are the cosine similarities between the L2-normalised
-    feature and the class means of the L2-normalised training features.
+:func:`retrain_classifier` checks plain tensors, bundles them as :class:`Stage3Inputs` and
+hands them to the decoupled classifier that ``retrain.method`` names (``tailaug.classifiers``:
+crt, lws, tau_norm, ncm, one file each); the result is a module ``features [N, d] -> logits
+[N, C]``. :func:`fit_trained` is the training every trained classifier shares: the
+augmenter fitted once, batches drawn by ``retrain.sampler`` (class-balanced by default) and
+augmented, cross-entropy (Eq. 5), Adam, ``retrain.epochs`` epochs of N samples each.
 
 Everything random (initialisation, sampling, augmentation) derives from ``seed`` through
 private generators, so the same inputs and seed give the same module on the CPU.
@@ -29,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 from typing import Any, Sequence
 
 import torch
@@ -39,83 +24,13 @@ from tqdm.auto import tqdm
 
 from ..augment.base import AugmentContext, FeatureAugmenter
 from ..augment.stg import head_classes as _head_classes
-from ..data.classes import check_features, class_means
+from ..data.classes import check_features
 from ..data.samplers import build_sampler
 from ..engine.device import autocast
 from ..errors import ConfigError, DataError, TailaugError
-from ..models.heads import head_logits
 from ..registry import CLASSIFIERS
 
 log = logging.getLogger(__name__)
-
-TAU_GRID = tuple(round(0.1 * i, 1) for i in range(21))
-TAU_NORM_COSINE = (
-    "retrain.method = tau_norm rescales the norms of the stage-1 weights, but a cosine head "
-    "(model.head: cosine) normalises them, so every tau gives back the stage-1 model; use "
-    "retrain.method lws or crt, or train stage 1 with model.head: linear"
-)
-
-
-# --------------------------------------------------------------------------- classifiers
-
-
-class LinearClassifier(nn.Linear):
-    """The cRT classifier: a plain linear layer."""
-
-
-class LWSClassifier(nn.Module):
-    """Frozen stage-1 classifier (linear, or cosine with ``cosine_scale``) with a learnt per-class scale f_c."""
-
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, cosine_scale: float | None = None):
-        super().__init__()
-        self.register_buffer("weight", weight.detach().clone().float())
-        self.register_buffer("bias", None if bias is None else bias.detach().clone().float())
-        self.cosine_scale = None if cosine_scale is None else float(cosine_scale)
-        self.scales = nn.Parameter(torch.ones(weight.shape[0]))
-
-    @property
-    def effective_weight(self) -> torch.Tensor:
-        return self.scales.detach()[:, None] * self.weight
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return head_logits(x, self.weight, self.bias, self.cosine_scale) * self.scales
-
-    def extra_repr(self) -> str:
-        return "linear" if self.cosine_scale is None else f"cosine_scale={self.cosine_scale}"
-
-
-class TauNormClassifier(nn.Module):
-    """Linear classifier with weights w_c / ||w_c||^tau (and an optional bias, None by default)."""
-
-    def __init__(self, weight: torch.Tensor, tau: float, bias: torch.Tensor | None = None):
-        super().__init__()
-        weight = weight.detach().float()
-        norms = weight.norm(dim=1, keepdim=True).clamp_min(1e-12)
-        self.tau = float(tau)
-        self.register_buffer("weight", weight / norms.pow(self.tau))
-        self.register_buffer("bias", None if bias is None else bias.detach().clone().float())
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
-
-    def extra_repr(self) -> str:
-        return f"tau={self.tau}"
-
-
-class NCMClassifier(nn.Module):
-    """Cosine similarity to the class means of L2-normalised training features."""
-
-    EMPTY_LOGIT = -2.0  # below every cosine: a class without training samples is never predicted
-
-    def __init__(self, means: torch.Tensor, present: torch.Tensor):
-        super().__init__()
-        self.register_buffer("means", F.normalize(means.float(), dim=1))
-        self.register_buffer("present", present.bool())
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        cos = F.normalize(x.float(), dim=1) @ self.means.T
-        return torch.where(self.present, cos, torch.full_like(cos, self.EMPTY_LOGIT))
-
 
 # --------------------------------------------------------------------------- helpers
 
@@ -141,8 +56,6 @@ def _stage1(init_weight, init_bias, init_cosine_scale, num_classes: int, dim: in
             f"retrain.method = {method} needs the stage-1 classifier weights (init_weight); "
             "use method crt or ncm when they are not available"
         )
-    if init_cosine_scale is not None and method == "tau_norm":
-        raise ConfigError(TAU_NORM_COSINE)
     weight = torch.as_tensor(init_weight).float().to(device)
     if weight.shape != (num_classes, dim):
         raise DataError(f"init_weight must be [C, d] = [{num_classes}, {dim}], got {tuple(weight.shape)}")
@@ -250,43 +163,11 @@ class Stage3Inputs:
                         self.cfg.method, self.augmenter.name)
 
 
-TRAINED = ("epochs", "batch_size", "lr", "weight_decay", "sampler", "augmenter", "seed")
+# the retrain options a trained classifier's result depends on (its stage key)
+TRAINED_OPTIONS = ("epochs", "batch_size", "lr", "weight_decay", "sampler", "augmenter", "seed")
 
 
-@CLASSIFIERS.register("crt", label="cRT", reads=TRAINED)
-def _fit_crt(inp: Stage3Inputs) -> nn.Module:
-    model = LinearClassifier(inp.dim, inp.num_classes)
-    _init_linear(model, inp.seed)
-    return _fit_trained(model, inp)
-
-
-@CLASSIFIERS.register("lws", label="LWS", reads=TRAINED)
-def _fit_lws(inp: Stage3Inputs) -> nn.Module:
-    return _fit_trained(LWSClassifier(*inp.stage1(), inp.init_cosine_scale), inp)
-
-
-def _tau_norm_needs_a_linear_head(cfg) -> None:
-    if cfg.model.head == "cosine":
-        raise ValueError(
-            "retrain.method = tau_norm rescales the norms of the stage-1 weights, but model.head: "
-            "cosine normalises them, so every tau gives back the stage-1 model; use retrain.method "
-            "lws or crt, or model.head: linear"
-        )
-
-
-@CLASSIFIERS.register("tau_norm", label="tau-norm", check=_tau_norm_needs_a_linear_head, reads=("tau",))
-def _fit_tau_norm_method(inp: Stage3Inputs) -> nn.Module:
-    inp.ignore_augmenter()
-    return _fit_tau_norm(inp.stage1()[0], inp.cfg.tau, inp.val_xy)
-
-
-@CLASSIFIERS.register("ncm", label="NCM")
-def _fit_ncm_method(inp: Stage3Inputs) -> nn.Module:
-    inp.ignore_augmenter()
-    return _fit_ncm(inp.x, inp.y, inp.num_classes)
-
-
-def _fit_trained(model: nn.Module, inp: Stage3Inputs) -> nn.Module:
+def fit_trained(model: nn.Module, inp: Stage3Inputs) -> nn.Module:
     """Fit the augmenter (once) and train ``model`` on the augmented batches."""
     model.to(inp.device)
     augmenter = inp.augmenter
@@ -309,15 +190,6 @@ def _fit_trained(model: nn.Module, inp: Stage3Inputs) -> nn.Module:
                            inp.progress, inp.device, inp.dtype)
     model.choices = {"seed": inp.seed}
     return model
-
-
-def _init_linear(layer: nn.Linear, seed: int) -> None:
-    """PyTorch's default nn.Linear initialisation, drawn from a private seeded generator."""
-    gen = torch.Generator().manual_seed(seed)
-    bound = 1.0 / math.sqrt(layer.in_features)
-    with torch.no_grad():
-        layer.weight.copy_(torch.rand(layer.weight.shape, generator=gen) * 2 * bound - bound)
-        layer.bias.copy_(torch.rand(layer.bias.shape, generator=gen) * 2 * bound - bound)
 
 
 def _train(model, x, y, cfg, num_classes, seed, augmenter, val_xy, progress, device, dtype) -> list[dict]:
@@ -363,32 +235,3 @@ def _train(model, x, y, cfg, num_classes, seed, augmenter, val_xy, progress, dev
     if augmenter is not None:
         augmenter.eval()
     return history
-
-
-def _fit_tau_norm(weight: torch.Tensor, tau: float | None, val_xy) -> TauNormClassifier:
-    """tau-norm with ``tau``, or chosen on ``val_xy``; ``choices`` says which and why."""
-    scores = None
-    if tau is not None:
-        source = "retrain.tau"
-    elif val_xy is None:
-        log.warning(
-            "tau_norm: retrain.tau is not set and there is no validation split, so tau = 1; set "
-            "retrain.tau or data.val_per_class > 0 to choose it on validation data (never on the test set)"
-        )
-        tau, source = 1.0, "default (no validation split)"
-    else:
-        scores = {t: accuracy(TauNormClassifier(weight, t), *val_xy) for t in TAU_GRID}
-        tau, source = max(TAU_GRID, key=lambda t: (scores[t], -t)), "validation split"
-        log.info("tau_norm: tau = %.1f chosen on the validation split (accuracy %.4f)", tau, scores[tau])
-    model = TauNormClassifier(weight, tau)
-    model.tau_scores = scores
-    model.choices = {"tau": tau, "tau_from": source,
-                     "tau_scores": None if scores is None else {f"{t:.1f}": s for t, s in scores.items()}}
-    return model
-
-
-def _fit_ncm(x: torch.Tensor, y: torch.Tensor, num_classes: int) -> NCMClassifier:
-    present = torch.bincount(y, minlength=num_classes) > 0
-    if not bool(present.all()):
-        log.warning("ncm: class(es) %s have no training sample and are never predicted", (~present).nonzero().flatten().tolist())
-    return NCMClassifier(class_means(F.normalize(x, dim=1), y, num_classes), present).to(x.device)

@@ -246,6 +246,21 @@ def test_a_second_command_on_a_busy_run_dir_fails_at_once(finished_run, capsys):
     assert main(["evaluate", str(run_dir)]) == 0  # released
 
 
+def test_evaluate_refuses_a_saved_config_that_no_longer_matches_the_model(finished_run, capsys):
+    run_dir, _, _ = finished_run
+    config = run_dir / "config.yaml"
+    saved = config.read_text()
+    config.write_text(saved.replace("lr: 0.05", "lr: 0.07", 1))  # hand-edited after training
+    try:
+        before = snapshot(run_dir)
+        assert main(["evaluate", str(run_dir)]) == 2
+        err = capsys.readouterr().err
+        assert "was trained with other stage-1 settings than" in err and "was it edited after training?" in err
+        assert snapshot(run_dir) == before
+    finally:
+        config.write_text(saved)
+
+
 def test_stage1_is_loaded_without_building_a_trainer(finished_run, monkeypatch, tmp_path):
     """The feature cache and evaluate load the finished model: no Trainer, no global reseed,
     and the same features as before."""

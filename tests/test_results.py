@@ -40,7 +40,7 @@ def test_code_version(monkeypatch):
 @pytest.mark.parametrize("text, problem", [
     ('{"stage1": {"top1": 1.0}}', "not a tailaug results file of schema 1"),
     ('{"schema": 1, "rows": {', "cannot be read"),
-    ("[1, 2]", "not a tailaug results file"),
+    ("[1, 2]", "holds a JSON array, not an object; move it away"),
 ])
 def test_a_results_file_that_cannot_be_merged_is_refused_untouched(tmp_path, text, problem):
     (tmp_path / "results.json").write_text(text)

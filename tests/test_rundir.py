@@ -66,3 +66,31 @@ def test_a_file_or_an_unwritable_place_is_a_clear_error(tmp_path):
         with open_run_dir("/proc/tailaug-test/run", create=True):
             pass
     assert (tmp_path / "file").read_text() == "x"
+
+
+def test_a_run_dir_held_by_another_process_is_refused(tmp_path):
+    """Two real processes: the second command fails at once and names the first one's pid."""
+    import subprocess
+    import sys
+
+    import pytest
+
+    from tailaug.engine.rundir import open_run_dir
+    from tailaug.errors import TailaugError
+
+    run_dir = tmp_path / "busy"
+    holder = subprocess.Popen(
+        [sys.executable, "-c",
+         "import sys\nfrom tailaug.engine.rundir import open_run_dir\n"
+         f"with open_run_dir({str(run_dir)!r}, create=True):\n    print('held', flush=True)\n    sys.stdin.read()\n"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(TailaugError, match=f"in use by another tailaug command \\(process {holder.pid}\\)"):
+            with open_run_dir(run_dir, create=True):
+                pass
+    finally:
+        holder.communicate("", timeout=30)
+    with open_run_dir(run_dir, create=True):  # released when the holder ended
+        pass

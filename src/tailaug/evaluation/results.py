@@ -21,12 +21,11 @@ never erases the stage-3 rows of ``tailaug run``.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from ..errors import TailaugError
-from .report import write_json
+from .report import read_json, write_json
 
 SCHEMA = 1
 STAGE1 = "stage 1"
@@ -60,12 +59,8 @@ def read_results(run_dir: str | Path) -> dict[str, dict]:
     path = results_path(run_dir)
     if not path.exists():
         return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise TailaugError(f"{path} cannot be read ({type(exc).__name__}); move it away and run the command "
-                           "again (nothing was changed)") from None
-    if not (isinstance(data, dict) and data.get("schema") == SCHEMA and isinstance(data.get("rows"), dict)):
+    data = read_json(path, fix="move it away and run the command again (nothing was changed)")
+    if not (data.get("schema") == SCHEMA and isinstance(data.get("rows"), dict)):
         raise TailaugError(f"{path} is not a tailaug results file of schema {SCHEMA} (an older version or "
                            "another program wrote it); move it away and run the command again (nothing was "
                            "changed)")

@@ -57,16 +57,26 @@ def is_complete(run_dir: Path, cfg: Config) -> bool:
     return finished_key(run_dir) == stage1_key(cfg)
 
 
-def other_config_hint(run_dir: Path, cfg: Config) -> str:
-    """Which stage-1 fields of ``cfg`` differ from the run's saved config.yaml, as a phrase."""
+def other_model_error(what: str, run_dir: Path, cfg: Config) -> CheckpointError:
+    """The error for ``what`` (stage 1 or its checkpoint) trained with other stage-1 fields than
+    ``cfg``'s: which fields differ from the run's config.yaml, or that config.yaml itself no
+    longer matches the model (edited after training)."""
     try:
         from ..config import load_config
 
-        saved = load_config(config_path(run_dir))
+        fields = changed_fields(load_config(config_path(run_dir)), cfg)
     except TailaugError:
-        return "a different data/model/train config"
-    fields = changed_fields(saved, cfg)
-    return f"another {', '.join(fields)}" if fields else "a different data/model/train config"
+        fields = []
+    if fields:
+        return CheckpointError(
+            f"{what} was trained with another {', '.join(fields)} (fields that change the stage-1 model); use "
+            f"the config saved in {config_path(run_dir)}, or another run.name for this config (nothing was changed)"
+        )
+    return CheckpointError(
+        f"{what} was trained with other stage-1 settings than {config_path(run_dir)} now gives (was it edited "
+        "after training?); restore the config it was trained with, or train this config under another "
+        "run.name (nothing was changed)"
+    )
 
 
 CHECKPOINT_ENTRIES = ("epoch", "key", "model", "optimizer", "scaler", "best")  # what Trainer.state saves
@@ -95,11 +105,7 @@ def check_checkpoint(run_dir: Path, cfg: Config, *, device: str | torch.device =
     """The run's last checkpoint; raises unless it was trained with this config's stage-1 fields."""
     ckpt = load_stage1_checkpoint(run_dir, device)
     if ckpt["key"] != stage1_key(cfg):
-        raise CheckpointError(
-            f"{checkpoint_path(run_dir)} was trained with {other_config_hint(run_dir, cfg)} "
-            f"(fields that change the stage-1 model); use the config saved in {config_path(run_dir)}, or "
-            "another run.name for this config (nothing was changed)"
-        )
+        raise other_model_error(str(checkpoint_path(run_dir)), run_dir, cfg)
     return ckpt
 
 
@@ -144,10 +150,7 @@ def load_finished(cfg: Config, run_dir: Path) -> Stage1Model:
             "--resume' or 'tailaug run CONFIG' and the same config"
         )
     if done != stage1_key(cfg):
-        raise TailaugError(
-            f"stage 1 in {run_dir} was trained with {other_config_hint(run_dir, cfg)} (fields that change "
-            f"the stage-1 model); use the config saved in {config_path(run_dir)} (nothing was changed)"
-        )
+        raise other_model_error(f"stage 1 in {run_dir}", run_dir, cfg)
     device = resolve_device(cfg.run.device)
     dtype = resolve_precision(cfg.train.precision, device)
     ckpt = check_checkpoint(run_dir, cfg, device=device)

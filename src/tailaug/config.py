@@ -20,6 +20,7 @@ from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, Field, ValidationError, model_validator
+from pydantic_core import PydanticCustomError
 
 from .errors import ConfigError
 from .registry import AUGMENTERS, BACKBONES, CLASSIFIERS, LOSSES, SAMPLERS, Registry, Section
@@ -31,6 +32,13 @@ ClassifierName = CLASSIFIERS.name()
 LossSection = LOSSES.section()
 AugmenterSection = AUGMENTERS.section()
 from .strict_scalars import ERROR_TYPE as STRICT_SCALAR
+
+def field_error(field: str, value: Any, message: str) -> PydanticCustomError:
+    """An error a section's validator raises about one of its fields: reported as
+    ``section.field = value: message``, like a bad value of that field."""
+    return PydanticCustomError(STRICT_SCALAR, message.replace("{", "{{").replace("}", "}}"),
+                               {"field": field, "value": value})
+
 
 SEED_LIMIT = 2**32  # numpy's legacy seeding (RandomState, np.random.seed) takes seeds in [0, 2**32)
 
@@ -67,6 +75,9 @@ class DataConfig(Section):
     imbalance_factor: float = Field(100.0, ge=1.0)
     n_max: int | None = Field(None, ge=1)  # per-class size of the balanced set; None: from the data
     lt_seed: int = Field(0, ge=0, lt=SEED_LIMIT)  # RandomState seed of the subset draw (protocol: 0)
+    # the classes in the order they receive the profile's counts: count i goes to class
+    # class_order[i]; None: 0..C-1 (the protocol)
+    class_order: list[int] | None = None
     val_per_class: int = Field(0, ge=0)  # held out of the LT train set as a validation split
     test_per_class: int | None = Field(None, ge=1)  # subsample the (balanced) test set
     shots: ShotThresholds = ShotThresholds()
@@ -95,6 +106,25 @@ class DataConfig(Section):
                 f"data.num_classes is read for dataset 'image_folder' only; {self.dataset} has a fixed "
                 "number of classes: remove data.num_classes"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _class_order(self):
+        if self.class_order is None:
+            return self
+        if self.dataset == "image_folder":
+            raise field_error("class_order", self.class_order, (
+                "orders the profile's counts of a built-in dataset; an image folder's class counts come "
+                "from its split file: remove data.class_order"))
+        from .data.classes import class_order_problem
+        from .data.sources import dataset_spec
+
+        num_classes = dataset_spec(self.dataset)[0]
+        problem = class_order_problem(self.class_order, num_classes)
+        if problem:
+            raise field_error("class_order", self.class_order, (
+                f"{problem}; {self.dataset} has {num_classes} classes: list each of 0..{num_classes - 1} "
+                "exactly once (profile count i goes to class class_order[i])"))
         return self
 
 

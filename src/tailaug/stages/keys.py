@@ -15,6 +15,9 @@ Decisions where a field could go either way:
   fast it is read or scored (``data.num_workers``, ``train.eval_batch_size``,
   ``train.channels_last``, ``run.device``) and everything that only changes the report (``data.shots``, ``data.test_per_class``,
   ``data.test_split``, ``eval.*``). The test split is in the cache key instead.
+- ``data.class_order`` is in the stage-1 key unless it is the identity order 0..C-1 or the
+  profile is ``none`` (every class gets n_max): both give the protocol's subset, and the
+  keys of runs made before the option existed stay valid.
 - In the stage-1 key: the validation split (it picks ``best.pt``), ``train.precision``
   as written (``auto`` is not resolved: the key of a config is the same on every machine)
   and ``model.weights`` (the path of the initial weights).
@@ -49,6 +52,8 @@ def stage1_fields(cfg: Config) -> dict[str, Any]:
         data.update(_pick(d, ("train_split", "val_split", "num_classes", "image_size")))
     else:
         data.update(_pick(d, ("profile", "imbalance_factor", "n_max", "lt_seed", "val_per_class")))
+        if d.class_order not in (None, list(range(len(d.class_order or ())))) and d.profile != "none":
+            data["class_order"] = d.class_order  # absent otherwise: the keys of earlier runs stay valid
     model = _pick(m, ("arch", "in_channels", "head", "weights"))
     if m.head == "cosine":
         model["cosine_scale"] = m.cosine_scale

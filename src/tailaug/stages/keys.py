@@ -23,6 +23,9 @@ Decisions where a field could go either way:
   and ``model.weights`` (the path of the initial weights).
 - Stage 3 is keyed without ``eval.*`` and ``data.shots``: its test logits are stored and
   scored again on every run, so a new ECE bin count or shot threshold costs no training.
+  With ``retrain.select`` its key holds the grid and the metric (and ``data.shots`` for the
+  ``shot_mean`` metric, which ranks the points by shot group) instead of the values the grid
+  replaces.
 """
 
 from __future__ import annotations
@@ -123,6 +126,25 @@ def retrain_fields(cfg: Config, retrain: RetrainConfig) -> dict[str, Any]:
         fields["head_set"] = head_set_fields(cfg)
         if retrain.augmenter.uses_generator:
             fields["generator"] = generator_key(cfg)
+    if retrain.select is not None:
+        fields["select"] = select_fields(cfg, retrain)
+        for key in retrain.select.grid:  # its own value is replaced by each point of the grid
+            *parents, last = key.split(".")
+            node = fields
+            for part in parents:
+                node = node.get(part, {})
+            node.pop(last, None)
+    return fields
+
+
+def select_fields(cfg: Config, retrain: RetrainConfig) -> dict[str, Any]:
+    """What a choice on the validation split depends on besides the points' options: the
+    grid itself (not the chosen values alone), the metric and, for ``shot_mean``, the shot
+    groups. The validation split is in the stage-1 key."""
+    select = retrain.select
+    fields: dict[str, Any] = {"grid": select.grid, "metric": select.metric}
+    if select.metric == "shot_mean":
+        fields["shots"] = cfg.data.shots.model_dump()
     return fields
 
 

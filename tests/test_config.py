@@ -516,6 +516,34 @@ def test_shipped_config_validates(path):
     assert validate_config(cfg.model_dump(mode="json")) == cfg
 
 
+def _leaves(tree, prefix=""):
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    return {k: v for key, value in tree.items() for k, v in _leaves(value, f"{prefix}.{key}" if prefix else key).items()}
+
+
+@pytest.mark.parametrize("counterpart, hard_tail", [
+    ("mixup", "hard_tail"), ("ce", "hard_tail_ce"), ("balanced_softmax", "hard_tail_balanced_softmax"),
+    ("ldam_drw", "hard_tail_ldam_drw"),
+])
+def test_hard_tail_configs_are_their_counterparts_on_the_hard_tail_order(counterpart, hard_tail):
+    folder = REPO / "configs" / "fmnist_lt"
+    a = _leaves(load_config(folder / f"{counterpart}.yaml").model_dump(mode="json"))
+    b = _leaves(load_config(folder / f"{hard_tail}.yaml").model_dump(mode="json"))
+    assert {k for k in a if a[k] != b[k]} == {"run.name", "data.class_order", "data.val_per_class"}
+    assert (b["data.class_order"], b["data.val_per_class"]) == ([1, 8, 9, 5, 7, 3, 0, 2, 4, 6], 20)
+
+
+def test_hard_tail_select_shares_the_stage1_model_of_hard_tail():
+    from tailaug.stages.keys import features_key, generator_key
+
+    folder = REPO / "configs" / "fmnist_lt"
+    plain, select = load_config(folder / "hard_tail.yaml"), load_config(folder / "hard_tail_select.yaml")
+    assert plain.run.name == select.run.name
+    assert (features_key(plain), generator_key(plain)) == (features_key(select), generator_key(select))
+    assert select.retrain.select.grid == {"augmenter.lam": [0.5, 1.0, 1.5], "lr": [0.001, 0.0003]}
+
+
 def test_override_indexes_into_default_list():
     cfg = load_config(None, ["train.loss.0.label_smoothing=0.1"])
     assert cfg.train.loss[0].label_smoothing == 0.1

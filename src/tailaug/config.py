@@ -34,6 +34,7 @@ LossSection = LOSSES.section()
 AugmenterSection = AUGMENTERS.section()
 from .strict_scalars import ERROR_TYPE as STRICT_SCALAR
 
+
 def field_error(field: str, value: Any, message: str) -> PydanticCustomError:
     """An error a section's validator raises about one of its fields: reported as
     ``section.field = value: message``, like a bad value of that field."""

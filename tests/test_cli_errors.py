@@ -58,6 +58,24 @@ def test_class_left_with_no_samples(capsys, out):
     assert "no samples" in err and "data.imbalance_factor" in err
 
 
+def test_bad_class_order_names_the_problem(capsys, out):
+    err = run_cli(capsys, "datasets", "describe", CONFIG, "data.class_order=[1, 8, 9, 5, 7, 3, 0, 2, 4, 4]")
+    assert "data.class_order = [1, 8, 9, 5, 7, 3, 0, 2, 4, 4]: lists class 4 more than once; leaves out class 6" in err
+
+
+def test_describe_prints_the_counts_and_names_of_a_class_order(capsys):
+    assert main(["datasets", "describe", "configs/fmnist_lt/ce.yaml",
+                 "data.class_order=[1, 8, 9, 5, 7, 3, 0, 2, 4, 6]"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[1] == "class order [1, 8, 9, 5, 7, 3, 0, 2, 4, 6] (profile count i goes to class class_order[i])"
+    rows = {int(line.split()[0]): line for line in out[3:13]}
+    assert rows[1].split() == ["1", "Trouser", "6,000", "many"]
+    assert rows[4].split() == ["4", "Coat", "100", "medium"]
+    assert rows[6].split() == ["6", "Shirt", "60", "medium"]
+    assert rows[0].split() == ["0", "T-shirt/top", "278", "many"]
+    assert out[13].startswith("total 14,886 training images")
+
+
 def write_image_folder(root, *, corrupt=False):
     rng = np.random.default_rng(0)
     lines = []

@@ -185,6 +185,36 @@ def test_num_classes_only_for_image_folders(dataset):
             "classes: remove data.num_classes") in msg
 
 
+@pytest.mark.parametrize("order, problem", [
+    ("[1, 8, 9, 5, 7, 3, 0, 2, 4]", "has 9 entries for 10 classes; leaves out class 6"),
+    ("[1, 8, 9, 5, 7, 3, 0, 2, 4, 6, 5]", "has 11 entries for 10 classes; lists class 5 more than once"),
+    ("[1, 1, 9, 5, 7, 3, 0, 2, 4, 6]", "lists class 1 more than once; leaves out class 8"),
+    ("[1, 8, 9, 5, 7, 3, 0, 2, 4, 10]", "names class 10 outside 0..9; leaves out class 6"),
+    ("[]", "has 0 entries for 10 classes; leaves out classes 0, 1, 2, 3, 4, 5, 6, 7, ..."),
+])
+def test_a_class_order_that_is_not_a_permutation_is_a_config_error(order, problem):
+    msg = error_of([f"data.class_order={order}"])
+    assert msg.splitlines()[1].strip() == (
+        f"data.class_order = {order}: {problem}; fashion_mnist has 10 classes: list each of 0..9 exactly once "
+        "(profile count i goes to class class_order[i])")
+
+
+def test_class_order_is_checked_against_the_classes_of_the_dataset():
+    order = "[1, 8, 9, 5, 7, 3, 0, 2, 4, 6]"
+    assert load_config(None, [f"data.class_order={order}"]).data.class_order == [1, 8, 9, 5, 7, 3, 0, 2, 4, 6]
+    msg = error_of(["data.dataset=cifar100", f"data.class_order={order}"])
+    assert "has 10 entries for 100 classes; leaves out classes 10, 11" in msg and "cifar100 has 100 classes" in msg
+    msg = error_of(["data.class_order=[0, true, 2, 3, 4, 5, 6, 7, 8, 9]"])
+    assert "expected a number, not the boolean true" in msg
+
+
+def test_class_order_is_refused_for_an_image_folder():
+    msg = error_of(["data.dataset=image_folder", "data.root=/data", "data.train_split=train.txt",
+                    "data.test_split=test.txt", "data.class_order=[1, 0]"])
+    assert ("data.class_order = [1, 0]: orders the profile's counts of a built-in dataset; an image folder's "
+            "class counts come from its split file: remove data.class_order") in msg
+
+
 def test_shot_thresholds_out_of_order():
     msg = error_of(["data.shots.few=200"])
     assert "few (200) must not exceed many (100)" in msg
@@ -485,6 +515,34 @@ def test_shipped_config_validates(path):
     assert cfg.train.precision == "auto"  # the machine picks its fastest precision, not the config
     # a shipped config survives its own round trip
     assert validate_config(cfg.model_dump(mode="json")) == cfg
+
+
+def _leaves(tree, prefix=""):
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    return {k: v for key, value in tree.items() for k, v in _leaves(value, f"{prefix}.{key}" if prefix else key).items()}
+
+
+@pytest.mark.parametrize("counterpart, hard_tail", [
+    ("mixup", "hard_tail"), ("ce", "hard_tail_ce"), ("balanced_softmax", "hard_tail_balanced_softmax"),
+    ("ldam_drw", "hard_tail_ldam_drw"),
+])
+def test_hard_tail_configs_are_their_counterparts_on_the_hard_tail_order(counterpart, hard_tail):
+    folder = REPO / "configs" / "fmnist_lt"
+    a = _leaves(load_config(folder / f"{counterpart}.yaml").model_dump(mode="json"))
+    b = _leaves(load_config(folder / f"{hard_tail}.yaml").model_dump(mode="json"))
+    assert {k for k in a if a[k] != b[k]} == {"run.name", "data.class_order", "data.val_per_class"}
+    assert (b["data.class_order"], b["data.val_per_class"]) == ([1, 8, 9, 5, 7, 3, 0, 2, 4, 6], 20)
+
+
+def test_hard_tail_select_shares_the_stage1_model_of_hard_tail():
+    from tailaug.stages.keys import features_key, generator_key
+
+    folder = REPO / "configs" / "fmnist_lt"
+    plain, select = load_config(folder / "hard_tail.yaml"), load_config(folder / "hard_tail_select.yaml")
+    assert plain.run.name == select.run.name
+    assert (features_key(plain), generator_key(plain)) == (features_key(select), generator_key(select))
+    assert select.retrain.select.grid == {"augmenter.lam": [0.5, 1.0, 1.5], "lr": [0.001, 0.0003]}
 
 
 def test_override_indexes_into_default_list():

@@ -18,6 +18,9 @@ STAGE1_CASES = [
     ("data.n_max=300", (), True),
     ("data.lt_seed=1", (), True),
     ("data.val_per_class=5", (), True),
+    ("data.class_order=[1, 8, 9, 5, 7, 3, 0, 2, 4, 6]", (), True),
+    ("data.class_order=[0, 1, 2, 3, 4, 5, 6, 7, 8, 9]", (), False),  # the protocol's order: the same subset
+    ("data.class_order=[1, 8, 9, 5, 7, 3, 0, 2, 4, 6]", ("data.profile=none",), False),  # all classes n_max
     ("data.crop_padding=2", (), True),
     ("data.flip=false", (), True),
     ("data.train_split=other.txt", FOLDER, True),

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from tailaug.config import DataConfig
 from tailaug.data.datasets import BALANCED_SIZE, NUM_CLASSES, planned_counts
-from tailaug.data.profiles import exponential_counts, long_tail_indices, profile_counts, step_counts
+from tailaug.data.profiles import exponential_counts, long_tail_indices, ordered_counts, profile_counts, step_counts
 from tailaug.errors import DataError
 
 # --------------------------------------------------------------------------- oracle sizes
@@ -243,3 +244,75 @@ def test_planned_counts_image_folder(tmp_path):
     cfg = DataConfig(dataset="image_folder", root=str(tmp_path), train_split="train.txt", test_split="train.txt",
                      num_classes=4)
     assert planned_counts(cfg) == [3, 1, 2, 0]
+
+
+# --------------------------------------------------------------------------- class order
+
+HARD_TAIL = [1, 8, 9, 5, 7, 3, 0, 2, 4, 6]  # Trouser, Bag, Ankle boot, ... Coat, Shirt
+
+
+def test_ordered_counts_gives_count_i_to_class_order_i():
+    assert ordered_counts([100, 50, 25], [2, 0, 1]) == [50, 25, 100]
+    assert ordered_counts([100, 50, 25], None) == [100, 50, 25]
+    assert ordered_counts([100, 50, 25], [0, 1, 2]) == [100, 50, 25]
+
+
+def test_hard_tail_order_on_fashion_mnist_lt():
+    counts = planned_counts(DataConfig(dataset="fashion_mnist", imbalance_factor=100, class_order=HARD_TAIL))
+    # profile counts 6000 3596 2156 1292 774 464 278 166 100 60, given to classes 1 8 9 5 7 3 0 2 4 6
+    assert counts == [278, 6000, 166, 464, 100, 1292, 60, 774, 3596, 2156]
+    assert counts[1] == 6000 and counts[4] == 100 and counts[6] == 60  # Trouser, Coat, Shirt
+    assert sum(counts) == 14886
+    # the validation split takes from the unused images; Trouser (6000 of 6000 used) gives up its own
+    with_val = planned_counts(DataConfig(dataset="fashion_mnist", class_order=HARD_TAIL, val_per_class=20))
+    assert with_val == [278, 5980, 166, 464, 100, 1292, 60, 774, 3596, 2156]
+
+
+@pytest.mark.parametrize("order, problem", [
+    ([0, 1], "has 2 entries for 3 classes; leaves out class 2"),
+    ([0, 1, 1], "lists class 1 more than once; leaves out class 2"),
+    ([0, 1, 3], "names class 3 outside 0..2; leaves out class 2"),
+    ([2, 0, 1, 0], "has 4 entries for 3 classes; lists class 0 more than once"),
+])
+def test_a_bad_class_order_is_a_data_error_when_the_data_is_built(order, problem):
+    with pytest.raises(DataError) as info:
+        ordered_counts([100, 50, 25], order)
+    assert str(info.value) == (f"data.class_order {problem}; list each class 0..2 exactly once "
+                               "(profile count i goes to class class_order[i])")
+
+
+def _fashion_mnist(tmp_path, **data):
+    from synthetic import write_fashion_mnist
+
+    root = tmp_path / "fm"
+    if not root.exists():
+        write_fashion_mnist(root, per_class_train=100, per_class_test=2)
+    return DataConfig(dataset="fashion_mnist", root=str(root), n_max=100, imbalance_factor=10, **data)
+
+
+def test_build_data_draws_the_protocol_subset_for_the_default_order(tmp_path):
+    from tailaug.data.datasets import build_data
+
+    default = build_data(_fashion_mnist(tmp_path))
+    identity = build_data(_fashion_mnist(tmp_path, class_order=list(range(10))))
+    assert default.class_counts == exponential_counts(100, 10, 10) == identity.class_counts
+    assert torch.equal(default.train.images, identity.train.images)
+    np.testing.assert_array_equal(default.train.labels, identity.train.labels)
+
+
+def test_build_data_gives_each_class_its_count_of_the_order(tmp_path):
+    from tailaug.data.datasets import build_data
+
+    order = [3, 9, 0, 7, 1, 8, 2, 6, 4, 5]
+    default = build_data(_fashion_mnist(tmp_path))
+    data = build_data(_fashion_mnist(tmp_path, class_order=order))
+    profile = exponential_counts(100, 10, 10)
+    assert data.class_counts == [profile[order.index(c)] for c in range(10)]
+    assert data.class_counts == planned_counts(_fashion_mnist(tmp_path, class_order=order))
+    # the draw visits the classes 0..C-1 as the protocol does and shuffles each class the same
+    # way whatever its count, so the larger of two counts keeps the images of the smaller one
+    for c in range(10):
+        a = default.train.images[torch.from_numpy(default.train.labels == c)]
+        b = data.train.images[torch.from_numpy(data.train.labels == c)]
+        short, long = (a, b) if len(a) <= len(b) else (b, a)
+        assert torch.equal(long[: len(short)], short)

@@ -105,20 +105,26 @@ def evaluate(run_dir: Path, overrides: list[str] = ()) -> dict:
 
 
 def describe(config: str, overrides: list[str]) -> str:
-    from .data.datasets import planned_counts
     from .data.classes import shot_groups
+    from .data.datasets import CLASS_NAMES, planned_counts
 
     cfg = load_config(config, overrides)
     counts = planned_counts(cfg.data)
     groups = shot_groups(counts, cfg.data.shots.many, cfg.data.shots.few)
     group_of = {c: g for g, members in groups.items() for c in members}
     d = cfg.data
+    names = CLASS_NAMES.get(d.dataset)
+    width = max(map(len, names)) if names else 0
     lines = [
         f"dataset {d.dataset}  profile {d.profile}  imbalance factor {d.imbalance_factor:g}  "
         f"classes {len(counts)}",
-        f"{'class':>5}  {'images':>7}  group",
     ]
-    lines += [f"{c:>5}  {n:>7,}  {group_of[c]}" for c, n in enumerate(counts)]
+    if d.class_order is not None:
+        lines.append(f"class order {d.class_order} (profile count i goes to class class_order[i])")
+    lines.append(f"{'class':>5}  {'name':<{width}}  {'images':>7}  group" if names else
+                 f"{'class':>5}  {'images':>7}  group")
+    lines += [f"{c:>5}  {names[c]:<{width}}  {n:>7,}  {group_of[c]}" if names else
+              f"{c:>5}  {n:>7,}  {group_of[c]}" for c, n in enumerate(counts)]
     lines.append(f"total {sum(counts):,} training images; max {max(counts):,}, min {min(counts):,}, "
                  f"ratio {max(counts) / min(counts):.1f}")
     lines.append("shot groups (many > {}, few < {}): ".format(d.shots.many, d.shots.few)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import difflib
 import hashlib
+import itertools
 import json
 import typing
 from pathlib import Path
@@ -20,6 +21,7 @@ from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, Field, ValidationError, model_validator
+from pydantic_core import PydanticCustomError
 
 from .errors import ConfigError
 from .registry import AUGMENTERS, BACKBONES, CLASSIFIERS, LOSSES, SAMPLERS, Registry, Section
@@ -31,6 +33,13 @@ ClassifierName = CLASSIFIERS.name()
 LossSection = LOSSES.section()
 AugmenterSection = AUGMENTERS.section()
 from .strict_scalars import ERROR_TYPE as STRICT_SCALAR
+
+
+def field_error(field: str, value: Any, message: str) -> PydanticCustomError:
+    """An error a section's validator raises about one of its fields: reported as
+    ``section.field = value: message``, like a bad value of that field."""
+    return PydanticCustomError(STRICT_SCALAR, message, {"field": field, "value": value})
+
 
 SEED_LIMIT = 2**32  # numpy's legacy seeding (RandomState, np.random.seed) takes seeds in [0, 2**32)
 
@@ -67,6 +76,9 @@ class DataConfig(Section):
     imbalance_factor: float = Field(100.0, ge=1.0)
     n_max: int | None = Field(None, ge=1)  # per-class size of the balanced set; None: from the data
     lt_seed: int = Field(0, ge=0, lt=SEED_LIMIT)  # RandomState seed of the subset draw (protocol: 0)
+    # the classes in the order they receive the profile's counts: count i goes to class
+    # class_order[i]; None: 0..C-1 (the protocol)
+    class_order: list[int] | None = None
     val_per_class: int = Field(0, ge=0)  # held out of the LT train set as a validation split
     test_per_class: int | None = Field(None, ge=1)  # subsample the (balanced) test set
     shots: ShotThresholds = ShotThresholds()
@@ -95,6 +107,25 @@ class DataConfig(Section):
                 f"data.num_classes is read for dataset 'image_folder' only; {self.dataset} has a fixed "
                 "number of classes: remove data.num_classes"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _class_order(self):
+        if self.class_order is None:
+            return self
+        if self.dataset == "image_folder":
+            raise field_error("class_order", self.class_order, (
+                "orders the profile's counts of a built-in dataset; an image folder's class counts come "
+                "from its split file: remove data.class_order"))
+        from .data.classes import class_order_problem
+        from .data.sources import dataset_spec
+
+        num_classes = dataset_spec(self.dataset)[0]
+        problem = class_order_problem(self.class_order, num_classes)
+        if problem:
+            raise field_error("class_order", self.class_order, (
+                f"{problem}; {self.dataset} has {num_classes} classes: list each of 0..{num_classes - 1} "
+                "exactly once (profile count i goes to class class_order[i])"))
         return self
 
 
@@ -190,6 +221,68 @@ class STGConfig(Section):
     weight_decay: float = Field(0.0, ge=0)
 
 
+class SelectConfig(Section):
+    """Stage-3 options chosen on the validation split (``retrain.select``; ``stages/select.py``).
+
+    ``grid`` maps options of ``retrain``, dotted (``lr``, ``augmenter.lam``, ``sampler.kind``;
+    nested mappings are read as dotted keys), to the values to try. Every combination (the
+    first key varies slowest) trains the classifier and is scored on the validation split by
+    ``metric``, in %: ``top1`` (accuracy over the validation images), ``balanced`` (mean of the
+    per-class accuracies; top1 on a balanced split) or ``shot_mean`` (mean of the many-,
+    medium- and few-shot accuracies, groups by ``data.shots``: the tail weighs as much as the
+    head). The best point is kept, ties going to the first in grid order.
+    """
+
+    grid: dict[str, list[Any]]
+    metric: Literal["top1", "balanced", "shot_mean"] = "top1"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _dotted_keys(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("grid"), dict):
+            data = {**data, "grid": _dotted(data["grid"])}
+        return data
+
+    @model_validator(mode="after")
+    def _keys(self):
+        if not self.grid:
+            raise field_error("grid", self.grid, "names no option to choose; give at least one, e.g. "
+                              "{lr: [0.001, 0.0003]}")
+        for key, values in self.grid.items():
+            problem = _grid_key_problem(key) or (not values and "has no values: give at least one")
+            if problem:
+                raise field_error("grid", self.grid, f"{key} {problem}")
+        return self
+
+    def points(self) -> list[dict[str, Any]]:
+        """Every combination of the grid's values, in grid order (the first key varies slowest)."""
+        return [dict(zip(self.grid, values)) for values in itertools.product(*self.grid.values())]
+
+
+def _dotted(tree: dict, prefix: str = "") -> dict:
+    out: dict = {}
+    for key, value in tree.items():
+        path = f"{prefix}{key}"
+        out.update(_dotted(value, path + ".") if isinstance(value, dict) and value else {path: value})
+    return out
+
+
+def _grid_key_problem(key: str) -> str | None:
+    first = key.split(".")[0]
+    if first == "retrain":
+        return f"is not relative to retrain: write {key.removeprefix('retrain.')!r}"
+    if first == "method":
+        return "cannot be chosen: the grid chooses the options of one retrain.method; compare methods as rows"
+    if first == "seed":
+        return "cannot be chosen: a seed chosen on validation is a lucky draw, not a setting; set retrain.seed"
+    if first == "select":
+        return "cannot be chosen: retrain.select does not nest"
+    if key in ("augmenter", "augmenter.name"):
+        return ("cannot be chosen: the grid varies the options of retrain.augmenter (augmenter.lam, ...); "
+                "compare augmenters as rows")
+    return None
+
+
 class RetrainConfig(Section):
     method: ClassifierName = "crt"
     epochs: int = Field(30, ge=1)
@@ -202,6 +295,22 @@ class RetrainConfig(Section):
     )
     tau: float | None = Field(None, ge=0)  # tau-norm; None: chosen on the validation split
     seed: int | None = Field(None, ge=0, lt=SEED_LIMIT)  # None: run.seed
+    select: SelectConfig | None = None  # options chosen on the validation split; None: as given
+
+    def at(self, point: dict[str, Any]) -> "RetrainConfig":
+        """This config, without ``select``, with the dotted options of ``point`` (a point of
+        ``select.grid``) set and validated; a ConfigError naming the point otherwise."""
+        tree = {"retrain": self.model_dump(mode="json", exclude={"select"})}
+        shown = "{" + ", ".join(f"{k}: {_flow(v)}" for k, v in point.items()) + "}"
+        try:
+            for key, value in point.items():
+                apply_override(tree, ["retrain", *key.split(".")], copy.deepcopy(value))
+            return RetrainConfig.model_validate(tree["retrain"])
+        except ConfigError as exc:
+            raise ConfigError(f"retrain.select.grid point {shown}: {exc}") from None
+        except ValidationError as exc:
+            problems = [_describe({**err, "loc": ("retrain", *err["loc"])}, tree) for err in exc.errors()]
+            raise ConfigError(f"retrain.select.grid point {shown}: {'; '.join(problems)}") from None
 
 
 class EvalConfig(Section):
@@ -241,6 +350,51 @@ class Config(Section):
             check(self)
         return self
 
+    @model_validator(mode="after")
+    def _select_on_validation(self):
+        """retrain.select needs a validation split, keys its method reads and valid points;
+        its grid is stored with the validated values (``1e-3`` read as 0.001)."""
+        select = self.retrain.select
+        if select is None:
+            return self
+        d = self.data
+        if (d.val_split if d.dataset == "image_folder" else d.val_per_class) in (None, 0):
+            fix = ("data.val_split (a split file of validation images)" if d.dataset == "image_folder" else
+                   "data.val_per_class (e.g. 20: a balanced split held out of the training images)")
+            raise ValueError(
+                "retrain.select chooses stage-3 options on the validation split (never on the test set), "
+                f"and this config has none: set {fix}"
+            )
+        method = self.retrain.method
+        reads = CLASSIFIERS.get(method).reads
+        for key in select.grid:
+            first = key.split(".")[0]
+            if first == "augmenter" and self.retrain.augmenter.name == "none":
+                raise ValueError(f"retrain.select.grid varies {key}, but retrain.augmenter is none: set the "
+                                 "augmenter whose option it chooses (e.g. retrain.augmenter={name: stg})")
+            if first in RetrainConfig.model_fields and first not in reads:
+                could = f"it reads {', '.join(r for r in reads if r != 'seed')}" if reads else \
+                    "it has no option to choose: remove retrain.select"
+                raise ValueError(f"retrain.select.grid varies {key}, which retrain.method {method} does not "
+                                 f"read, so every point would give the same classifier; {could}")
+        keys = list(select.grid)
+        valid = {key: [None] * len(values) for key, values in select.grid.items()}
+        for positions in itertools.product(*(range(len(v)) for v in select.grid.values())):
+            point = {key: select.grid[key][i] for key, i in zip(keys, positions)}
+            try:
+                chosen = self.retrain.at(point).model_dump(mode="json")
+            except ConfigError as exc:
+                raise ValueError(str(exc)) from None
+            for key, i in zip(keys, positions):
+                valid[key][i] = _value_at(chosen, key)
+        for key, values in valid.items():
+            twice = next((v for i, v in enumerate(values) if v in values[:i]), None)
+            if twice is not None:
+                raise ValueError(f"retrain.select.grid lists {key} = {_flow(twice)} more than once; "
+                                 "give each value once")
+        self.retrain.select = select.model_copy(update={"grid": valid})
+        return self
+
     def section_hash(self, *sections: str) -> str:
         """A short hash of the named sections (dotted paths allowed), for stage caching."""
         dumped = self.model_dump(mode="json")
@@ -257,6 +411,17 @@ class Config(Section):
 
 
 # --------------------------------------------------------------------------- loading
+
+
+def _flow(value: Any) -> str:
+    """``value`` as YAML flow text (0.001, true, [1, 2], {name: stg})."""
+    return yaml.safe_dump(value, default_flow_style=True, width=10**6).strip().removesuffix("\n...").strip()
+
+
+def _value_at(tree: dict, dotted: str) -> Any:
+    for part in dotted.split("."):
+        tree = tree[part]
+    return tree
 
 
 def short_hash(obj: Any) -> str:

@@ -349,7 +349,7 @@ class STGAugmenter(AugmenterOptions):
         return f"STG (lambda {self.lam})"
 
 
-@AUGMENTERS.register("stg", config=STGAugmenter)
+@AUGMENTERS.register("stg", config=STGAugmenter, label="STG")
 class STGAugmenterModule(FeatureAugmenter):
     """Sample-specific augmentation with a trained, frozen STG (Eq. 3 and Eq. 4).
 

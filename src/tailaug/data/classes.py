@@ -7,6 +7,7 @@
   than ``many`` training images, few = fewer than ``few``, medium = the rest). The many-shot
   classes are also the default head set of the feature augmenters.
 - :func:`class_means`: the mean feature of every class.
+- :func:`class_order_problem`: what is wrong with an order of the classes (``data.class_order``).
 """
 
 from __future__ import annotations
@@ -120,3 +121,27 @@ def class_means(features: torch.Tensor, labels: torch.Tensor, num_classes: int) 
     sums.index_add_(0, labels, feats)
     counts = torch.bincount(labels, minlength=num_classes).clamp_min(1).to(feats.dtype)
     return sums / counts[:, None]
+
+
+def class_order_problem(order: Sequence[int], num_classes: int) -> str | None:
+    """What keeps ``order`` from being a permutation of 0..num_classes-1 (each class exactly
+    once), as a phrase that follows "data.class_order"; None when it is one."""
+    order = [int(c) for c in order]
+    problems = []
+    if len(order) != num_classes:
+        problems.append(f"has {len(order)} entries for {num_classes} classes")
+    outside = sorted({c for c in order if not 0 <= c < num_classes})
+    if outside:
+        problems.append(f"names {_listing(outside, 'class', 'classes')} outside 0..{num_classes - 1}")
+    twice = sorted({c for c in order if order.count(c) > 1})
+    if twice:
+        problems.append(f"lists {_listing(twice, 'class', 'classes')} more than once")
+    missing = sorted(set(range(num_classes)) - set(order))
+    if missing:
+        problems.append(f"leaves out {_listing(missing, 'class', 'classes')}")
+    return "; ".join(problems) or None
+
+
+def _listing(items: list[int], one: str, many: str) -> str:
+    shown = ", ".join(map(str, items[:8])) + (", ..." if len(items) > 8 else "")
+    return f"{one} {shown}" if len(items) == 1 else f"{many} {shown}"

@@ -14,13 +14,19 @@ import torch
 
 from ..config import DataConfig
 from ..errors import DataError
-from .profiles import long_tail_indices, profile_counts
+from .profiles import long_tail_indices, ordered_counts, profile_counts
 from .transforms import MEAN_STD
 
 # Per-class size of the balanced training set (n_max of the profile). MNIST's smallest
 # class has 5,421 training images, so that is the largest n_max every class can give.
 BALANCED_SIZE = {"cifar10": 5000, "cifar100": 500, "fashion_mnist": 6000, "mnist": 5421}
 NUM_CLASSES = {"cifar10": 10, "cifar100": 100, "fashion_mnist": 10, "mnist": 10}
+# class names by label, for reports (datasets whose labels are not self-explanatory)
+CLASS_NAMES = {
+    "fashion_mnist": ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
+                      "Bag", "Ankle boot"),
+    "cifar10": ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"),
+}
 
 
 @dataclass
@@ -55,11 +61,18 @@ def planned_counts(cfg: DataConfig) -> list[int]:
 
         _, labels = read_split_file(cfg.root, cfg.train_split, cfg.num_classes)
         return np.bincount(labels, minlength=cfg.num_classes or 0).tolist()
-    n_max = cfg.n_max or BALANCED_SIZE[cfg.dataset]
-    counts = profile_counts(cfg.profile, n_max, NUM_CLASSES[cfg.dataset], cfg.imbalance_factor)
+    counts = long_tail_counts(cfg)
     if cfg.val_per_class:
         counts = [n - max(0, cfg.val_per_class - (BALANCED_SIZE[cfg.dataset] - n)) for n in counts]
     return counts
+
+
+def long_tail_counts(cfg: DataConfig) -> list[int]:
+    """Per-class counts of the long-tailed draw of a built-in dataset (before the validation
+    split): the profile's counts, given to the classes in ``data.class_order``."""
+    n_max = cfg.n_max or BALANCED_SIZE[cfg.dataset]
+    counts = profile_counts(cfg.profile, n_max, NUM_CLASSES[cfg.dataset], cfg.imbalance_factor)
+    return ordered_counts(counts, cfg.class_order)
 
 
 def build_data(cfg: DataConfig) -> LTData:
@@ -76,9 +89,7 @@ def build_data(cfg: DataConfig) -> LTData:
     _check_splits(cfg, train_x, test_x)
     num_classes = NUM_CLASSES[cfg.dataset]
     train_y, test_y = train_y.numpy(), test_y.numpy()
-    n_max = cfg.n_max or BALANCED_SIZE[cfg.dataset]
-    counts = profile_counts(cfg.profile, n_max, num_classes, cfg.imbalance_factor)
-    keep = long_tail_indices(train_y, counts, cfg.lt_seed)
+    keep = long_tail_indices(train_y, long_tail_counts(cfg), cfg.lt_seed)
     val = None
     if cfg.val_per_class:
         keep, val_idx = _hold_out_validation(train_y, keep, cfg.val_per_class, cfg.lt_seed)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import DataError
+from .classes import class_order_problem
 
 
 def exponential_counts(n_max: int, num_classes: int, imbalance_factor: float) -> list[int]:
@@ -43,6 +44,24 @@ def profile_counts(profile: str, n_max: int, num_classes: int, imbalance_factor:
             "or raise data.n_max"
         )
     return counts
+
+
+def ordered_counts(counts: list[int], class_order: list[int] | None = None) -> list[int]:
+    """Per-class counts when the profile's counts go to the classes in ``class_order``: count i
+    goes to class ``class_order[i]`` (None: class i, the protocol)."""
+    counts = list(counts)
+    if class_order is None:
+        return counts
+    problem = class_order_problem(class_order, len(counts))
+    if problem:
+        raise DataError(
+            f"data.class_order {problem}; list each class 0..{len(counts) - 1} exactly once "
+            "(profile count i goes to class class_order[i])"
+        )
+    per_class = [0] * len(counts)
+    for i, c in enumerate(class_order):
+        per_class[c] = counts[i]
+    return per_class
 
 
 def long_tail_indices(labels: np.ndarray, counts: list[int], seed: int = 0) -> np.ndarray:

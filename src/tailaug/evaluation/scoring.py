@@ -8,6 +8,8 @@ import torch
 
 from ..config import Config
 from ..losses import adjust_logits
+from ..data.classes import SHOT_GROUPS
+from ..errors import ConfigError
 from .metrics import evaluate_logits
 from .plots import plot_results
 
@@ -37,3 +39,21 @@ def score(logits: torch.Tensor, labels, class_counts, cfg: Config, *, plots_dir:
 def eval_settings(cfg: Config) -> dict:
     """The settings a score depends on besides the model: recorded beside every result."""
     return {"shots": cfg.data.shots.model_dump(), **cfg.eval.model_dump(mode="json")}
+
+
+def validation_score(logits: torch.Tensor, labels, class_counts, metric: str, *, many: int, few: int) -> float:
+    """The number ``retrain.select`` ranks a classifier by, in %, from its own logits on the
+    validation split (no post-hoc adjustment): ``top1``, accuracy over the images;
+    ``balanced``, the mean of the per-class accuracies; ``shot_mean``, the mean of the
+    many-, medium- and few-shot accuracies (groups by the training counts ``class_counts``
+    and the thresholds ``many``/``few``; a group without classes is left out)."""
+    results = evaluate_logits(logits, torch.as_tensor(labels), class_counts, many=many, few=few)
+    if metric == "top1":
+        return results["top1"]
+    if metric == "balanced":
+        values = [a for a in results["per_class"] if a is not None]
+    elif metric == "shot_mean":
+        values = [results[g] for g in SHOT_GROUPS if results[g] is not None]
+    else:
+        raise ConfigError(f"unknown retrain.select.metric {metric!r}; use top1, balanced or shot_mean")
+    return float(sum(values) / len(values))

@@ -15,11 +15,17 @@ Decisions where a field could go either way:
   fast it is read or scored (``data.num_workers``, ``train.eval_batch_size``,
   ``train.channels_last``, ``run.device``) and everything that only changes the report (``data.shots``, ``data.test_per_class``,
   ``data.test_split``, ``eval.*``). The test split is in the cache key instead.
+- ``data.class_order`` is in the stage-1 key unless it is the identity order 0..C-1 or the
+  profile is ``none`` (every class gets n_max): both give the protocol's subset, and the
+  keys of runs made before the option existed stay valid.
 - In the stage-1 key: the validation split (it picks ``best.pt``), ``train.precision``
   as written (``auto`` is not resolved: the key of a config is the same on every machine)
   and ``model.weights`` (the path of the initial weights).
 - Stage 3 is keyed without ``eval.*`` and ``data.shots``: its test logits are stored and
   scored again on every run, so a new ECE bin count or shot threshold costs no training.
+  With ``retrain.select`` its key holds the grid and the metric (and ``data.shots`` for the
+  ``shot_mean`` metric, which ranks the points by shot group) instead of the values the grid
+  replaces.
 """
 
 from __future__ import annotations
@@ -49,6 +55,8 @@ def stage1_fields(cfg: Config) -> dict[str, Any]:
         data.update(_pick(d, ("train_split", "val_split", "num_classes", "image_size")))
     else:
         data.update(_pick(d, ("profile", "imbalance_factor", "n_max", "lt_seed", "val_per_class")))
+        if d.class_order not in (None, list(range(len(d.class_order or ())))) and d.profile != "none":
+            data["class_order"] = d.class_order  # absent otherwise: the keys of earlier runs stay valid
     model = _pick(m, ("arch", "in_channels", "head", "weights"))
     if m.head == "cosine":
         model["cosine_scale"] = m.cosine_scale
@@ -118,6 +126,25 @@ def retrain_fields(cfg: Config, retrain: RetrainConfig) -> dict[str, Any]:
         fields["head_set"] = head_set_fields(cfg)
         if retrain.augmenter.uses_generator:
             fields["generator"] = generator_key(cfg)
+    if retrain.select is not None:
+        fields["select"] = select_fields(cfg, retrain)
+        for key in retrain.select.grid:  # its own value is replaced by each point of the grid
+            *parents, last = key.split(".")
+            node = fields
+            for part in parents:
+                node = node.get(part, {})
+            node.pop(last, None)
+    return fields
+
+
+def select_fields(cfg: Config, retrain: RetrainConfig) -> dict[str, Any]:
+    """What a choice on the validation split depends on besides the points' options: the
+    grid itself (not the chosen values alone), the metric and, for ``shot_mean``, the shot
+    groups. The validation split is in the stage-1 key."""
+    select = retrain.select
+    fields: dict[str, Any] = {"grid": select.grid, "metric": select.metric}
+    if select.metric == "shot_mean":
+        fields["shots"] = cfg.data.shots.model_dump()
     return fields
 
 

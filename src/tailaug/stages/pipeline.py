@@ -4,7 +4,8 @@
     stage 2a  feature cache                 run_dir/features/<key>.safetensors
     stage 2b  semantic transformation gen.  run_dir/generator/<key>.safetensors (+ .json)
     stage 3   classifier re-training        run_dir/retrain/<method>-<augmenter>-<key>.json
-                                            (+ .safetensors: its test logits)
+                                            (+ .safetensors: its test logits); with
+                                            retrain.select, the best of a grid on validation
 
 Every key hashes exactly the config fields its output depends on (``stages.keys``), so
 changing a stage-3 option re-runs stage 3 alone, and changing ``eval.*`` or the shot
@@ -26,12 +27,13 @@ from ..engine.device import resolve_device, resolve_precision
 from ..evaluation.report import format_table, read_json, write_json
 from ..evaluation.results import STAGE1, record_results, result_row
 from ..evaluation.scoring import eval_settings, score
-from ..registry import CLASSIFIERS
+from ..errors import ConfigError
 from .classifier import retrain_classifier
 from .features import extract_features, stage1_classifier
 from .generator import load_generator, save_generator, train_generator
 from .keys import features_key, generator_key, retrain_fields, retrain_key, retrain_seed
 from .representation import stage1_row, train_stage1
+from .select import row_label, row_select, select_on_validation
 from .stage1_model import check_checkpoint, checkpoint_path, is_complete, write_run_config
 
 CPU = torch.device("cpu")
@@ -84,11 +86,10 @@ def retrain(cfg: Config, run_dir: Path, cache: dict, augmenter_cfg, generator=No
 
     The trained classifier's test logits are stored under its key and scored with the
     current ``eval`` and shot settings every time."""
-    retrain_cfg = cfg.retrain.model_copy(update={"augmenter": augmenter_cfg})
+    retrain_cfg = cfg.retrain.model_copy(
+        update={"augmenter": augmenter_cfg, "select": row_select(cfg.retrain, augmenter_cfg)})
     key = retrain_key(cfg, retrain_cfg)
-    label = CLASSIFIERS.get(retrain_cfg.method).label
-    if augmenter_cfg.name != "none":
-        label += f" + {augmenter_cfg.label()}"
+    label = row_label(retrain_cfg)
     path = Path(run_dir) / "retrain" / f"{retrain_cfg.method}-{augmenter_cfg.name}-{key}.json"
     logits_path = path.with_suffix(".safetensors")
     counts = cache["class_counts"].tolist()
@@ -97,15 +98,31 @@ def retrain(cfg: Config, run_dir: Path, cache: dict, augmenter_cfg, generator=No
                             keys=("choices",))["choices"]
         logits = load_tensors(logits_path)["test_logits"]
     else:
-        augmenter = build_augmenter(augmenter_cfg, generator_module=generator)
         val = (cache["val_features"], cache["val_labels"]) if "val_features" in cache else None
         head1 = stage1_classifier(cache, cfg)
-        head = retrain_classifier(
-            cache["train_features"], cache["train_labels"], counts, retrain_cfg,
-            num_classes=len(counts), seed=retrain_seed(cfg, retrain_cfg), augmenter=augmenter,
-            init_weight=head1.weight, init_bias=head1.bias, init_cosine_scale=head1.cosine_scale,
-            val=val, progress=progress, head_classes=head_set(cfg, counts), device=device, dtype=dtype,
-        )
+
+        def fit(point):  # the classifier of one setting (a fresh augmenter each time)
+            return retrain_classifier(
+                cache["train_features"], cache["train_labels"], counts, point,
+                num_classes=len(counts), seed=retrain_seed(cfg, point),
+                augmenter=build_augmenter(point.augmenter, generator_module=generator),
+                init_weight=head1.weight, init_bias=head1.bias, init_cosine_scale=head1.cosine_scale,
+                val=val, progress=progress, head_classes=head_set(cfg, counts), device=device, dtype=dtype,
+            )
+
+        if retrain_cfg.select is None:
+            head = fit(retrain_cfg)
+        elif val is None:
+            raise ConfigError("retrain.select needs the validation features, and the feature cache has none; "
+                              "set data.val_per_class (or data.val_split for an image folder)")
+        else:
+            # the grid is trained and scored on train and validation features only; the test
+            # features below meet the chosen classifier alone
+            head = select_on_validation(fit, retrain_cfg, *val, counts, cfg.data.shots)
+            chosen = head.choices["select"]
+            values = ", ".join(f"{k}={v}" for k, v in chosen["chosen"].items())
+            print(f"stage 3: {label}: {values} chosen on validation ({chosen['metric']} {chosen['score']:.2f}, "
+                  f"best of {len(chosen['scores'])})")
         with torch.no_grad():
             logits = head(cache["test_features"].to(device)).float().cpu().contiguous()
         choices = head.choices

@@ -3,6 +3,7 @@ torchrun run on the CPU (gloo)."""
 
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -112,12 +113,19 @@ def write_odd_test_set(root, size=101, seed=1):
     write_idx(root / "t10k-labels-idx1-ubyte.gz", labels)
 
 
+def free_port() -> int:
+    """A TCP port nothing listens on now, so that two test runs on one machine do not collide."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def test_torchrun_two_processes_train_and_evaluate(tmp_path):
     data = write_fashion_mnist(tmp_path / "fm", per_class_train=60, per_class_test=10)
     write_odd_test_set(data)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
         "-m", "tailaug.cli", "train", "configs/fmnist_lt/demo.yaml", f"data.root={data}",
         "data.n_max=60", "data.imbalance_factor=10", "data.num_workers=0", "model.arch=resnet20",
         "train.epochs=6", "train.batch_size=32", "train.eval_batch_size=16", "train.lr=0.05",

@@ -396,3 +396,15 @@ def test_stages_2_and_3_get_the_device_and_precision_of_the_run(finished_run, mo
     finally:
         (run_dir / "config.yaml").write_text(saved)
     assert seen == {"stage 2": (gpu, torch.bfloat16), "stage 3": (gpu, torch.bfloat16)}
+
+
+def test_under_torchrun_only_rank_0_runs_stages_2_and_3(finished_run, monkeypatch):
+    from tailaug.engine import distributed
+
+    run_dir, args, _ = finished_run
+    before = snapshot(run_dir)
+    monkeypatch.setattr(distributed, "init_distributed", lambda *a: distributed.DistInfo(rank=1, world_size=2))
+    monkeypatch.setattr(pipeline, "extract_features", lambda *a, **k: pytest.fail("rank 1 ran stage 2"))
+    cfg = commands.load_run_config(run_dir)
+    assert pipeline.run_pipeline(cfg, run_dir, progress=False) == {}
+    assert snapshot(run_dir) == before

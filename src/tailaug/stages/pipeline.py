@@ -143,8 +143,11 @@ def run_device(cfg: Config) -> tuple[torch.device, torch.dtype | None]:
 
 def run_pipeline(cfg: Config, run_dir: Path, *, progress: bool = True) -> dict:
     """All three stages; writes their rows to results.json (merged) and config.yaml, and
-    returns {row label: test metrics}."""
+    returns {row label: test metrics}. Under torchrun every rank trains stage 1; stages 2-3
+    (on cached features, seconds to minutes) run on rank 0 alone, and the others return {}."""
     ensure_stage1(cfg, run_dir, progress)
+    if not distributed.init_distributed(cfg.run.device).is_main:
+        return {}
     cache = extract_features(cfg, run_dir, progress=progress)
     counts = cache["class_counts"].tolist()
     stage1 = score(cache["test_logits"], cache["test_labels"], counts, cfg)

@@ -25,6 +25,7 @@ from pydantic_core import PydanticCustomError
 
 from .errors import ConfigError
 from .registry import AUGMENTERS, BACKBONES, CLASSIFIERS, LOSSES, SAMPLERS, Registry, Section
+from .strict_scalars import ERROR_TYPE as STRICT_SCALAR
 
 # the choices of method-valued options come from the registries (tailaug.registry)
 BackboneName = BACKBONES.name()
@@ -32,7 +33,6 @@ SamplerName = SAMPLERS.name()
 ClassifierName = CLASSIFIERS.name()
 LossSection = LOSSES.section()
 AugmenterSection = AUGMENTERS.section()
-from .strict_scalars import ERROR_TYPE as STRICT_SCALAR
 
 
 def field_error(field: str, value: Any, message: str) -> PydanticCustomError:
@@ -394,17 +394,6 @@ class Config(Section):
                                  "give each value once")
         self.retrain.select = select.model_copy(update={"grid": valid})
         return self
-
-    def section_hash(self, *sections: str) -> str:
-        """A short hash of the named sections (dotted paths allowed), for stage caching."""
-        dumped = self.model_dump(mode="json")
-        picked = {}
-        for path in sections:
-            node: Any = dumped
-            for part in path.split("."):
-                node = node[part]
-            picked[path] = node
-        return short_hash(picked)
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)

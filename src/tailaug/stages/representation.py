@@ -30,8 +30,8 @@ from ..evaluation.scoring import eval_settings, score
 from ..losses import LossInputs, build_loss
 from ..models import Network
 from .keys import stage1_key
-from .stage1_model import (batch_transform, build_network, check_checkpoint, checkpoint_fix, checkpoint_path,  # noqa: F401
-                           is_complete, marker_path, write_run_config)
+from .stage1_model import (batch_transform, build_network, check_checkpoint, checkpoint_fix, checkpoint_path,
+                           marker_path, write_run_config)
 
 
 class Trainer:

@@ -125,7 +125,8 @@ def test_analyze_stg_writes_table_and_tsne(finished_run, capsys):
     assert all(kl[i][j] >= 0 for i in range(5) for j in range(5))
     assert set(report["most_similar_head_class"]) <= set(report["head_classes"])
     assert (run_dir / "analysis" / "stg_tsne.png").stat().st_size > 1000
-    assert "most similar head class" in capsys.readouterr().out
+    row = next(line for line in capsys.readouterr().out.splitlines() if "most similar head class" in line)
+    assert row.split("|")[2:-1] == [f" {c} " for c in report["most_similar_head_class"]]  # the classes, not "-"
 
 
 def test_run_refuses_a_run_dir_of_another_stage1_config(finished_run, capsys):

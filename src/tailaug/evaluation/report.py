@@ -32,6 +32,9 @@ def _number(value: Any) -> float | None:
 
 
 def _cell(value: Any) -> str:
+    """A number with two decimals, text as it is, "-" for a missing value."""
+    if isinstance(value, str):
+        return value
     x = _number(value)
     return "-" if x is None else f"{x:.2f}"
 

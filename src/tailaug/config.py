@@ -85,16 +85,13 @@ class EmbeddingsConfig(Section):
     labels_name: str | None = None
     class_names: list[str] | None = None  # names of the ids 0..C-1 (int labels) or the order of string labels
     normalize: bool = False  # L2-normalise every feature vector
-    test_fraction: float = Field(0.2, gt=0, lt=1)
+    test_fraction: float = Field(0.2, gt=0, lt=1)  # read only without a test file
 
     @model_validator(mode="after")
     def _pairs(self):
         if self.test_labels is not None and self.test is None:
             raise field_error("test_labels", self.test_labels, "is the labels file of data.embeddings.test, "
                               "which is not set: set data.embeddings.test (the features file) too")
-        if self.test is not None and "test_fraction" in self.model_fields_set:
-            raise field_error("test_fraction", self.test_fraction, "splits train when there is no test file, "
-                              "and data.embeddings.test is set: remove one of them")
         return self
 
 

@@ -30,7 +30,7 @@ import torch
 
 from ..errors import DataError
 
-FEATURE_NAMES = ("features", "embeddings", "x", "X")
+FEATURE_NAMES = ("features", "embeddings", "embedding", "x", "X")
 LABEL_NAMES = ("labels", "label", "y")
 EXTENSIONS = (".npz", ".npy", ".parquet", ".safetensors")
 
@@ -57,8 +57,8 @@ def data_config_problem(d) -> tuple[str, object, str] | None:
     if "profile" not in d.model_fields_set:
         d.profile = "none"  # embeddings are used as given unless a profile is asked for
     if d.profile == "none":
-        for key in ("imbalance_factor", "n_max", "class_order"):
-            if key in d.model_fields_set:
+        for key in ("imbalance_factor", "n_max", "class_order"):  # not "set": a saved config.yaml lists defaults
+            if getattr(d, key) != type(d).model_fields[key].default:
                 return (key, getattr(d, key), "re-profiles the embeddings, which are used as given (data.profile "
                         "none): set data.profile: exponential (or step) too, or remove it")
     return None

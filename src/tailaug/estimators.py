@@ -35,9 +35,10 @@ from .registry import AUGMENTERS, CLASSIFIERS
 STAGE1_ONLY = "none"  # method: the stage-1 head itself, no stage 3
 
 
-def _section(model, tree: dict, owner: str, params: dict):
+def _section(model, tree: dict, owner: str, params: dict, whole: tuple | None = None):
     """``model`` validated from ``tree``; a ValueError naming the estimator parameter otherwise.
-    ``params`` maps a key of ``tree`` to (parameter name, the value the user gave)."""
+    ``params`` maps a key of ``tree`` to (parameter name, the value the user gave); ``whole`` =
+    (name, value) when ``tree`` is one parameter's mapping (``stg``)."""
     try:
         return model.model_validate(tree)
     except ValidationError as exc:
@@ -45,8 +46,11 @@ def _section(model, tree: dict, owner: str, params: dict):
         loc = [str(p) for p in err["loc"]]
         if err["type"] == "strict_scalar":
             loc = [*loc, err["ctx"]["field"]]
-        param, value = params.get(loc[0] if loc else "", (loc[0] if loc else "?", err.get("input")))
-        where = ".".join(loc[1:]) if param == loc[0] else ".".join(loc)
+        if whole is not None:
+            (param, value), where = whole, ".".join(loc)
+        else:
+            param, value = params.get(loc[0] if loc else "", (loc[0] if loc else "?", err.get("input")))
+            where = ".".join(loc[1:])
         msg = err["msg"].removeprefix("Value error, ")
         raise ValueError(f"{owner}: {param}={value!r} is not allowed ({where + ': ' if where else ''}{msg})") from None
     except TailaugError as exc:
@@ -84,7 +88,10 @@ def _augmenter_config(augmenter, owner: str, targets_all: bool = False):
 
 def _generator(aug_cfg, stg, x, y, counts, *, many: int, seed: int, device, owner: str):
     """The STG trained on the head classes of (x, y) when the augmenter uses one, else None."""
-    stg_cfg = _section(STGConfig, dict(stg or {}), owner, {k: ("stg", stg) for k in STGConfig.model_fields})
+    if stg is not None and not isinstance(stg, dict):
+        raise ValueError(f"{owner}: stg={stg!r} is not allowed; give None or a mapping of STG options, e.g. "
+                         "{'epochs': 20, 'head': {'rule': 'top_k', 'top_k': 3}}")
+    stg_cfg = _section(STGConfig, dict(stg or {}), owner, {}, whole=("stg", stg))
     if not aug_cfg.uses_generator:
         return None, stg_cfg
     from .stages.generator import train_generator

@@ -210,7 +210,8 @@ def test_image_keys_do_not_matter_and_the_profile_defaults_to_none(tmp_path):
 
 FAST = ["train.epochs=30", "train.lr=0.01", "train.batch_size=64", "stg.epochs=5", "stg.memory_size=64",
         "stg.head.rule=top_k", "stg.head.top_k=2", "retrain.epochs=30", "retrain.lr=0.01",
-        "retrain.augmenter={name: stg, lam: 1.0}", "data.shots.many=60", "data.shots.few=15"]
+        "retrain.augmenter={name: stg, lam: 1.0}", "data.shots.many=60", "data.shots.few=15",
+        "train.precision=fp32"]  # auto would print its one-time notice, which test_engine checks
 
 
 @pytest.fixture(scope="module")

@@ -113,5 +113,5 @@ def embeddings_stage1(cfg, run_dir: Path, *, progress: bool = True) -> dict[str,
     atomic_write(path, lambda tmp: save_file(tensors, tmp))
     if data.class_names:
         write_json(run_dir / "classes.json", {"class_names": data.class_names})
-    write_json(marker_path(run_dir), {"key": stage1_key(cfg), "epochs": cfg.train.epochs})
+    write_json(marker_path(run_dir), {"key": stage1_key(cfg), "epochs": cfg.train.epochs, "history": head.history})
     return cache

@@ -34,3 +34,17 @@ def write_fashion_mnist(root: Path, per_class_train: int = 40, per_class_test: i
         write_idx(root / f"{prefix}-images-idx3-ubyte.gz", class_images(labels, rng)[:, 0])
         write_idx(root / f"{prefix}-labels-idx1-ubyte.gz", labels)
     return root
+
+
+def long_tail_embeddings(counts, dim: int = 8, seed: int = 0, spread: float = 3.0, test_per_class: int = 0):
+    """Gaussian clusters, one per class, with ``counts`` training rows per class (and
+    ``test_per_class`` test rows): (x, y) or (x, y, x_test, y_test), float32 and int64."""
+    rng = np.random.default_rng(seed)
+    means = rng.normal(0, spread, (len(counts), dim))
+
+    def draw(per_class):
+        y = np.concatenate([np.full(n, c, dtype=np.int64) for c, n in enumerate(per_class)])
+        return (means[y] + rng.normal(0, 1, (len(y), dim))).astype(np.float32), y
+
+    x, y = draw(counts)
+    return (x, y) if not test_per_class else (x, y, *draw([test_per_class] * len(counts)))

@@ -8,6 +8,8 @@ from tailaug.stages.keys import NOT_IN_STAGE1, features_key, generator_key, retr
 FOLDER = ("data.dataset=image_folder", "data.root=/data", "data.train_split=train.txt",
           "data.test_split=test.txt")
 COSINE = ("model.head=cosine",)
+EMB = ("data.dataset=embeddings", "data.embeddings={train: a.npz}")
+EMB_TEST = ("data.dataset=embeddings", "data.embeddings={train: a.npz, test: t.npz}")
 
 # (override, base overrides, does it change the stage-1 model?)
 STAGE1_CASES = [
@@ -82,6 +84,30 @@ STAGE1_CASES = [
     ("features.views=2", (), False),
     ("stg.lr=0.01", (), False),
     ("retrain.lr=0.01", (), False),
+    # given embeddings: stage 1 is a head on the training rows (stages/keys.embeddings_stage1_fields)
+    ("data.embeddings.train=b.npz", EMB, True),
+    ("data.embeddings.features_name=emb", EMB, True),
+    ("data.embeddings.normalize=true", EMB, True),
+    ("data.embeddings.class_names=[a, b]", EMB, True),  # they fix the ids of string labels
+    ("data.embeddings.test_fraction=0.3", EMB, True),  # the split picks the training rows
+    ("data.embeddings.test_fraction=0.3", EMB_TEST, False),  # not read with a test file
+    ("data.embeddings.test=u.npz", EMB_TEST, False),  # in the cache key
+    ("data.lt_seed=1", EMB, True),
+    ("data.lt_seed=1", EMB_TEST, False),  # no draw
+    ("data.val_per_class=5", EMB_TEST, True),
+    ("data.profile=exponential", EMB, True),
+    ("data.imbalance_factor=10", (*EMB, "data.profile=exponential"), True),
+    ("data.crop_padding=2", EMB, False),
+    ("data.flip=false", EMB, False),
+    ("data.image_size=32", EMB, False),
+    ("model.arch=resnet20", EMB, False),
+    ("model.head=cosine", EMB, True),
+    ("train.lr=0.05", EMB, True),
+    ("train.loss=[{name: balanced_softmax}]", EMB, True),
+    ("train.sampler.kind=class_balanced", EMB, True),
+    ("train.momentum=0.8", EMB, False),  # Adam
+    ("train.schedule=cosine", EMB, False),
+    ("train.precision=bf16", EMB, False),  # the head trains in float32
 ]
 
 
@@ -140,6 +166,8 @@ LATER_CASES = [
     ("eval.ece_bins=10", (), set()),
     ("eval.logit_adjust_tau=1.0", (), set()),
     ("train.lr=0.05", (), {"stage1", "features", "generator", "retrain"}),
+    ("data.embeddings.test=u.npz", EMB_TEST, {"features", "retrain"}),
+    ("data.embeddings.test_labels=l.npy", EMB_TEST, {"features", "retrain"}),
 ]
 
 

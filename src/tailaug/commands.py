@@ -39,6 +39,9 @@ def train(config: str, overrides: list[str], *, resume: bool, progress: bool) ->
     from .stages.stage1_model import check_checkpoint, checkpoint_path, is_complete
 
     cfg = load_config(config, overrides)
+    if cfg.data.dataset == "embeddings":
+        raise TailaugError("dataset 'embeddings' has no backbone to train: 'tailaug run CONFIG' trains its linear "
+                           "head (stage 1, seconds) and runs stages 2 and 3")
     apply_threads(cfg.run.threads)
     run_dir = run_dir_of(cfg)
     resolve_device(cfg.run.device)
@@ -95,11 +98,19 @@ def evaluate(run_dir: Path, overrides: list[str] = ()) -> dict:
     apply_threads(cfg.run.threads)
     with open_run_dir(run_dir, create=False):
         read_results(run_dir)
-        stage1 = load_finished(cfg, run_dir)
-        test = stage1.data.test
-        logits = stage1.outputs(test, cfg.train.eval_batch_size)["logits"]
-        results = score(logits, test.labels, stage1.data.class_counts, cfg, plots_dir=run_dir / "plots", name=STAGE1)
-        record_results(run_dir, {STAGE1: stage1_row(cfg, results, precision=precision_name(stage1.dtype))})
+        if cfg.data.dataset == "embeddings":  # the linear head's test logits are in the feature cache
+            from .stages.features import extract_features
+
+            cache = extract_features(cfg, run_dir, progress=False)
+            logits, labels, counts, choices = cache["test_logits"], cache["test_labels"], \
+                cache["class_counts"].tolist(), {}
+        else:
+            stage1 = load_finished(cfg, run_dir)
+            test = stage1.data.test
+            logits = stage1.outputs(test, cfg.train.eval_batch_size)["logits"]
+            labels, counts, choices = test.labels, stage1.data.class_counts, {"precision": precision_name(stage1.dtype)}
+        results = score(logits, labels, counts, cfg, plots_dir=run_dir / "plots", name=STAGE1)
+        record_results(run_dir, {STAGE1: stage1_row(cfg, results, **choices)})
     print(format_table([("stage 1 (last epoch)", results)]))
     return results
 
@@ -109,14 +120,21 @@ def describe(config: str, overrides: list[str]) -> str:
     from .data.datasets import CLASS_NAMES, planned_counts
 
     cfg = load_config(config, overrides)
-    counts = planned_counts(cfg.data)
+    d = cfg.data
+    notes, names = [], CLASS_NAMES.get(d.dataset)
+    if d.dataset == "embeddings":
+        from .data.embeddings import load_embeddings
+
+        data = load_embeddings(d)
+        counts, notes, names = data.class_counts, data.notes, data.class_names
+    else:
+        counts = planned_counts(cfg.data)
     groups = shot_groups(counts, cfg.data.shots.many, cfg.data.shots.few)
     group_of = {c: g for g, members in groups.items() for c in members}
-    d = cfg.data
-    names = CLASS_NAMES.get(d.dataset)
     width = max(map(len, names)) if names else 0
     lines = [
-        f"dataset {d.dataset}  profile {d.profile}  imbalance factor {d.imbalance_factor:g}  "
+        f"dataset {d.dataset}  profile {d.profile}  "
+        f"{'' if d.dataset == 'embeddings' and d.profile == 'none' else f'imbalance factor {d.imbalance_factor:g}  '}"
         f"classes {len(counts)}",
     ]
     if d.class_order is not None:
@@ -131,6 +149,7 @@ def describe(config: str, overrides: list[str]) -> str:
                  + ", ".join(f"{g} {len(groups[g])} classes" for g in ("many", "medium", "few")))
     if d.val_per_class:
         lines.append(f"validation: {d.val_per_class} images per class held out of training")
+    lines += notes
     text = "\n".join(lines)
     print(text)
     return text

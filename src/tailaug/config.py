@@ -68,8 +68,35 @@ class ShotThresholds(Section):
         return self
 
 
+class EmbeddingsConfig(Section):
+    """``data.dataset: embeddings``: features and labels from files (``tailaug.data.embeddings``).
+
+    Paths are relative to ``data.root`` when it is set, else to the working directory. A file
+    is ``.npz``, ``.npy`` (features; the labels in ``train_labels``/``test_labels``, ``.npy``),
+    ``.parquet`` or ``.safetensors``; the arrays/columns/tensors are found by name
+    (``features_name``/``labels_name``, or the first of features, embeddings, x, X and of
+    labels, label, y)."""
+
+    train: str
+    train_labels: str | None = None
+    test: str | None = None  # None: a stratified seeded split of train (test_fraction per class)
+    test_labels: str | None = None
+    features_name: str | None = None
+    labels_name: str | None = None
+    class_names: list[str] | None = None  # names of the ids 0..C-1 (int labels) or the order of string labels
+    normalize: bool = False  # L2-normalise every feature vector
+    test_fraction: float = Field(0.2, gt=0, lt=1)  # read only without a test file
+
+    @model_validator(mode="after")
+    def _pairs(self):
+        if self.test_labels is not None and self.test is None:
+            raise field_error("test_labels", self.test_labels, "is the labels file of data.embeddings.test, "
+                              "which is not set: set data.embeddings.test (the features file) too")
+        return self
+
+
 class DataConfig(Section):
-    dataset: Literal["cifar10", "cifar100", "fashion_mnist", "mnist", "image_folder"] = "fashion_mnist"
+    dataset: Literal["cifar10", "cifar100", "fashion_mnist", "mnist", "image_folder", "embeddings"] = "fashion_mnist"
     root: str | None = None  # directory holding the data; None: look in the usual places
     download: bool = False  # let torchvision download when the data is not on disk
     profile: Literal["exponential", "step", "none"] = "exponential"
@@ -92,6 +119,16 @@ class DataConfig(Section):
     crop_padding: int = Field(4, ge=0)
     flip: bool = True
     num_workers: int = Field(2, ge=0)
+    embeddings: EmbeddingsConfig | None = None  # dataset embeddings: the files (see EmbeddingsConfig)
+
+    @model_validator(mode="after")
+    def _embeddings(self):
+        from .data.embeddings import data_config_problem
+
+        problem = data_config_problem(self)
+        if problem:
+            raise field_error(*problem)
+        return self
 
     @model_validator(mode="after")
     def _image_folder_needs_splits(self):
@@ -111,7 +148,7 @@ class DataConfig(Section):
 
     @model_validator(mode="after")
     def _class_order(self):
-        if self.class_order is None:
+        if self.class_order is None or self.dataset == "embeddings":  # embeddings: checked when read
             return self
         if self.dataset == "image_folder":
             raise field_error("class_order", self.class_order, (
@@ -340,6 +377,17 @@ class Config(Section):
             )
         if scales:
             self.model.cosine_scale = scales[0]
+        return self
+
+    @model_validator(mode="after")
+    def _embeddings_stage1(self):
+        """What a linear head on given embeddings cannot read (tailaug.data.embeddings)."""
+        if self.data.dataset == "embeddings":
+            from .data.embeddings import config_problem
+
+            problem = config_problem(self)
+            if problem:
+                raise ValueError(problem)
         return self
 
     @model_validator(mode="after")

@@ -27,7 +27,7 @@ class NCMClassifier(nn.Module):
         self.register_buffer("present", present.bool())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        cos = F.normalize(x.float(), dim=1) @ self.means.T
+        cos = F.normalize(x.to(self.means.dtype), dim=1) @ self.means.T
         return torch.where(self.present, cos, torch.full_like(cos, self.EMPTY_LOGIT))
 
 

@@ -192,7 +192,17 @@ def fit_trained(model: nn.Module, inp: Stage3Inputs) -> nn.Module:
     return model
 
 
-def _train(model, x, y, cfg, num_classes, seed, augmenter, val_xy, progress, device, dtype) -> list[dict]:
+def _cross_entropy(model, features, logits, labels):
+    return F.cross_entropy(logits, labels)
+
+
+def _train(model, x, y, cfg, num_classes, seed, augmenter, val_xy, progress, device, dtype, *,
+           loss_fn=_cross_entropy, set_epoch=None, desc: str | None = None, section: str = "retrain") -> list[dict]:
+    """Train ``model`` on (x, y) with Adam at ``cfg.lr``, batches of ``cfg.batch_size`` drawn by
+    ``cfg.sampler`` for ``cfg.epochs`` epochs. ``loss_fn(model, batch features, float32 logits,
+    labels)`` is cross-entropy unless given (the linear stage 1 on embeddings passes its
+    ``train.loss``), ``set_epoch(epoch)`` is called at the start of every epoch; ``section``
+    names the config section of ``cfg`` in messages."""
     params = [p for p in model.parameters() if p.requires_grad]
     if augmenter is not None:
         augmenter.to(device).train()
@@ -201,10 +211,12 @@ def _train(model, x, y, cfg, num_classes, seed, augmenter, val_xy, progress, dev
     sampler = build_sampler(cfg.sampler, y.cpu(), num_classes, seed=seed, total_epochs=cfg.epochs)
     aug_rng = torch.Generator(device=device).manual_seed(seed + 1)
     history: list[dict] = []
-    bar = tqdm(range(cfg.epochs), desc=f"stage 3 ({cfg.method})", disable=not progress, leave=False)
+    bar = tqdm(range(cfg.epochs), desc=desc or f"stage 3 ({cfg.method})", disable=not progress, leave=False)
     for epoch in bar:
         model.train()
         sampler.set_epoch(epoch)
+        if set_epoch is not None:
+            set_epoch(epoch)
         if augmenter is not None:
             augmenter.set_epoch(epoch, cfg.epochs)
         order = torch.as_tensor(list(sampler), dtype=torch.long, device=device)
@@ -216,10 +228,12 @@ def _train(model, x, y, cfg, num_classes, seed, augmenter, val_xy, progress, dev
                 xb, yb = augmenter(xb, yb, generator=aug_rng)
             with autocast(device, dtype):
                 logits = model(xb)
-            loss = F.cross_entropy(logits.float(), yb)
+            loss = loss_fn(model, xb, logits.float(), yb)
             if not torch.isfinite(loss):
-                raise TailaugError(f"the stage-3 loss became {loss.item()} in epoch {epoch + 1}; lower "
-                                   "retrain.lr or the augmentation strength (e.g. retrain.augmenter.lam)")
+                stage = "stage-3" if section == "retrain" else "stage-1"
+                weaker = " or the augmentation strength (e.g. retrain.augmenter.lam)" if section == "retrain" else ""
+                raise TailaugError(f"the {stage} loss became {loss.item()} in epoch {epoch + 1}; lower "
+                                   f"{section}.lr{weaker}")
             optimiser.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimiser)

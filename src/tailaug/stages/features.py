@@ -47,7 +47,12 @@ def cache_path(run_dir: Path, cfg) -> Path:
 
 
 def extract_features(cfg, run_dir: Path, *, progress: bool = True) -> dict[str, torch.Tensor]:
-    """Load the cache for this config, or run the finished stage-1 backbone once and write it."""
+    """Load the cache for this config, or run the finished stage-1 backbone once and write it
+    (given embeddings: the embeddings themselves, :func:`.linear_head.embeddings_stage1`)."""
+    if cfg.data.dataset == "embeddings":
+        from .linear_head import embeddings_stage1
+
+        return embeddings_stage1(cfg, run_dir, progress=progress)
     path = cache_path(run_dir, cfg)
     if path.is_file():
         return load_cache(path)

@@ -50,6 +50,8 @@ def _pick(section, names: tuple[str, ...]) -> dict[str, Any]:
 def stage1_fields(cfg: Config) -> dict[str, Any]:
     """Everything the stage-1 model (checkpoints, ``stage1.json``) depends on."""
     d, m, t = cfg.data, cfg.model, cfg.train
+    if d.dataset == "embeddings":
+        return embeddings_stage1_fields(cfg)
     data = _pick(d, ("dataset", "crop_padding", "flip"))
     if d.dataset == "image_folder":
         data.update(_pick(d, ("train_split", "val_split", "num_classes", "image_size")))
@@ -74,6 +76,38 @@ def stage1_fields(cfg: Config) -> dict[str, Any]:
     return {"run": {"seed": cfg.run.seed}, "data": data, "model": model, "train": train}
 
 
+def embeddings_stage1_fields(cfg: Config) -> dict[str, Any]:
+    """Stage 1 on given embeddings (``stages.linear_head``): a head trained on the training
+    rows. In its key: the training file and how it is read (names, class names, which fix the
+    class ids, L2 normalisation), every draw that picks the training rows (the test split when
+    there is no test file, the profile, the validation split, with ``data.lt_seed``), the head
+    and what the Adam loop reads of ``train``. Not in it: the image keys (crop_padding, flip,
+    image_size, num_workers, download), ``model.arch``/``in_channels``, the SGD settings and
+    ``train.precision`` (the head trains in float32); the test file is in the cache key."""
+    d, m, t = cfg.data, cfg.model, cfg.train
+    e = d.embeddings
+    files = _pick(e, ("train", "train_labels", "features_name", "labels_name", "class_names", "normalize"))
+    if e.test is None:
+        files["test_fraction"] = e.test_fraction
+    data: dict[str, Any] = {"dataset": "embeddings", "embeddings": files, "profile": d.profile,
+                            "val_per_class": d.val_per_class}
+    if d.profile != "none":
+        data.update(_pick(d, ("imbalance_factor", "n_max", "class_order")))
+    if e.test is None or d.profile != "none" or d.val_per_class:
+        data["lt_seed"] = d.lt_seed
+    model = _pick(m, ("head",))
+    if m.head == "cosine":
+        model["cosine_scale"] = m.cosine_scale
+    train = _pick(t, ("epochs", "batch_size", "lr", "weight_decay", "loss", "sampler"))
+    reweight = {"scheme": t.reweight.scheme}
+    if t.reweight.scheme != "none":
+        reweight["start_epoch"] = t.reweight.start_epoch
+    if t.reweight.scheme == "effective_number":
+        reweight["beta"] = t.reweight.beta
+    train["reweight"] = reweight
+    return {"run": {"seed": cfg.run.seed}, "data": data, "model": model, "train": train}
+
+
 def stage1_key(cfg: Config) -> str:
     return short_hash(stage1_fields(cfg))
 
@@ -88,6 +122,8 @@ def features_key(cfg: Config) -> str:
     sets the inference batch."""
     d = cfg.data
     test = _pick(d, ("test_split",)) if d.dataset == "image_folder" else _pick(d, ("test_per_class",))
+    if d.dataset == "embeddings" and d.embeddings.test is not None:
+        test.update(_pick(d.embeddings, ("test", "test_labels")))
     return f"{stage1_key(cfg)}-{short_hash({'views': cfg.features.views, 'test': test})}"
 
 

@@ -34,7 +34,8 @@ from .generator import load_generator, save_generator, train_generator
 from .keys import features_key, generator_key, retrain_fields, retrain_key, retrain_seed
 from .representation import stage1_row, train_stage1
 from .select import row_label, row_select, select_on_validation
-from .stage1_model import check_checkpoint, checkpoint_path, is_complete, write_run_config
+from .stage1_model import (check_checkpoint, checkpoint_path, finished_key, is_complete, other_model_error,
+                           write_run_config)
 
 CPU = torch.device("cpu")
 
@@ -44,6 +45,10 @@ def stage1_state(cfg: Config, run_dir: Path) -> str:
     directory holds stage 1 of another config, before anything is written."""
     if is_complete(run_dir, cfg):
         return "complete"
+    if cfg.data.dataset == "embeddings":  # no checkpoint: stage 1 is retrained in seconds
+        if finished_key(run_dir) is not None:
+            raise other_model_error(f"stage 1 in {run_dir}", run_dir, cfg)
+        return "new"
     if not checkpoint_path(run_dir).is_file():
         return "new"
     check_checkpoint(run_dir, cfg)
@@ -56,6 +61,9 @@ def ensure_stage1(cfg: Config, run_dir: Path, progress: bool) -> None:
         print(f"stage 1: reusing the finished model in {run_dir}")
         return
     print(f"stage 1: {'resuming' if state == 'resume' else 'training'} in {run_dir}")
+    if cfg.data.dataset == "embeddings":
+        extract_features(cfg, run_dir, progress=progress)  # the linear head; the cache is the embeddings
+        return
     train_stage1(cfg, run_dir, resume=state == "resume", progress=progress)
 
 

@@ -134,7 +134,8 @@ def evaluate_logits(logits, targets, class_counts, *, many: int = 100, few: int 
 
     Keys: ``top1``, ``many``, ``medium``, ``few`` (%; a shot group is None when it has no
     class or none of its classes occurs in ``targets``), ``groups`` (classes per group),
-    ``per_class`` (% per class, None for a class absent from ``targets``), ``ece`` (%),
+    ``per_class`` (% per class, None for a class absent from ``targets``), ``class_counts``
+    (the training images per class, for figures against class size), ``ece`` (%),
     ``nll`` (mean negative log-likelihood, nats), ``confusion`` ([true][pred] counts),
     ``num_samples``. ``class_counts`` are the TRAINING-set class sizes.
     """
@@ -172,6 +173,7 @@ def evaluate_logits(logits, targets, class_counts, *, many: int = 100, few: int 
         vals = vals[~np.isnan(vals)]
         out[g] = float(100.0 * vals.mean()) if vals.size else None
     out["groups"] = {g: len(groups[g]) for g in SHOT_GROUPS}
+    out["class_counts"] = [int(n) for n in counts.tolist()]
     out["per_class"] = [_pct(a) for a in pca.tolist()]
     out["ece"] = float(100.0 * expected_calibration_error(probs, t, ece_bins))
     out["nll"] = nll

@@ -297,9 +297,12 @@ def plot_tsne(
                  for i, c in enumerate(classes.tolist())}
     colours = np.array([colour_of[c] for c in y.tolist()])
     plain = np.ones(n, dtype=bool) if m is None else ~m
-    ax.scatter(emb[plain, 0], emb[plain, 1], c=colours[plain], s=10, marker="o", alpha=0.8, linewidths=0)
-    if m is not None and m.any():
-        ax.scatter(emb[m, 0], emb[m, 1], c=colours[m], s=22, marker="x", alpha=0.9, linewidths=1.0)
+    if m is not None and m.any():  # crosses first: the fewer real points stay visible on top
+        ax.scatter(emb[m, 0], emb[m, 1], c=colours[m], s=22, marker="x", alpha=0.7, linewidths=1.0)
+        ax.scatter(emb[plain, 0], emb[plain, 1], c=colours[plain], s=24, marker="o", edgecolors="black",
+                   linewidths=0.6)
+    else:
+        ax.scatter(emb[plain, 0], emb[plain, 1], c=colours[plain], s=10, marker="o", alpha=0.8, linewidths=0)
     handles = []
     if len(classes) <= 20:
         handles += [Line2D([], [], marker="o", linestyle="", color=colour_of[c],

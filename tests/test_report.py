@@ -184,3 +184,12 @@ def test_report_command_writes_markdown_csv_json_and_figure(tmp_path, capsys):
 def test_seeds_errors(args, message, capsys):
     assert main(["run", "configs/fmnist_lt/ce.yaml", *args]) == 2
     assert capsys.readouterr().err.strip() == f"tailaug: error: {message}"
+
+
+def test_a_list_of_plain_values_is_one_setting(tmp_path):
+    make_run(tmp_path, "a", 0, {"stage 1": m(70.0)})
+    make_run(tmp_path, "b", 0, {"stage 1": m(71.0)}, ["data.class_order=[1, 0, 2, 3, 4, 5, 6, 7, 8, 9]"])
+    report = build_report([tmp_path / "a", tmp_path / "b"])
+    assert report.keys == ["data.class_order"]
+    assert report.differ_line() == ("Rows of one method differ in `data.class_order`: null vs "
+                                    "[1, 0, 2, 3, 4, 5, 6, 7, 8, 9].")

@@ -27,6 +27,7 @@ import csv
 import glob
 import io
 import os
+import textwrap
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,14 +50,20 @@ MISSING = "–"  # a key the row does not depend on or the config does not set
 REPORT_SCHEMA = 1
 
 
+def _nested(value: Any) -> bool:
+    """A mapping, or a list holding one (such as train.loss): flattened further; a list of
+    plain values (data.class_order, a grid's values) stays one value."""
+    return (isinstance(value, dict) and bool(value)) or (
+        isinstance(value, list) and any(isinstance(v, dict) for v in value))
+
+
 def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-    """Dotted keys of the leaves of nested dicts and lists (list items by index, as overrides write them)."""
-    items = tree.items() if isinstance(tree, dict) else enumerate(tree) if isinstance(tree, list) else None
-    if items is None:
-        return {prefix.rstrip("."): tree}
+    """Dotted keys of the leaves of nested mappings and lists of mappings (items by index, as
+    overrides write them: ``train.loss.0.name``)."""
+    items = tree.items() if isinstance(tree, dict) else enumerate(tree)
     out: dict[str, Any] = {}
     for name, value in items:
-        if isinstance(value, (dict, list)) and value:
+        if _nested(value):
             out.update(flatten(value, f"{prefix}{name}."))
         else:
             out[f"{prefix}{name}"] = value
@@ -254,12 +261,17 @@ def distinguishing_keys(groups: Sequence[Group]) -> list[str]:
 
 
 def _text(value: Any) -> str:
+    """A setting as YAML would write it, briefly: null, true, 0.001, [1, 8, 9], {name: ce}."""
     if value is None:
         return "null"
     if isinstance(value, bool):
         return str(value).lower()
     if isinstance(value, float):
         return f"{value:g}"
+    if isinstance(value, list):
+        return "[" + ", ".join(_text(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}: {_text(v)}" for k, v in value.items()) + "}"
     return str(value)
 
 
@@ -300,7 +312,9 @@ class Report:
         if not self.keys:
             return "The runs differ in nothing but the seed."
         parts = [f"`{k}`: {' vs '.join(key_values(self.groups, k))}" for k in self.keys]
-        return "Rows of one method differ in " + "; ".join(parts) + f" ({MISSING}: not a setting of the row)."
+        missing = any(MISSING in self.labels(g)[1:-1] for g in self.groups)
+        return ("Rows of one method differ in " + "; ".join(parts)
+                + (f" ({MISSING}: not a setting of the row)." if missing else "."))
 
     def text(self) -> str:
         """The table for a terminal."""
@@ -361,13 +375,13 @@ def class_counts_of(run_dir: Path, metrics: dict) -> list[int]:
 
 
 def plot_report(report: Report, out: Path) -> list[Path]:
-    """Per-class accuracy against training images, one line (mean over seeds, band ± std) per
-    group that has per-class accuracies."""
+    """Per-class accuracy against training images: one panel per setting (the values of the
+    distinguishing keys), one line per method (mean over seeds, band ± sample std)."""
     import numpy as np
 
     from .plots import plot_per_class_lines
 
-    series = []
+    panels: dict[str, list] = {}
     for g in report.groups:
         per_class = [m.metrics.get("per_class") for m in g.members]
         if not per_class or any(p is None for p in per_class):
@@ -378,16 +392,15 @@ def plot_report(report: Report, out: Path) -> list[Path]:
             warnings.simplefilter("ignore", RuntimeWarning)
             mean = np.nanmean(acc, axis=0)
             std = np.nanstd(acc, axis=0, ddof=1) if len(acc) > 1 else None
-        labels = report.labels(g)
-        label = labels[0] + (f" [{', '.join(f'{k}={v}' for k, v in zip(report.keys, labels[1:-1]))}]"
-                             if report.keys else "")
-        series.append((f"{label} (n={len(acc)})", counts, mean, std))
-    if not series:
+        setting = ", ".join(f"{k}={v}" for k, v in zip(report.keys, report.labels(g)[1:-1]) if v != MISSING)
+        panels.setdefault(setting, []).append((f"{g.method} (n={len(acc)})", counts, mean, std))
+    if not panels:
         return []
     shots = report.groups[0].settings
-    path = plot_per_class_lines(series, out / "per_class_accuracy.png", many=int(shots.get("data.shots.many", 100)),
-                                few=int(shots.get("data.shots.few", 20)),
-                                title="Test accuracy per class against its training images (mean over seeds)")
+    title = "Test accuracy per class against its training images (mean ± std over seeds)"
+    path = plot_per_class_lines([(textwrap.fill(t, 70) or None, s) for t, s in panels.items()],
+                                out / "per_class_accuracy.png", many=int(shots.get("data.shots.many", 100)),
+                                few=int(shots.get("data.shots.few", 20)), title=title)
     return [path]
 
 

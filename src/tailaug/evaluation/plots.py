@@ -84,35 +84,46 @@ def _class_size_axes(ax, many: int, few: int, percent: bool, title: str) -> None
     ax.grid(True, which="both", alpha=0.3)
 
 
-def plot_per_class_lines(series: Sequence[tuple], path: str | os.PathLike, *, many: int = 100, few: int = 20,
+def plot_per_class_lines(panels: Sequence[tuple], path: str | os.PathLike, *, many: int = 100, few: int = 20,
                          title: str | None = None) -> Path:
     """Test accuracy (%) of each class against its training images (log x), one line per method.
 
-    ``series``: (label, class_counts [C], accuracy [C] (%, nan/None for a class absent from
+    ``panels``: (panel title or None, series) side by side (e.g. one per setting of a report);
+    a series is (label, class_counts [C], accuracy [C] (%, nan/None for a class absent from
     the test set), std [C] or None); a std draws a band of ± std around the line. Each line
-    joins its classes in order of class size.
+    joins its classes in order of class size; a label has the same colour in every panel.
     """
-    if not series:
+    panels = [(t, list(series)) for t, series in panels if series]
+    if not panels:
         raise DataError("no method to plot: give at least one (label, counts, accuracy, std) series")
-    fig = Figure(figsize=(7, 4.5))
-    ax = fig.add_subplot()
-    cmap = matplotlib.colormaps["tab10" if len(series) <= 10 else "tab20"]
-    for i, (label, counts, acc, std) in enumerate(series):
-        x = _array(counts, "class_counts").astype(np.float64)
-        y = np.array([np.nan if a is None else float(a) for a in acc], dtype=np.float64)
-        if x.shape != y.shape or np.any(x <= 0):
-            raise DataError(f"{label}: class_counts ({x.size}) and accuracies ({y.size}) must be one positive "
-                            "count and one accuracy per class")
-        order = np.argsort(x, kind="stable")
-        keep = order[~np.isnan(y[order])]
-        colour = cmap(i % cmap.N)
-        ax.plot(x[keep], y[keep], marker="o", markersize=3.5, linewidth=1.4, color=colour, label=label)
-        if std is not None:
-            s = np.array([np.nan if v is None else float(v) for v in std], dtype=np.float64)[keep]
-            s = np.nan_to_num(s)
-            ax.fill_between(x[keep], y[keep] - s, y[keep] + s, color=colour, alpha=0.15, linewidth=0)
-    _class_size_axes(ax, many, few, True, title or "Test accuracy per class against its training images")
-    ax.legend(fontsize=7, loc="lower right")
+    labels = list(dict.fromkeys(label for _, series in panels for label, *_ in series))
+    cmap = matplotlib.colormaps["tab10" if len(labels) <= 10 else "tab20"]
+    colour_of = {label: cmap(i % cmap.N) for i, label in enumerate(labels)}
+    cols = min(3, len(panels))
+    rows = -(-len(panels) // cols)
+    longest = max(len(series) for _, series in panels)
+    fig = Figure(figsize=(6.2 * cols, (4.2 + 0.2 * longest) * rows))
+    axes = fig.subplots(rows, cols, squeeze=False).ravel()
+    for ax, (panel_title, series) in zip(axes, panels):
+        for label, counts, acc, std in series:
+            x = _array(counts, "class_counts").astype(np.float64)
+            y = np.array([np.nan if a is None else float(a) for a in acc], dtype=np.float64)
+            if x.shape != y.shape or np.any(x <= 0):
+                raise DataError(f"{label}: class_counts ({x.size}) and accuracies ({y.size}) must be one positive "
+                                "count and one accuracy per class")
+            order = np.argsort(x, kind="stable")
+            keep = order[~np.isnan(y[order])]
+            ax.plot(x[keep], y[keep], marker="o", markersize=3.5, linewidth=1.4, color=colour_of[label], label=label)
+            if std is not None:
+                s = np.nan_to_num(np.array([np.nan if v is None else float(v) for v in std], dtype=np.float64)[keep])
+                ax.fill_between(x[keep], y[keep] - s, y[keep] + s, color=colour_of[label], alpha=0.15, linewidth=0)
+        _class_size_axes(ax, many, few, True, panel_title or "")
+        ax.title.set_fontsize(9)
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=1, frameon=False)
+    for ax in axes[len(panels):]:
+        ax.set_visible(False)
+    fig.suptitle(title or "Test accuracy per class against its training images", y=1.0 + 0.03 / rows)
+    fig.subplots_adjust(hspace=0.3 + 0.08 * longest, wspace=0.25)
     return _save(fig, path)
 
 

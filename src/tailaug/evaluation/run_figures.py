@@ -84,7 +84,7 @@ def write_run_figures(cfg: Config, run_dir: Path, cache: dict, *, progress: bool
     series = [(name, row["metrics"].get("class_counts") or counts, row["metrics"]["per_class"], None)
               for name, row in rows.items() if row.get("metrics", {}).get("per_class") is not None]
     if series:
-        written.append(plot_per_class_lines(series, out / "per_class_methods.png", many=cfg.data.shots.many,
+        written.append(plot_per_class_lines([(None, series)], out / "per_class_methods.png", many=cfg.data.shots.many,
                                             few=cfg.data.shots.few, title="Test accuracy per class, by method"))
     for name, row in rows.items():
         metrics = row.get("metrics", {})

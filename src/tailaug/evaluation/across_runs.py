@@ -368,10 +368,10 @@ def class_counts_of(run_dir: Path, metrics: dict) -> list[int]:
     """Training images per class of a row: recorded with its metrics, else from the run's config."""
     if metrics.get("class_counts"):
         return list(metrics["class_counts"])
-    from .. import commands
+    from ..config import load_config
     from ..data.datasets import planned_counts
 
-    return planned_counts(commands.load_run_config(run_dir).data)
+    return planned_counts(load_config(Path(run_dir) / "config.yaml").data)
 
 
 def plot_report(report: Report, out: Path) -> list[Path]:

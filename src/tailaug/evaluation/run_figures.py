@@ -102,6 +102,11 @@ def write_run_figures(cfg: Config, run_dir: Path, cache: dict, *, progress: bool
                              title="t-SNE of the test features of the stage-1 backbone, by class"))
 
     head = head_set(cfg, counts)
+    try:
+        tail_classes = smallest_tail_classes(counts, head, 3)
+    except TailaugError as exc:
+        print(f"no figures of tail classes (augmented t-SNE, decision boundary): {exc}")
+        return written
     stage1_head = stage1_classifier(cache, cfg)
     fitted = None
     for name, options in _augmenters(run_dir, rows):
@@ -111,13 +116,13 @@ def write_run_figures(cfg: Config, run_dir: Path, cache: dict, *, progress: bool
             generator = ensure_generator(cfg, run_dir, cache, progress)
         augmenter = fit_on_cache(build_augmenter(options, generator_module=generator), cache, head, stage1_head)
         label = entry.label or options["name"]
-        written.append(augmented_tsne(augmenter, cache, sorted(smallest_tail_classes(counts, head, 3)),
+        written.append(augmented_tsne(augmenter, cache, sorted(tail_classes),
                                       out / f"tsne_{_stem(name)}.png", seed=cfg.run.seed, label=label,
                                       class_names=names))
-        if fitted is None or options["name"] == "stg":
-            fitted = (augmenter, label)  # the decision-boundary figure prefers STG, the paper's
-    tail = smallest_tail_classes(counts, head, 1)[0]
+        if fitted is None or options == cfg.retrain.augmenter.model_dump(mode="json"):
+            fitted = (augmenter, label)  # the decision-boundary figure prefers the configured augmenter
     augmenter, label = fitted if fitted is not None else (None, None)
-    written.append(decision_boundary_figure(cache, augmenter, label, tail, cfg.retrain, out / "decision_boundary.png",
+    written.append(decision_boundary_figure(cache, augmenter, label, tail_classes[0], cfg.retrain,
+                                            out / "decision_boundary.png",
                                             seed=cfg.run.seed, class_names=names))
     return written

@@ -115,3 +115,27 @@ def test_confusion_matrix_refuses_a_non_square_matrix(tmp_path):
     with pytest.raises(DataError, match=r"confusion must be a square \[C, C\] matrix of counts, got shape \(2, 3\)"):
         plot_confusion([[1, 2, 3], [4, 5, 6]], tmp_path / "c.png")
     assert is_png(plot_confusion([[3, 1], [0, 0]], tmp_path / "c.png", class_names=["a", "b"]))
+
+
+@pytest.mark.parametrize("with_augmenter", [False, True])
+def test_decision_boundary_figure_from_a_feature_cache(tmp_path, with_augmenter):
+    from tailaug.augment.base import AugmentContext, build_augmenter
+    from tailaug.config import RetrainConfig
+    from tailaug.evaluation.decision_boundary import decision_boundary_figure, nearest_classes
+
+    gen = torch.Generator().manual_seed(0)
+    counts = torch.tensor([60, 40, 20, 5])
+    centres = torch.tensor([[4.0, 0, 0, 0, 0, 0], [0, 4.0, 0, 0, 0, 0], [0, 0, 4.0, 0, 0, 0], [3.0, 3.0, 0, 0, 0, 0]])
+    labels = torch.repeat_interleave(torch.arange(4), counts)
+    cache = {"train_features": centres[labels] + torch.randn(len(labels), 6, generator=gen),
+             "train_labels": labels, "class_counts": counts}
+    # class 3 sits between classes 0 and 1: they are its nearest classes
+    assert sorted(nearest_classes(cache["train_features"], labels, 3, 4, 2)) == [0, 1]
+    augmenter = None
+    if with_augmenter:
+        augmenter = build_augmenter({"name": "noise", "std": 0.5})
+        augmenter.fit(AugmentContext(features=cache["train_features"], labels=labels, class_counts=counts,
+                                     head_classes=[0, 1]))
+    path = decision_boundary_figure(cache, augmenter, "noise" if with_augmenter else None, 3,
+                                    RetrainConfig(epochs=3), tmp_path / "db.png", seed=0, grid=50)
+    assert is_png(path)

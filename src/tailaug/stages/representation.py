@@ -138,8 +138,10 @@ class Trainer:
         rng = np.random.default_rng([self.cfg.run.seed, epoch, self.dist.rank])
         steps = len(self.train_batches)
         # loss sum, correct, seen: kept on the device (no host sync per step; NCCL reduces CUDA tensors only)
-        totals = torch.zeros(3, dtype=torch.float64, device=self.device)
-        by_class = torch.zeros(2, self.data.num_classes, dtype=torch.float64, device=self.device)  # correct, seen
+        # then correct and seen per class (views of totals: one all-reduce per epoch)
+        num_classes = self.data.num_classes
+        totals = torch.zeros(3 + 2 * num_classes, dtype=torch.float64, device=self.device)
+        by_class = totals[3:].view(2, num_classes)
         t0 = time.perf_counter()
         bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{tc.epochs}", leave=False,
                    disable=not (self.show_progress and self.dist.is_main), dynamic_ncols=True)
@@ -152,14 +154,15 @@ class Trainer:
             if self.loss_fn.needs_two_views:
                 x, y = torch.cat([x, self.transform(raw, gen)]), torch.cat([y, y])
             loss, logits = self.step(x, y, rng)
+            hits = logits.argmax(1) == y
             totals[0] += loss * len(y)
-            totals[1] += (logits.argmax(1) == y).sum()
+            totals[1] += hits.sum()
             totals[2] += len(y)
-            by_class[0].index_add_(0, y, (logits.argmax(1) == y).to(torch.float64))
+            by_class[0].index_add_(0, y, hits.to(torch.float64))
             by_class[1].index_add_(0, y, torch.ones_like(y, dtype=torch.float64))
             bar.update()
             if step % 10 == 0 or step == steps - 1:  # the only host reads of the epoch
-                loss_sum, _, seen = totals.tolist()
+                loss_sum, _, seen = totals[:3].tolist()
                 if not math.isfinite(loss_sum):
                     raise TailaugError(
                         f"the training loss became {loss.item()} (not finite) by step {step + 1} of epoch "
@@ -170,8 +173,7 @@ class Trainer:
                 bar.set_postfix(loss=f"{loss_sum / seen:.3f}", lr=f"{lr:.4f}", img_s=f"{ips:.0f}")
         bar.close()
         distributed.all_reduce_sum(totals)
-        distributed.all_reduce_sum(by_class)
-        loss_sum, correct, seen = totals.tolist()
+        loss_sum, correct, seen = totals[:3].tolist()
         elapsed = time.perf_counter() - t0
         record = {
             "epoch": epoch, "train_loss": loss_sum / seen, "train_acc": 100 * correct / seen, "lr": lr,

@@ -137,5 +137,6 @@ def test_decision_boundary_figure_from_a_feature_cache(tmp_path, with_augmenter)
         augmenter.fit(AugmentContext(features=cache["train_features"], labels=labels, class_counts=counts,
                                      head_classes=[0, 1]))
     path = decision_boundary_figure(cache, augmenter, "noise" if with_augmenter else None, 3,
-                                    RetrainConfig(epochs=3), tmp_path / "db.png", seed=0, grid=50)
+                                    RetrainConfig(epochs=3), tmp_path / "db.png", seed=0, grid=50,
+                                    min_steps=50)
     assert is_png(path)

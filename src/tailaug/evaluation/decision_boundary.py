@@ -10,7 +10,8 @@ faithful 2-D slice of that space:
    (orthonormal basis of m2 - m1 and m3 - m1, origin at the mean of the means), so the class
    means keep their distances exactly.
 3. Three linear softmax classifiers trained on the projected real training features with
-   the run's stage-3 settings (Adam, ``retrain.lr`` x 10, ``retrain.epochs``, seed): "CE"
+   the run's stage-3 settings (Adam, ``retrain.lr`` x 10 for three weights per class,
+   ``retrain.epochs`` but at least 1,000 steps, the run's seed): "CE"
    draws instances uniformly (what stage 1 sees), "cRT" draws classes uniformly, and
    "cRT + <augmenter>" draws classes uniformly from the real features plus ``reps``
    augmented copies of every tail feature. The augmenter is the run's, fitted on all
@@ -32,6 +33,8 @@ import torch.nn.functional as F
 
 from ..config import RetrainConfig, SamplerConfig
 from .augmented import augment_rows, original_rows
+
+MIN_STEPS = 1000  # a small run's few points still get a converged 2-D classifier
 
 CAPTION = ("Three linear classifiers re-fitted on the plane through the three class means of the backbone's "
            "features (projected training features; x: augmented copies): instance sampling (CE), class-balanced "
@@ -58,10 +61,13 @@ def mean_plane(features: torch.Tensor, labels: torch.Tensor, classes: Sequence[i
     return origin, basis
 
 
-def _fit_2d(points: torch.Tensor, labels: torch.Tensor, sampler: str, retrain: RetrainConfig, seed: int):
+def _fit_2d(points: torch.Tensor, labels: torch.Tensor, sampler: str, retrain: RetrainConfig, seed: int,
+            min_steps: int):
     from ..stages.classifier import retrain_classifier
 
-    cfg = RetrainConfig(method="crt", epochs=retrain.epochs, batch_size=retrain.batch_size, lr=retrain.lr * 10,
+    steps_per_epoch = -(-len(labels) // retrain.batch_size)
+    epochs = max(retrain.epochs, -(-min_steps // steps_per_epoch))
+    cfg = RetrainConfig(method="crt", epochs=epochs, batch_size=retrain.batch_size, lr=retrain.lr * 10,
                         sampler=SamplerConfig(kind=sampler))
     counts = torch.bincount(labels, minlength=3)
     return retrain_classifier(points, labels, counts, cfg, num_classes=3, seed=seed, progress=False)
@@ -70,7 +76,7 @@ def _fit_2d(points: torch.Tensor, labels: torch.Tensor, sampler: str, retrain: R
 def decision_boundary_figure(cache: dict, augmenter, augmenter_label: str | None, tail_class: int,
                              retrain: RetrainConfig, path: str | os.PathLike, *, seed: int,
                              class_names: Sequence[str] | None = None, reps: int = 10,
-                             grid: int = 200) -> Path:
+                             grid: int = 200, min_steps: int = MIN_STEPS) -> Path:
     """Write the figure (see the module docstring) for ``tail_class``; ``augmenter`` is the
     run's fitted augmenter (None: only the CE and cRT panels)."""
     from ..engine.seed import torch_generator
@@ -107,7 +113,7 @@ def decision_boundary_figure(cache: dict, augmenter, augmenter_label: str | None
     drawn = []
     for i, (title, pts, lab, augmented) in enumerate(panels):
         sampler = "instance" if i == 0 else "class_balanced"
-        head = _fit_2d(pts, lab, sampler, retrain, seed)
+        head = _fit_2d(pts, lab, sampler, retrain, seed, min_steps)
         with torch.no_grad():
             regions = head(mesh).argmax(1).reshape(grid, grid).numpy()
         panel = {"title": title, "xs": xs, "ys": ys, "regions": regions, "points": pts.numpy(), "labels": lab.numpy()}

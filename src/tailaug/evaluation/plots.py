@@ -9,6 +9,7 @@ one image (format from the file suffix; no suffix -> ``.png``) and returns its P
 from __future__ import annotations
 
 import os
+import textwrap
 from pathlib import Path
 from typing import Sequence
 
@@ -204,7 +205,7 @@ def plot_decision_regions(panels: Sequence[dict], path: str | os.PathLike, *, ti
     fig.legend(handles=handles, loc="upper center", ncol=len(handles), fontsize=8, bbox_to_anchor=(0.5, 0.0))
     fig.suptitle(title)
     if caption:
-        fig.text(0.5, -0.08, caption, ha="center", va="top", fontsize=7, wrap=True)
+        fig.text(0.5, -0.08, textwrap.fill(caption, 60 * len(panels)), ha="center", va="top", fontsize=7)
     return _save(fig, path)
 
 

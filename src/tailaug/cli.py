@@ -23,6 +23,9 @@ USAGE_EXAMPLES = """examples:
   tailaug train configs/fmnist_lt/ce.yaml train.epochs=5 data.imbalance_factor=50
   tailaug train configs/fmnist_lt/ce.yaml --resume
   tailaug evaluate runs/fmnist_lt_ce
+  tailaug run configs/fmnist_lt/mixup.yaml --seeds 0 1 2
+  tailaug report "runs/fmnist_lt_*-s*" --out reports/fmnist
+  tailaug analyze figures runs/fmnist_lt_mixup-s0
   tailaug datasets describe configs/cifar10_lt/if100.yaml
 """
 
@@ -48,6 +51,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--resume", action="store_true",
                      help="continue an existing run only (a stopped stage 1 is continued without it too; "
                           "with it a run.name that holds no run of this config is an error)")
+    run.add_argument("--seeds", nargs="+", metavar="SEED",
+                     help="one run per seed (run.seed=SEED, run.name suffixed -sSEED), then their report")
+    run.add_argument("--out", help="with --seeds: the report directory (default RUN_OUTPUT_DIR/NAME-report)")
+
+    rep = sub.add_parser("report", help="mean and std over seeds of several runs: Markdown, CSV, JSON, figure")
+    rep.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories; globs are expanded")
+    rep.add_argument("--out", help="the report directory (default: report beside the runs)")
+    rep.add_argument("--debug", action="store_true", default=argparse.SUPPRESS)
 
     ev = sub.add_parser("evaluate", help="evaluate a run directory's last checkpoint on the test set")
     ev.add_argument("run_dir")
@@ -63,6 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
     stg = an_sub.add_parser("stg", help="KL table (paper Table 5) and t-SNE of augmented tail features")
     stg.add_argument("run_dir")
     stg.add_argument("--debug", action="store_true", default=argparse.SUPPRESS)
+    figures = an_sub.add_parser("figures", help="per-class accuracy, confusion, reliability, t-SNE and "
+                                                "decision-boundary figures in RUN_DIR/plots")
+    figures.add_argument("run_dir")
+    figures.add_argument("--debug", action="store_true", default=argparse.SUPPRESS)
     return parser
 
 
@@ -108,15 +123,40 @@ def _dispatch(args) -> int:
 
     if args.command == "train":
         commands.train(args.config, args.overrides, resume=args.resume, progress=not args.no_progress)
+    elif args.command == "run" and args.seeds is not None:
+        seeds, overrides = _split_seeds(args.seeds, args.overrides)
+        commands.run_seeds(args.config, overrides, seeds, resume=args.resume, progress=not args.no_progress,
+                           out=args.out)
     elif args.command == "run":
+        if args.out is not None:
+            raise TailaugError("--out names the report directory of --seeds; give --seeds too, or drop --out")
         commands.run(args.config, args.overrides, resume=args.resume, progress=not args.no_progress)
+    elif args.command == "report":
+        commands.report(args.run_dirs, args.out)
     elif args.command == "evaluate":
         commands.evaluate(Path(args.run_dir), args.overrides)
     elif args.command == "datasets":
         commands.describe(args.config, args.overrides)
+    elif args.command == "analyze" and args.what == "figures":
+        commands.analyze_figures(Path(args.run_dir))
     elif args.command == "analyze":
         commands.analyze_stg(Path(args.run_dir))
     return 0
+
+
+def _split_seeds(values: list[str], overrides: list[str]) -> tuple[list[int], list[str]]:
+    """The integers after --seeds, and the overrides (key=value) that followed them."""
+    seeds = []
+    for v in values:
+        if "=" in v:
+            overrides = [*overrides, v]
+        elif v.isdigit():
+            seeds.append(int(v))
+        else:
+            raise TailaugError(f"--seeds takes non-negative integers (e.g. --seeds 0 1 2), got {v!r}")
+    if not seeds:
+        raise TailaugError("--seeds needs at least one seed, e.g. --seeds 0 1 2")
+    return seeds, overrides
 
 
 if __name__ == "__main__":

@@ -188,3 +188,57 @@ def analyze_stg(run_dir: Path) -> dict:
         generator = ensure_generator(cfg, run_dir, cache, progress=False)
         head = head_set(cfg, cache["class_counts"].tolist())
         return analyze_generator(cfg, cache, generator, head, stage1_classifier(cache, cfg), run_dir / "analysis")
+
+
+def run_seeds(config: str, overrides: list[str], seeds: list[int], *, resume: bool = False, progress: bool,
+              out: str | None = None):
+    """``run`` once per seed (``run.seed`` set, ``-s<seed>`` appended to ``run.name``, as the
+    benchmarks name their runs), then the report of those runs, printed and written to
+    ``out`` (default ``<run.output_dir>/<run.name>-report``)."""
+    if len(set(seeds)) != len(seeds):
+        raise TailaugError(f"--seeds lists a seed twice ({' '.join(map(str, seeds))}); give each seed once")
+    given = [o for o in overrides if o.split("=", 1)[0].strip() in ("run.seed", "run")]
+    if given:
+        raise TailaugError(f"--seeds sets run.seed of each run; drop the override {given[0]}")
+    cfg = load_config(config, overrides)
+    for seed in seeds:
+        run(config, [*overrides, f"run.seed={seed}", f"run.name={cfg.run.name}-s{seed}"], resume=resume,
+            progress=progress)
+    if not _is_main(cfg):
+        return None
+    run_dirs = [run_dir_path(cfg.run.output_dir, f"{cfg.run.name}-s{seed}") for seed in seeds]
+    return report([str(p) for p in run_dirs], out or str(run_dir_path(cfg.run.output_dir, f"{cfg.run.name}-report")))
+
+
+def report(run_dirs: list[str], out: str | None = None):
+    """Mean and sample std over seeds of every method of the runs (globs expanded), grouped
+    so that runs differing in anything but the seed are never averaged; printed, and written
+    to ``out`` (default: ``report`` beside the runs) as report.md, .csv, .json and a figure."""
+    from .evaluation.across_runs import build_report, expand_run_dirs, write_report
+
+    paths, skipped = expand_run_dirs(run_dirs)
+    result = build_report(paths)
+    if out is None:
+        parents = {p.resolve().parent for p in paths}
+        out = str(parents.pop() / "report") if len(parents) == 1 else "report"
+    written = write_report(result, Path(out))
+    print(result.text())
+    if skipped:
+        print(f"skipped (no results.json): {', '.join(map(str, skipped))}")
+    print(f"wrote {', '.join(str(p) for p in written)}")
+    return result
+
+
+def analyze_figures(run_dir: Path) -> list[Path]:
+    """Every figure of a finished run in RUN_DIR/plots (evaluation/run_figures.py)."""
+    from .evaluation.run_figures import write_run_figures
+    from .stages.features import extract_features
+
+    run_dir = Path(run_dir)
+    cfg = load_run_config(run_dir)
+    apply_threads(cfg.run.threads)
+    with open_run_dir(run_dir, create=False):
+        cache = extract_features(cfg, run_dir, progress=False)
+        written = write_run_figures(cfg, run_dir, cache)
+    print(f"wrote {len(written)} figures to {run_dir / 'plots'}: " + ", ".join(p.name for p in written))
+    return written

@@ -28,7 +28,9 @@ def read_records(path: Path) -> list[tuple[str, dict]]:
 
 
 class MetricsLogger:
-    """Appends one JSON object per record; keeps TensorBoard in step.
+    """Appends one JSON object per record; keeps TensorBoard in step (a number is one curve
+    named by its key, a list of numbers one curve per index under ``key/``, e.g. the
+    per-class accuracies ``val_per_class/03``).
 
     On resume, records from the epoch being re-run (and later) are dropped first, so the
     file reads as if the run had never stopped; so is a last line cut short (what a killed
@@ -56,8 +58,13 @@ class MetricsLogger:
         with self.path.open("a") as fh:
             fh.write(json.dumps(record) + "\n")
         for key, value in record.items():
-            if isinstance(value, (int, float)) and key not in ("epoch", "step"):
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and key not in ("epoch", "step"):
                 self.writer.add_scalar(key, value, step)
+            elif isinstance(value, list):  # one value per class: one curve each, under the key
+                width = len(str(len(value) - 1))
+                for i, v in enumerate(value):
+                    if isinstance(v, (int, float)) and not isinstance(v, bool):
+                        self.writer.add_scalar(f"{key}/{i:0{width}d}", v, step)
 
     def close(self) -> None:
         if self.writer is not None:

@@ -123,6 +123,19 @@ def _pct(x: float) -> float | None:
     return None if x is None or math.isnan(x) else float(100.0 * x)
 
 
+def group_accuracies(per_class, groups: dict) -> dict:
+    """Accuracy (%) of each shot group: the mean of its classes' accuracies (fractions in
+    ``per_class``, nan for a class without samples, which is left out); None for a group
+    with no such class. ``groups`` as :func:`tailaug.data.classes.shot_groups` returns."""
+    acc = np.asarray(per_class, dtype=np.float64)
+    out = {}
+    for g in SHOT_GROUPS:
+        vals = acc[list(groups[g])]
+        vals = vals[~np.isnan(vals)]
+        out[g] = float(100.0 * vals.mean()) if vals.size else None
+    return out
+
+
 def log_probabilities(logits) -> torch.Tensor:
     """float64 log-softmax [N, C] on the CPU: the probabilities behind NLL, ECE and the reliability diagram."""
     x = logits if isinstance(logits, torch.Tensor) else torch.as_tensor(np.asarray(logits))
@@ -134,7 +147,8 @@ def evaluate_logits(logits, targets, class_counts, *, many: int = 100, few: int 
 
     Keys: ``top1``, ``many``, ``medium``, ``few`` (%; a shot group is None when it has no
     class or none of its classes occurs in ``targets``), ``groups`` (classes per group),
-    ``per_class`` (% per class, None for a class absent from ``targets``), ``ece`` (%),
+    ``per_class`` (% per class, None for a class absent from ``targets``), ``class_counts``
+    (the training images per class, for figures against class size), ``ece`` (%),
     ``nll`` (mean negative log-likelihood, nats), ``confusion`` ([true][pred] counts),
     ``num_samples``. ``class_counts`` are the TRAINING-set class sizes.
     """
@@ -166,12 +180,9 @@ def evaluate_logits(logits, targets, class_counts, *, many: int = 100, few: int 
     cm = confusion_matrix(preds, t, num_classes)
     pca = per_class_accuracy(preds, t, num_classes)
     groups = shot_groups(counts, many=many, few=few)
-    out: dict = {"top1": float(100.0 * np.mean(preds == t))}
-    for g in SHOT_GROUPS:
-        vals = pca[groups[g]]
-        vals = vals[~np.isnan(vals)]
-        out[g] = float(100.0 * vals.mean()) if vals.size else None
+    out: dict = {"top1": float(100.0 * np.mean(preds == t)), **group_accuracies(pca, groups)}
     out["groups"] = {g: len(groups[g]) for g in SHOT_GROUPS}
+    out["class_counts"] = [int(n) for n in counts.tolist()]
     out["per_class"] = [_pct(a) for a in pca.tolist()]
     out["ece"] = float(100.0 * expected_calibration_error(probs, t, ece_bins))
     out["nll"] = nll

@@ -1,4 +1,5 @@
-"""Figures: per-class accuracy vs class size, reliability diagram, t-SNE of features.
+"""Figures: per-class accuracy vs class size, confusion matrix, reliability diagram, t-SNE of
+features, decision regions on a 2-D embedding.
 
 Figures are drawn with matplotlib's Agg canvas directly (``Figure`` + ``FigureCanvasAgg``),
 so plotting never touches pyplot's global state or needs a display. Each function writes
@@ -8,6 +9,7 @@ one image (format from the file suffix; no suffix -> ``.png``) and returns its P
 from __future__ import annotations
 
 import os
+import textwrap
 from pathlib import Path
 from typing import Sequence
 
@@ -65,16 +67,145 @@ def plot_per_class_accuracy(
     fig = Figure(figsize=(6, 4))
     ax = fig.add_subplot()
     ax.scatter(counts[keep], acc[keep], s=18, alpha=0.8)
+    _class_size_axes(ax, many, few, percent, title or "Per-class accuracy vs class size")
+    return _save(fig, path)
+
+
+def _class_size_axes(ax, many: int, few: int, percent: bool, title: str) -> None:
+    """Log x axis of training images per class with the shot-group thresholds dashed."""
     for x, label in ((few, f"few < {few}"), (many, f"many > {many}")):
         ax.axvline(x, color="grey", linestyle="--", linewidth=0.8)
         ax.annotate(label, (x, 1.0), xycoords=("data", "axes fraction"), ha="left", va="top",
                     fontsize=8, color="grey", xytext=(3, -3), textcoords="offset points")
     ax.set_xscale("log")
-    ax.set_xlabel("training images of the class")
+    ax.set_xlabel("training images of the class (log scale)")
     ax.set_ylabel("test accuracy (%)" if percent else "test accuracy")
     ax.set_ylim(-0.05 * (100 if percent else 1), 1.05 * (100 if percent else 1))
-    ax.set_title(title or "Per-class accuracy vs class size")
+    ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
+
+
+def plot_per_class_lines(panels: Sequence[tuple], path: str | os.PathLike, *, many: int = 100, few: int = 20,
+                         title: str | None = None) -> Path:
+    """Test accuracy (%) of each class against its training images (log x), one line per method.
+
+    ``panels``: (panel title or None, series) side by side (e.g. one per setting of a report);
+    a series is (label, class_counts [C], accuracy [C] (%, nan/None for a class absent from
+    the test set), std [C] or None); a std draws a band of ± std around the line. Each line
+    joins its classes in order of class size; a label has the same colour in every panel.
+    """
+    panels = [(t, list(series)) for t, series in panels if series]
+    if not panels:
+        raise DataError("no method to plot: give at least one (label, counts, accuracy, std) series")
+    labels = list(dict.fromkeys(label for _, series in panels for label, *_ in series))
+    cmap = matplotlib.colormaps["tab10" if len(labels) <= 10 else "tab20"]
+    colour_of = {label: cmap(i % cmap.N) for i, label in enumerate(labels)}
+    cols = min(3, len(panels))
+    rows = -(-len(panels) // cols)
+    longest = max(len(series) for _, series in panels)
+    fig = Figure(figsize=(6.2 * cols, (4.2 + 0.2 * longest) * rows))
+    axes = fig.subplots(rows, cols, squeeze=False).ravel()
+    for ax, (panel_title, series) in zip(axes, panels):
+        for label, counts, acc, std in series:
+            x = _array(counts, "class_counts").astype(np.float64)
+            y = np.array([np.nan if a is None else float(a) for a in acc], dtype=np.float64)
+            if x.shape != y.shape or np.any(x <= 0):
+                raise DataError(f"{label}: class_counts ({x.size}) and accuracies ({y.size}) must be one positive "
+                                "count and one accuracy per class")
+            order = np.argsort(x, kind="stable")
+            keep = order[~np.isnan(y[order])]
+            ax.plot(x[keep], y[keep], marker="o", markersize=3.5, linewidth=1.4, color=colour_of[label], label=label)
+            if std is not None:
+                s = np.nan_to_num(np.array([np.nan if v is None else float(v) for v in std], dtype=np.float64)[keep])
+                ax.fill_between(x[keep], y[keep] - s, y[keep] + s, color=colour_of[label], alpha=0.15, linewidth=0)
+        _class_size_axes(ax, many, few, True, panel_title or "")
+        ax.title.set_fontsize(9)
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=1, frameon=False)
+    for ax in axes[len(panels):]:
+        ax.set_visible(False)
+    fig.suptitle(title or "Test accuracy per class against its training images", y=1.0 + 0.03 / rows)
+    fig.subplots_adjust(hspace=0.3 + 0.08 * longest, wspace=0.25)
+    return _save(fig, path)
+
+
+def plot_confusion(confusion, path: str | os.PathLike, *, class_names: Sequence[str] | None = None,
+                   title: str | None = None) -> Path:
+    """Row-normalised confusion matrix (``confusion[true][pred]`` counts): each row shows where
+    the test images of one true class went, in %; cells are annotated up to 20 classes."""
+    cm = _array(confusion, "confusion").astype(np.float64)
+    if cm.ndim != 2 or cm.shape[0] != cm.shape[1] or cm.shape[0] == 0:
+        raise DataError(f"confusion must be a square [C, C] matrix of counts, got shape {cm.shape}")
+    c = cm.shape[0]
+    names = list(class_names) if class_names is not None else [str(i) for i in range(c)]
+    if len(names) != c:
+        raise DataError(f"class_names has {len(names)} names for {c} classes")
+    support = cm.sum(axis=1, keepdims=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        rows = np.where(support > 0, 100.0 * cm / support, np.nan)
+    size = min(12.0, 3.0 + 0.45 * c)
+    fig = Figure(figsize=(size + 1.2, size))
+    ax = fig.add_subplot()
+    image = ax.imshow(rows, cmap="Blues", vmin=0, vmax=100)
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="% of the true class's test images")
+    if c <= 20:
+        for i in range(c):
+            for j in range(c):
+                if not np.isnan(rows[i, j]) and rows[i, j] >= 0.5:
+                    ax.text(j, i, f"{rows[i, j]:.0f}", ha="center", va="center", fontsize=7,
+                            color="white" if rows[i, j] > 50 else "black")
+        ax.set_xticks(range(c), names, rotation=45 if max(map(len, names)) > 2 else 0, ha="right"
+                      if max(map(len, names)) > 2 else "center", fontsize=8)
+        ax.set_yticks(range(c), names, fontsize=8)
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    ax.set_title(title or "Confusion matrix (rows normalised to 100%)")
+    return _save(fig, path)
+
+
+def plot_decision_regions(panels: Sequence[dict], path: str | os.PathLike, *, title: str,
+                          class_names: Sequence[str], caption: str | None = None) -> Path:
+    """Side-by-side decision regions of classifiers on a 2-D embedding.
+
+    Each panel: ``title``, ``xs``/``ys`` (grid coordinates, [W] and [H]), ``regions`` ([H, W]
+    index into ``class_names`` of the predicted class), ``points`` [N, 2] and ``labels`` [N]
+    (indices into ``class_names``) of the training points, and optionally ``augmented`` [N]
+    bool (drawn as crosses). ``caption`` is printed under the panels.
+    """
+    from matplotlib.colors import ListedColormap
+
+    k = len(class_names)
+    cmap = matplotlib.colormaps["tab10"]
+    colours = [cmap(i % 10) for i in range(k)]
+    fig = Figure(figsize=(4.2 * len(panels), 4.6))
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    fig.subplots_adjust(wspace=0.3)
+    for ax, panel in zip(axes, panels):
+        xs, ys = np.asarray(panel["xs"]), np.asarray(panel["ys"])
+        ax.contourf(xs, ys, np.asarray(panel["regions"]), levels=np.arange(k + 1) - 0.5,
+                    cmap=ListedColormap(colours), alpha=0.25)
+        ax.contour(xs, ys, np.asarray(panel["regions"]), levels=np.arange(k) + 0.5, colors="black",
+                   linewidths=0.8)
+        pts, lab = np.asarray(panel["points"]), np.asarray(panel["labels"])
+        aug = np.asarray(panel.get("augmented", np.zeros(len(lab), dtype=bool)), dtype=bool)
+        for i in range(k):  # augmented crosses first, so the real points stay visible on top
+            if aug.any():
+                ax.scatter(pts[(lab == i) & aug, 0], pts[(lab == i) & aug, 1], s=14, marker="x",
+                           color=colours[i], linewidths=0.9, alpha=0.6)
+        for i in range(k):
+            real = (lab == i) & ~aug
+            ax.scatter(pts[real, 0], pts[real, 1], s=12, color=colours[i], edgecolors="black", linewidths=0.4)
+        ax.set_xlim(xs[0], xs[-1])
+        ax.set_ylim(ys[0], ys[-1])
+        ax.set_title(panel["title"], fontsize=10)
+        ax.set_xlabel("component 1")
+        ax.set_ylabel("component 2")
+    handles = [Line2D([], [], marker="o", linestyle="", color=colours[i], label=class_names[i]) for i in range(k)]
+    if any(np.asarray(p.get("augmented", [False])).any() for p in panels):
+        handles.append(Line2D([], [], marker="x", linestyle="", color="black", label="augmented"))
+    fig.legend(handles=handles, loc="upper center", ncol=len(handles), fontsize=8, bbox_to_anchor=(0.5, 0.0))
+    fig.suptitle(title)
+    if caption:
+        fig.text(0.5, -0.08, textwrap.fill(caption, 60 * len(panels)), ha="center", va="top", fontsize=7)
     return _save(fig, path)
 
 
@@ -128,8 +259,9 @@ def plot_tsne(
     perplexity: float = 30.0,
     num_threads: int | None = 1,
     title: str | None = None,
+    class_names: Sequence[str] | None = None,
 ) -> Path:
-    """2-D t-SNE of ``features`` [N, d], coloured by class.
+    """2-D t-SNE of ``features`` [N, d], coloured by class (legend: ``class_names[c]`` when given).
 
     ``markers``: optional bool array [N]; True points (e.g. augmented features) are drawn
     as crosses, the rest as dots. With more than ``max_points`` points a random subset of
@@ -177,12 +309,16 @@ def plot_tsne(
                  for i, c in enumerate(classes.tolist())}
     colours = np.array([colour_of[c] for c in y.tolist()])
     plain = np.ones(n, dtype=bool) if m is None else ~m
-    ax.scatter(emb[plain, 0], emb[plain, 1], c=colours[plain], s=10, marker="o", alpha=0.8, linewidths=0)
-    if m is not None and m.any():
-        ax.scatter(emb[m, 0], emb[m, 1], c=colours[m], s=22, marker="x", alpha=0.9, linewidths=1.0)
+    if m is not None and m.any():  # crosses first: the fewer real points stay visible on top
+        ax.scatter(emb[m, 0], emb[m, 1], c=colours[m], s=22, marker="x", alpha=0.7, linewidths=1.0)
+        ax.scatter(emb[plain, 0], emb[plain, 1], c=colours[plain], s=24, marker="o", edgecolors="black",
+                   linewidths=0.6)
+    else:
+        ax.scatter(emb[plain, 0], emb[plain, 1], c=colours[plain], s=10, marker="o", alpha=0.8, linewidths=0)
     handles = []
     if len(classes) <= 20:
-        handles += [Line2D([], [], marker="o", linestyle="", color=colour_of[c], label=f"class {c}")
+        handles += [Line2D([], [], marker="o", linestyle="", color=colour_of[c],
+                           label=f"{c}: {class_names[c]}" if class_names is not None else f"class {c}")
                     for c in classes.tolist()]
     if m is not None:
         handles += [Line2D([], [], marker="o", linestyle="", color="black", label="original"),
@@ -191,6 +327,8 @@ def plot_tsne(
         ax.legend(handles=handles, fontsize=7, loc="best", ncol=2 if len(handles) > 10 else 1)
     ax.set_xticks([])
     ax.set_yticks([])
+    ax.set_xlabel("t-SNE 1")
+    ax.set_ylabel("t-SNE 2")
     ax.set_title(title or f"t-SNE of {n} features")
     return _save(fig, path)
 

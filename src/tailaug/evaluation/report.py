@@ -45,8 +45,11 @@ def _cells(rows: Iterable[tuple[str, dict]], columns: Sequence[str]) -> list[lis
 
 def format_table(rows: list[tuple[str, dict]], columns: Sequence[str] = DEFAULT_COLUMNS) -> str:
     """An aligned plain-text table: a header row, a rule, one row per (method, metrics)."""
-    header = ["method", *columns]
-    body = _cells(rows, columns)
+    return aligned_table(["method", *columns], _cells(rows, columns))
+
+
+def aligned_table(header: list[str], body: list[list[str]]) -> str:
+    """Text cells as an aligned plain-text table: the first column left-aligned, the rest right."""
     widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
 
     def line(cells: list[str]) -> str:
@@ -58,7 +61,8 @@ def format_table(rows: list[tuple[str, dict]], columns: Sequence[str] = DEFAULT_
     return "\n".join([line(header), rule, *(line(r) for r in body)])
 
 
-def _markdown(header: list[str], body: list[list[str]]) -> str:
+def markdown_grid(header: list[str], body: list[list[str]]) -> str:
+    """Text cells as a Markdown table (the first column left-aligned, the rest right)."""
     lines = [
         "| " + " | ".join(header) + " |",
         "|" + "|".join([":---"] + ["---:"] * (len(header) - 1)) + "|",
@@ -69,31 +73,56 @@ def _markdown(header: list[str], body: list[list[str]]) -> str:
 
 def markdown_table(rows: list[tuple[str, dict]], columns: Sequence[str] = DEFAULT_COLUMNS) -> str:
     """The same table as :func:`format_table` in Markdown (numbers right-aligned)."""
-    return _markdown(["method", *columns], _cells(rows, columns))
+    return markdown_grid(["method", *columns], _cells(rows, columns))
 
 
-def mean_std_table(results: dict[str, list[dict]], columns: Sequence[str] = DEFAULT_COLUMNS) -> str:
+def mean_std(values: Iterable[Any]) -> tuple[float | None, float | None, int]:
+    """(mean, sample standard deviation (ddof=1), count) of the numbers among ``values``;
+    missing values (None/nan/text) are skipped; std is None below two values, mean below one."""
+    vals = [v for v in (_number(x) for x in values) if v is not None]
+    mean = float(np.mean(vals)) if vals else None
+    std = float(np.std(vals, ddof=1)) if len(vals) > 1 else None
+    return mean, std, len(vals)
+
+
+def _mean_std_cell(values: Iterable[Any]) -> str:
+    mean, std, _ = mean_std(values)
+    if mean is None:
+        return "-"
+    return f"{mean:.2f}" if std is None else f"{mean:.2f} ± {std:.2f}"
+
+
+MEAN_STD_NOTE = "mean ± sample standard deviation (ddof=1) over runs; n = number of runs."
+
+
+def mean_std_cells(results: dict[Any, list[dict]], columns: Sequence[str] = DEFAULT_COLUMNS,
+                   labels: Sequence[str] = ("method",)) -> tuple[list[str], list[list[str]]]:
+    """Header and text cells of :func:`mean_std_table`: the label columns, ``n``, then
+    "mean ± std" per column. A key of ``results`` is one label, or a tuple of one text per
+    label column."""
+    header = [*labels, "n", *columns]
+    body = []
+    for key, runs in results.items():
+        names = [str(k) for k in key] if isinstance(key, tuple) else [str(key)]
+        if len(names) != len(labels):
+            raise ValueError(f"row {key!r} has {len(names)} labels for the label columns {list(labels)}")
+        body.append([*names, str(len(runs)), *(_mean_std_cell(r.get(c) for r in runs) for c in columns)])
+    return header, body
+
+
+def mean_std_table(results: dict[Any, list[dict]], columns: Sequence[str] = DEFAULT_COLUMNS, *,
+                   labels: Sequence[str] = ("method",), markdown: bool = True) -> str:
     """Markdown table of "mean ± std" per method and column over its runs (seeds).
 
     std is the sample standard deviation (ddof=1); a method with one run shows the mean
     alone. Missing values (None/nan) are skipped per column; "-" if none remain. The ``n``
     column is the number of runs. A note stating the std convention follows the table.
+    ``labels`` names the columns before ``n`` (a key of ``results`` is then a tuple of
+    texts); ``markdown=False`` gives an aligned plain-text table instead.
     """
-    header = ["method", "n", *columns]
-    body = []
-    for name, runs in results.items():
-        row = [str(name), str(len(runs))]
-        for c in columns:
-            vals = [v for v in (_number(r.get(c)) for r in runs) if v is not None]
-            if not vals:
-                row.append("-")
-            elif len(vals) == 1:
-                row.append(f"{vals[0]:.2f}")
-            else:
-                row.append(f"{np.mean(vals):.2f} ± {np.std(vals, ddof=1):.2f}")
-        body.append(row)
-    note = "\n\nmean ± sample standard deviation (ddof=1) over runs; n = number of runs."
-    return _markdown(header, body) + note
+    header, body = mean_std_cells(results, columns, labels)
+    table = markdown_grid(header, body) if markdown else aligned_table(header, body)
+    return f"{table}\n\n{MEAN_STD_NOTE}"
 
 
 # --------------------------------------------------------------------------- JSON

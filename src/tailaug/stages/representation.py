@@ -13,6 +13,7 @@ from tqdm import tqdm
 
 from ..augment.mixup import mixup
 from ..config import Config
+from ..data.classes import SHOT_GROUPS, shot_groups
 from ..data.datasets import LTData, build_data
 from ..data.loaders import Batches
 from ..data.samplers import build_sampler
@@ -24,6 +25,7 @@ from ..engine.logging import MetricsLogger
 from ..engine.schedule import lr_at
 from ..engine.seed import seed_everything
 from ..errors import ConfigError, TailaugError
+from ..evaluation.metrics import group_accuracies
 from ..evaluation.report import format_table, write_json
 from ..evaluation.results import STAGE1, record_results, result_row
 from ..evaluation.scoring import eval_settings, score
@@ -108,7 +110,8 @@ class Trainer:
                 new_best = False
                 if self.data.val is not None:
                     val = self.evaluate(self.data.val)
-                    record.update({"val_top1": val["top1"], "val_few": val["few"]})
+                    record.update({"val_top1": val["top1"], **{f"val_{g}": val[g] for g in SHOT_GROUPS},
+                                   "val_per_class": val["per_class"]})
                     if best is None or val["top1"] > best["val_top1"]:
                         best, new_best = {"epoch": epoch, "val_top1": val["top1"]}, True
                 if main:
@@ -135,7 +138,10 @@ class Trainer:
         rng = np.random.default_rng([self.cfg.run.seed, epoch, self.dist.rank])
         steps = len(self.train_batches)
         # loss sum, correct, seen: kept on the device (no host sync per step; NCCL reduces CUDA tensors only)
-        totals = torch.zeros(3, dtype=torch.float64, device=self.device)
+        # then correct and seen per class (views of totals: one all-reduce per epoch)
+        num_classes = self.data.num_classes
+        totals = torch.zeros(3 + 2 * num_classes, dtype=torch.float64, device=self.device)
+        by_class = totals[3:].view(2, num_classes)
         t0 = time.perf_counter()
         bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{tc.epochs}", leave=False,
                    disable=not (self.show_progress and self.dist.is_main), dynamic_ncols=True)
@@ -148,12 +154,15 @@ class Trainer:
             if self.loss_fn.needs_two_views:
                 x, y = torch.cat([x, self.transform(raw, gen)]), torch.cat([y, y])
             loss, logits = self.step(x, y, rng)
+            hits = logits.argmax(1) == y
             totals[0] += loss * len(y)
-            totals[1] += (logits.argmax(1) == y).sum()
+            totals[1] += hits.sum()
             totals[2] += len(y)
+            by_class[0].index_add_(0, y, hits.to(torch.float64))
+            by_class[1].index_add_(0, y, torch.ones_like(y, dtype=torch.float64))
             bar.update()
             if step % 10 == 0 or step == steps - 1:  # the only host reads of the epoch
-                loss_sum, _, seen = totals.tolist()
+                loss_sum, _, seen = totals[:3].tolist()
                 if not math.isfinite(loss_sum):
                     raise TailaugError(
                         f"the training loss became {loss.item()} (not finite) by step {step + 1} of epoch "
@@ -164,16 +173,25 @@ class Trainer:
                 bar.set_postfix(loss=f"{loss_sum / seen:.3f}", lr=f"{lr:.4f}", img_s=f"{ips:.0f}")
         bar.close()
         distributed.all_reduce_sum(totals)
-        loss_sum, correct, seen = totals.tolist()
+        loss_sum, correct, seen = totals[:3].tolist()
         elapsed = time.perf_counter() - t0
         record = {
             "epoch": epoch, "train_loss": loss_sum / seen, "train_acc": 100 * correct / seen, "lr": lr,
-            "images_per_s": seen / elapsed, "epoch_s": elapsed,
+            "images_per_s": seen / elapsed, "epoch_s": elapsed, **self.class_accuracies("train", *by_class.tolist()),
         }
         if self.show_progress and self.dist.is_main:
             tqdm.write(f"epoch {epoch + 1}/{tc.epochs}  loss {record['train_loss']:.4f}  "
                        f"train acc {record['train_acc']:.2f}  lr {lr:.4f}  {record['images_per_s']:.0f} img/s")
         return record
+
+    def class_accuracies(self, split: str, correct: list[float], seen: list[float]) -> dict:
+        """Shot-group and per-class accuracy (%) from per-class counts of correct and seen
+        samples (a class not seen: None), keyed ``<split>_many`` ... ``<split>_per_class``."""
+        per_class = np.divide(correct, seen, out=np.full(len(seen), np.nan), where=np.asarray(seen) > 0)
+        shots = self.cfg.data.shots
+        groups = group_accuracies(per_class, shot_groups(self.data.class_counts, many=shots.many, few=shots.few))
+        return {**{f"{split}_{g}": v for g, v in groups.items()},
+                f"{split}_per_class": [None if np.isnan(a) else float(100 * a) for a in per_class]}
 
     def step(self, x: torch.Tensor, y: torch.Tensor, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """One optimiser step; returns the (detached) loss and logits, still on the device."""

@@ -106,18 +106,17 @@ def evaluate(run_dir: Path, overrides: list[str] = ()) -> dict:
 
 def describe(config: str, overrides: list[str]) -> str:
     from .data.classes import shot_groups
-    from .data.datasets import CLASS_NAMES, planned_counts
+    from .data.datasets import planned_classes
 
     cfg = load_config(config, overrides)
-    counts = planned_counts(cfg.data)
+    counts, names, notes = planned_classes(cfg.data)
     groups = shot_groups(counts, cfg.data.shots.many, cfg.data.shots.few)
     group_of = {c: g for g, members in groups.items() for c in members}
     d = cfg.data
-    names = CLASS_NAMES.get(d.dataset)
     width = max(map(len, names)) if names else 0
     lines = [
-        f"dataset {d.dataset}  profile {d.profile}  imbalance factor {d.imbalance_factor:g}  "
-        f"classes {len(counts)}",
+        f"dataset {d.dataset}  profile {d.profile}  "
+        + ("" if d.profile == "as_is" else f"imbalance factor {d.imbalance_factor:g}  ") + f"classes {len(counts)}",
     ]
     if d.class_order is not None:
         lines.append(f"class order {d.class_order} (profile count i goes to class class_order[i])")
@@ -131,6 +130,7 @@ def describe(config: str, overrides: list[str]) -> str:
                  + ", ".join(f"{g} {len(groups[g])} classes" for g in ("many", "medium", "few")))
     if d.val_per_class:
         lines.append(f"validation: {d.val_per_class} images per class held out of training")
+    lines += notes
     text = "\n".join(lines)
     print(text)
     return text

@@ -34,3 +34,16 @@ def write_fashion_mnist(root: Path, per_class_train: int = 40, per_class_test: i
         write_idx(root / f"{prefix}-images-idx3-ubyte.gz", class_images(labels, rng)[:, 0])
         write_idx(root / f"{prefix}-labels-idx1-ubyte.gz", labels)
     return root
+
+
+def write_class_folders(root: Path, counts: dict[str, int], size: int = 16, seed: int = 0) -> Path:
+    """``root/<class name>/<i>.png``: RGB images of ``class_images`` (class k: the k-th name)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for k, (name, n) in enumerate(counts.items()):
+        folder = root / name
+        folder.mkdir(parents=True, exist_ok=True)
+        for i, image in enumerate(class_images(np.full(n, k), rng, size=size, channels=3)):
+            Image.fromarray(image.transpose(1, 2, 0)).save(folder / f"{i:03d}.png")
+    return root

@@ -61,7 +61,7 @@ def class_folders(root, key: str) -> dict[str, list[Path]]:
     if empty:
         raise DataError(f"class folder(s) {', '.join(map(repr, empty))} in {base} hold no images "
                         f"({'/'.join(e.lstrip('.') for e in IMAGE_EXTENSIONS)}); add images or remove the folder(s)")
-    if len(classes) < 2:
+    if len(classes) < 2 and key == "data.root":  # a test folder is compared with root's classes instead
         raise DataError(f"{key} {base} has one class folder ({folders[0].name!r}); a classifier needs at least two")
     return classes
 

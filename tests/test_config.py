@@ -263,8 +263,8 @@ def test_image_folder_names_missing_keys():
     (["data.test_split=t.txt"], "data.test_split belong to split files, and data.train_split is not set"),
     (["data.train_split=a.txt", "data.test_split=b.txt", "data.test_root=/t"], "data.test_root = '/t': is read "
      "with the folder layout only"),
-    (["data.train_split=a.txt", "data.test_split=b.txt", "data.val_per_class=3"], "split files give the class "
-     "counts and the validation split (data.val_split) as listed"),
+    (["data.train_split=a.txt", "data.test_split=b.txt", "data.val_per_class=3"], "data.val_per_class = 3: split "
+     "files name the validation images in data.val_split"),
 ])
 def test_image_folder_layouts_refuse_the_other_layouts_keys(extra, expected):
     assert expected in error_of(["data.dataset=image_folder", "data.root=/data", *extra])

@@ -132,10 +132,11 @@ class DataConfig(Section):
         if self.test_root is not None:
             raise field_error("test_root", self.test_root, "is read with the folder layout only; split files "
                               "name the test set by data.test_split: remove data.test_root")
-        if self.profile != "as_is" or self.val_per_class:
-            raise ValueError("split files give the class counts and the validation split (data.val_split) "
-                             "as listed: remove data.profile and data.val_per_class, or use the folder layout")
-        return self
+        if self.val_per_class:
+            raise field_error("val_per_class", self.val_per_class, (
+                "split files name the validation images in data.val_split; remove data.val_per_class, or use "
+                "the folder layout (no data.train_split)"))
+        return self  # data.profile is not read: split files give the class counts as listed
 
     @model_validator(mode="after")
     def _class_order(self):
@@ -411,8 +412,9 @@ class Config(Section):
         if select is None:
             return self
         d = self.data
-        if (d.val_split if d.dataset == "image_folder" else d.val_per_class) in (None, 0):
-            fix = ("data.val_split (a split file of validation images)" if d.dataset == "image_folder" else
+        split_files = d.dataset == "image_folder" and d.train_split is not None
+        if (d.val_split if split_files else d.val_per_class) in (None, 0):
+            fix = ("data.val_split (a split file of validation images)" if split_files else
                    "data.val_per_class (e.g. 20: a balanced split held out of the training images)")
             raise ValueError(
                 "retrain.select chooses stage-3 options on the validation split (never on the test set), "

@@ -191,8 +191,7 @@ def predict(run_dir: Path, inputs: list[str], *, classifier: str = "final", top_
     cfg = load_run_config(run_dir)
     apply_threads(cfg.run.threads)
     paths = expand_inputs(inputs)
-    with open_run_dir(run_dir, create=False):
-        model = load(run_dir, classifier, device=resolve_device(cfg.run.device))
+    model = load(run_dir, classifier, device=resolve_device(cfg.run.device))  # reads only: no lock
     print(f"classifier: {model.classifier} ({classifier}); {len(paths)} image(s)", file=sys.stderr)
     k = min(top_k, len(model.class_names))
     rows = []

@@ -30,7 +30,8 @@ def hub_files(name: str) -> list[Path]:
     import timm
     from huggingface_hub import try_to_load_from_cache
 
-    hub_id = timm.models.get_pretrained_cfg(name).hf_hub_id if timm.models.get_pretrained_cfg(name) else None
+    pretrained = timm.models.get_pretrained_cfg(name)
+    hub_id = pretrained.hf_hub_id if pretrained is not None else None
     found = [try_to_load_from_cache(hub_id, f) for f in ("model.safetensors", "pytorch_model.bin")] if hub_id else []
     return [Path(p) for p in found if isinstance(p, str)]
 

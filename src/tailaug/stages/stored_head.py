@@ -50,7 +50,11 @@ class StoredHead(nn.Module):
 
 
 def head_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
-    """The ``head.*`` tensors of a trained stage-3 classifier (its ``head_state()``), on the CPU."""
+    """The ``head.*`` tensors of a trained stage-3 classifier (its ``head_state()``), on the CPU;
+    none for a classifier without ``head_state`` (its test logits are still stored and scored,
+    and :func:`load_head` says that it cannot predict)."""
+    if not hasattr(module, "head_state"):
+        return {}
     state = module.head_state()
     unknown = set(state) - set(ENTRIES)
     if "weight" not in state or unknown:
@@ -66,8 +70,9 @@ def load_head(tensors: dict[str, torch.Tensor], path: Path) -> StoredHead:
     if PREFIX + "weight" not in tensors:
         raise CheckpointError(
             f"{path} holds the test logits of this stage-3 classifier but not its weights (it was written by an "
-            f"older tailaug); delete it and {Path(path).with_suffix('.json').name}, then rerun 'tailaug run' with "
-            "the run's config: stage 3 trains again in seconds from the cached features")
+            f"older tailaug, or its classifier has no head_state()); delete it and "
+            f"{Path(path).with_suffix('.json').name}, then rerun 'tailaug run' with the run's config: stage 3 "
+            "trains again in seconds from the cached features")
     get = lambda k: tensors.get(PREFIX + k)  # noqa: E731
     scale, empty = get("cosine_scale"), get("empty_logit")
     return StoredHead(get("weight"), get("bias"), None if scale is None else float(scale),

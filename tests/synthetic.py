@@ -48,3 +48,16 @@ def long_tail_embeddings(counts, dim: int = 8, seed: int = 0, spread: float = 3.
 
     x, y = draw(counts)
     return (x, y) if not test_per_class else (x, y, *draw([test_per_class] * len(counts)))
+
+
+def write_class_folders(root: Path, counts: dict[str, int], size: int = 16, seed: int = 0) -> Path:
+    """``root/<class name>/<i>.png``: RGB images of ``class_images`` (class k: the k-th name)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for k, (name, n) in enumerate(counts.items()):
+        folder = root / name
+        folder.mkdir(parents=True, exist_ok=True)
+        for i, image in enumerate(class_images(np.full(n, k), rng, size=size, channels=3)):
+            Image.fromarray(image.transpose(1, 2, 0)).save(folder / f"{i:03d}.png")
+    return root

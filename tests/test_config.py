@@ -254,7 +254,41 @@ def test_margin_losses_at_different_scales_need_an_explicit_cosine_scale():
 
 def test_image_folder_names_missing_keys():
     msg = error_of(["data.dataset=image_folder"])
-    assert "data.root" in msg and "data.train_split" in msg and "data.test_split" in msg
+    assert "needs data.root: a folder with one sub-folder of images per class (root/<class name>/*.jpg)" in msg
+    msg = error_of(["data.dataset=image_folder", "data.root=/data", "data.train_split=train.txt"])
+    assert "with data.train_split needs data.test_split" in msg
+
+
+@pytest.mark.parametrize("extra, expected", [
+    (["data.test_split=t.txt"], "data.test_split belong to split files, and data.train_split is not set"),
+    (["data.train_split=a.txt", "data.test_split=b.txt", "data.test_root=/t"], "data.test_root = '/t': is read "
+     "with the folder layout only"),
+    (["data.train_split=a.txt", "data.test_split=b.txt", "data.val_per_class=3"], "data.val_per_class = 3: split "
+     "files name the validation images in data.val_split"),
+])
+def test_image_folder_layouts_refuse_the_other_layouts_keys(extra, expected):
+    assert expected in error_of(["data.dataset=image_folder", "data.root=/data", *extra])
+
+
+def test_image_folder_defaults_to_its_own_counts_and_builtins_refuse_as_is():
+    assert load_config(None, ["data.dataset=image_folder", "data.root=/d"]).data.profile == "as_is"
+    assert load_config(None, ["data.dataset=image_folder", "data.root=/d", "data.profile=step"]).data.profile == "step"
+    assert "data.profile = 'as_is': is read for dataset 'image_folder' only; use profile none" in \
+        error_of(["data.profile=as_is"])
+    assert "data.test_root = '/t': is read for dataset 'image_folder' only" in error_of(["data.test_root=/t"])
+
+
+@pytest.mark.parametrize("extra, expected", [
+    (["model.arch=timm"], "model.name = None: model.arch timm builds the model named here: set model.name"),
+    (["model.name=resnet50"], "model.name = 'resnet50': is read by model.arch timm or torchvision, not resnet32"),
+    (["model.arch=timm", "model.name=efficientnet_lit0"], "model.name = 'efficientnet_lit0': is not a timm model; "
+     "did you mean efficientnet_lite0"),
+    (["model.arch=torchvision", "model.name=resnt50"], "is not a torchvision classification model; did you mean "
+     "resnet50"),
+    (["model.mode=frozen"], "model.mode = 'frozen': keeps the backbone as loaded, and model.weights is not set"),
+])
+def test_backbone_options_are_checked(extra, expected):
+    assert expected in error_of(extra)
 
 
 def test_validate_assignment():

@@ -183,7 +183,7 @@ CONFIG_ERRORS = [
     ((), {"dataset": "embeddings"}, "data.embeddings = None: dataset 'embeddings' needs data.embeddings.train"),
     ((), {"embeddings": {"train": "a.npz"}}, "is read for dataset 'embeddings' only, and data.dataset is fashion_mnist"),
     (("data.imbalance_factor=50",), None, "data.imbalance_factor = 50.0: re-profiles the embeddings, which are used "
-                                          "as given (data.profile none): set data.profile: exponential"),
+                                          "as given (data.profile as_is): set data.profile: exponential"),
     (("data.train_split=t.txt",), None, "data.train_split = 't.txt': is not read for dataset 'embeddings': remove it"),
     (("model.weights=w.pt",), None, "model.weights loads a backbone, and dataset 'embeddings' has none"),
     (("train.mixup_alpha=0.2",), None, "train.mixup_alpha mixes images; stage 1 on embeddings has none"),
@@ -203,9 +203,9 @@ def test_settings_that_make_no_sense_on_embeddings_are_config_errors(tmp_path, o
         load_config(path, list(overrides))
 
 
-def test_image_keys_do_not_matter_and_the_profile_defaults_to_none(tmp_path):
+def test_image_keys_do_not_matter_and_the_profile_defaults_to_as_is(tmp_path):
     cfg = load_config(*config(tmp_path, {"train": "a.npz"}, "data.crop_padding=0", "data.image_size=32"))
-    assert cfg.data.profile == "none"
+    assert cfg.data.profile == "as_is"
 
 
 FAST = ["train.epochs=30", "train.lr=0.01", "train.batch_size=64", "stg.epochs=5", "stg.memory_size=64",
@@ -239,7 +239,7 @@ def test_a_second_run_reuses_everything_and_evaluate_and_describe_work(embedding
     assert "stage 1: reusing the finished model" in capsys.readouterr().out
     assert commands.evaluate(run_dir)["top1"] == results["stage 1"]["top1"]
     text = commands.describe(path, overrides)
-    assert "dataset embeddings  profile none  classes 6" in text and "total 306 training images" in text
+    assert "dataset embeddings  profile as_is  classes 6" in text and "total 306 training images" in text
     with pytest.raises(TailaugError, match="has no backbone to train: 'tailaug run CONFIG' trains its linear head"):
         commands.train(path, overrides, resume=False, progress=False)
 

@@ -7,9 +7,11 @@ from tailaug.stages.keys import NOT_IN_STAGE1, features_key, generator_key, retr
 
 FOLDER = ("data.dataset=image_folder", "data.root=/data", "data.train_split=train.txt",
           "data.test_split=test.txt")
+LAYOUT = ("data.dataset=image_folder", "data.root=/data")  # root/<class>/*.jpg
 COSINE = ("model.head=cosine",)
 EMB = ("data.dataset=embeddings", "data.embeddings={train: a.npz}")
 EMB_TEST = ("data.dataset=embeddings", "data.embeddings={train: a.npz, test: t.npz}")
+TIMM = ("model.arch=timm", "model.name=tf_efficientnet_lite0")
 
 # (override, base overrides, does it change the stage-1 model?)
 STAGE1_CASES = [
@@ -30,8 +32,17 @@ STAGE1_CASES = [
     ("data.num_classes=5", FOLDER, True),
     ("data.image_size=32", FOLDER, True),
     ("data.image_size=32", (), False),  # built-in datasets are not resized
-    ("data.profile=step", FOLDER, False),  # an image folder is long-tailed by its split file
-    ("data.val_per_class=5", FOLDER, False),
+    ("data.profile=step", LAYOUT, True),  # re-profiled
+    ("data.imbalance_factor=50", LAYOUT, False),  # as_is: its own counts
+    ("data.imbalance_factor=50", (*LAYOUT, "data.profile=exponential"), True),
+    ("data.n_max=5", (*LAYOUT, "data.profile=exponential"), True),
+    ("data.lt_seed=1", LAYOUT, True),
+    ("data.val_per_class=5", LAYOUT, True),
+    ("data.test_per_class=5", LAYOUT, True),  # held out of the training images
+    ("data.test_root=/test", LAYOUT, True),  # no test images held out any more
+    ("data.test_root=/other", (*LAYOUT, "data.test_root=/test"), False),
+    ("data.test_per_class=5", (*LAYOUT, "data.test_root=/test"), False),
+    ("data.image_size=32", LAYOUT, True),
     ("data.train_split=other.txt", (), False),
     ("data.root=/elsewhere", (), False),
     ("data.download=true", (), False),
@@ -44,6 +55,8 @@ STAGE1_CASES = [
     ("model.in_channels=3", (), True),
     ("model.head=cosine", (), True),
     ("model.weights=init.pt", (), True),
+    ("model.name=efficientnet_lite0", TIMM, True),
+    ("model.mode=frozen", ("model.weights=init.pt",), True),
     ("model.cosine_scale=8", COSINE, True),
     ("model.cosine_scale=8", (), False),  # a linear head has no scale
     ("train.epochs=5", (), True),

@@ -1,10 +1,12 @@
-"""tailaug: long-tailed classification with feature-space augmentation.
+"""tailaug: long-tailed image classification with feature-space augmentation.
 
-The scikit-learn API is imported on first use, so ``import tailaug`` stays cheap:
-``tailaug.LongTailClassifier`` and ``tailaug.FeatureAugmentSampler`` (``tailaug.estimators``).
+The Python API is imported on first use, so ``import tailaug`` stays cheap:
+``tailaug.LongTailClassifier`` and ``tailaug.FeatureAugmentSampler`` (scikit-learn and
+imbalanced-learn, :mod:`tailaug.estimators`), and ``tailaug.load(RUN_DIR,
+classifier="final")``, a finished run as a module (:mod:`tailaug.predictor`).
 """
 
-_LAZY = {"LongTailClassifier": "estimators", "FeatureAugmentSampler": "estimators"}
+_LAZY = {"LongTailClassifier": "estimators", "FeatureAugmentSampler": "estimators", "load": "predictor"}
 
 __all__ = sorted(_LAZY)
 

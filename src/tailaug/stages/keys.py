@@ -33,12 +33,13 @@ from __future__ import annotations
 from typing import Any
 
 from ..config import Config, RetrainConfig, short_hash
+from ..data.image_folders import HELD_OUT_TEST
 from ..registry import CLASSIFIERS
 
 # Fields of the sections stage 1 reads that never change the stage-1 model (see above).
 NOT_IN_STAGE1 = (
     "data.root", "data.download", "data.num_workers", "data.shots", "data.test_per_class",
-    "data.test_split", "train.eval_batch_size", "train.channels_last",
+    "data.test_split", "data.test_root", "train.eval_batch_size", "train.channels_last",
 )
 
 
@@ -53,13 +54,23 @@ def stage1_fields(cfg: Config) -> dict[str, Any]:
     if d.dataset == "embeddings":
         return embeddings_stage1_fields(cfg)
     data = _pick(d, ("dataset", "crop_padding", "flip"))
-    if d.dataset == "image_folder":
+    if d.dataset == "image_folder" and d.train_split is not None:
         data.update(_pick(d, ("train_split", "val_split", "num_classes", "image_size")))
+    elif d.dataset == "image_folder":  # the folder layout: the splits are drawn from data.root
+        data.update(_pick(d, ("image_size", "profile", "lt_seed", "val_per_class")))
+        if d.profile != "as_is":
+            data.update(_pick(d, ("imbalance_factor", "n_max")))
+        if d.test_root is None:  # the test images held out change the training set
+            data["test_held_out"] = d.test_per_class or HELD_OUT_TEST
     else:
         data.update(_pick(d, ("profile", "imbalance_factor", "n_max", "lt_seed", "val_per_class")))
         if d.class_order not in (None, list(range(len(d.class_order or ())))) and d.profile != "none":
             data["class_order"] = d.class_order  # absent otherwise: the keys of earlier runs stay valid
     model = _pick(m, ("arch", "in_channels", "head", "weights"))
+    if m.name is not None:  # absent otherwise: the keys of runs made before the options existed stay valid
+        model["name"] = m.name
+    if m.mode != "finetune":
+        model["mode"] = m.mode
     if m.head == "cosine":
         model["cosine_scale"] = m.cosine_scale
     train = _pick(t, ("epochs", "batch_size", "lr", "momentum", "nesterov", "weight_decay",
@@ -91,9 +102,9 @@ def embeddings_stage1_fields(cfg: Config) -> dict[str, Any]:
         files["test_fraction"] = e.test_fraction
     data: dict[str, Any] = {"dataset": "embeddings", "embeddings": files, "profile": d.profile,
                             "val_per_class": d.val_per_class}
-    if d.profile != "none":
+    if d.profile != "as_is":
         data.update(_pick(d, ("imbalance_factor", "n_max", "class_order")))
-    if e.test is None or d.profile != "none" or d.val_per_class:
+    if e.test is None or d.profile != "as_is" or d.val_per_class:
         data["lt_seed"] = d.lt_seed
     model = _pick(m, ("head",))
     if m.head == "cosine":
@@ -121,7 +132,12 @@ def features_key(cfg: Config) -> str:
     augmented views) and its validation and test features. ``features.batch_size`` only
     sets the inference batch."""
     d = cfg.data
-    test = _pick(d, ("test_split",)) if d.dataset == "image_folder" else _pick(d, ("test_per_class",))
+    if d.dataset != "image_folder":
+        test = _pick(d, ("test_per_class",))
+    elif d.train_split is not None:
+        test = _pick(d, ("test_split",))
+    else:
+        test = _pick(d, ("test_root", "test_per_class"))
     if d.dataset == "embeddings" and d.embeddings.test is not None:
         test.update(_pick(d.embeddings, ("test", "test_labels")))
     return f"{stage1_key(cfg)}-{short_hash({'views': cfg.features.views, 'test': test})}"

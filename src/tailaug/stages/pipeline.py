@@ -34,6 +34,7 @@ from .generator import load_generator, save_generator, train_generator
 from .keys import features_key, generator_key, retrain_fields, retrain_key, retrain_seed
 from .representation import stage1_row, train_stage1
 from .select import row_label, row_select, select_on_validation
+from .stored_head import head_tensors
 from .stage1_model import (check_checkpoint, checkpoint_path, finished_key, is_complete, other_model_error,
                            write_run_config)
 
@@ -88,18 +89,24 @@ def ensure_generator(cfg: Config, run_dir: Path, cache: dict, progress: bool, de
     return model
 
 
+def retrain_files(cfg: Config, run_dir: Path, augmenter_cfg) -> tuple:
+    """(the stage-3 config of the row with ``augmenter_cfg``, its key, its label, its .json
+    and its .safetensors: the test logits and the classifier, ``head.*``)."""
+    retrain_cfg = cfg.retrain.model_copy(
+        update={"augmenter": augmenter_cfg, "select": row_select(cfg.retrain, augmenter_cfg)})
+    key = retrain_key(cfg, retrain_cfg)
+    path = Path(run_dir) / "retrain" / f"{retrain_cfg.method}-{augmenter_cfg.name}-{key}.json"
+    return retrain_cfg, key, row_label(retrain_cfg), path, path.with_suffix(".safetensors")
+
+
 def retrain(cfg: Config, run_dir: Path, cache: dict, augmenter_cfg, generator=None, *,
             progress: bool = True, device=CPU, dtype=None) -> tuple[str, dict]:
     """Stage 3 with one augmenter on ``device``; returns (row label, results.json row).
 
-    The trained classifier's test logits are stored under its key and scored with the
-    current ``eval`` and shot settings every time."""
-    retrain_cfg = cfg.retrain.model_copy(
-        update={"augmenter": augmenter_cfg, "select": row_select(cfg.retrain, augmenter_cfg)})
-    key = retrain_key(cfg, retrain_cfg)
-    label = row_label(retrain_cfg)
-    path = Path(run_dir) / "retrain" / f"{retrain_cfg.method}-{augmenter_cfg.name}-{key}.json"
-    logits_path = path.with_suffix(".safetensors")
+    The trained classifier's test logits are stored under its key, with the classifier
+    itself (``stages.stored_head``), and scored with the current ``eval`` and shot settings
+    every time."""
+    retrain_cfg, key, label, path, logits_path = retrain_files(cfg, run_dir, augmenter_cfg)
     counts = cache["class_counts"].tolist()
     if path.is_file() and logits_path.is_file():
         choices = read_json(path, fix="delete it and its .safetensors to train this stage-3 classifier again",
@@ -136,7 +143,8 @@ def retrain(cfg: Config, run_dir: Path, cache: dict, augmenter_cfg, generator=No
         choices = head.choices
         from safetensors.torch import save_file
 
-        atomic_write(logits_path, lambda tmp: save_file({"test_logits": logits}, tmp))
+        tensors = {"test_logits": logits, **head_tensors(head)}
+        atomic_write(logits_path, lambda tmp: save_file(tensors, tmp))
         write_json(path, {"label": label, "config": retrain_fields(cfg, retrain_cfg), "choices": choices,
                           "history": head.history})
     results = score(logits, cache["test_labels"], counts, cfg, plots_dir=Path(run_dir) / "plots", name=label)

@@ -33,7 +33,7 @@ from ..losses import LossInputs, build_loss
 from ..models import Network
 from .keys import stage1_key
 from .stage1_model import (batch_transform, build_network, check_checkpoint, checkpoint_fix, checkpoint_path,
-                           marker_path, write_run_config)
+                           marker_path, write_classes, write_run_config)
 
 
 class Trainer:
@@ -44,6 +44,9 @@ class Trainer:
         self.dtype = resolve_precision(cfg.train.precision, self.device)
         seed_everything(cfg.run.seed)
         self.data = data or build_data(cfg.data)
+        if self.dist.is_main:
+            for note in self.data.notes:
+                print(f"data: {note}")
         tc = cfg.train
         if tc.batch_size % self.dist.world_size:
             raise ConfigError(
@@ -60,11 +63,11 @@ class Trainer:
             raise ConfigError(f"the margin loss(es) {', '.join(names)} in train.loss act on the cosines of a "
                               "cosine classifier; set model.head: cosine")
         self.optimizer = torch.optim.SGD(
-            self.model.parameters(), lr=tc.lr, momentum=tc.momentum,
+            [p for p in self.model.parameters() if p.requires_grad], lr=tc.lr, momentum=tc.momentum,
             weight_decay=tc.weight_decay, nesterov=tc.nesterov,
         )
         self.scaler = torch.amp.GradScaler(enabled=self.dtype == torch.float16)
-        self.transform = batch_transform(cfg, self.data)
+        self.transform = batch_transform(cfg, self.data, self.model)
         sampler = build_sampler(tc.sampler, self.data.train.labels, self.data.num_classes,
                                 seed=cfg.run.seed, total_epochs=tc.epochs,
                                 rank=self.dist.rank, world_size=self.dist.world_size)
@@ -117,6 +120,7 @@ class Trainer:
                 if main:
                     if logger is None:
                         write_run_config(self.cfg, self.run_dir)
+                        write_classes(self.data, self.run_dir)
                         logger = MetricsLogger(self.run_dir, resume_epoch=start if resume else None)
                     if new_best:
                         save_checkpoint(self.run_dir / "checkpoints" / "best.pt", self.state(epoch, best))

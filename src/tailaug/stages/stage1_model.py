@@ -20,8 +20,8 @@ from ..engine.checkpoint import atomic_write_text, load_checkpoint, load_state
 from ..engine.device import resolve_device, resolve_precision
 from ..engine.inference import collect_outputs
 from ..errors import CheckpointError, TailaugError
-from ..evaluation.report import read_json
-from ..models import Network, build_model
+from ..evaluation.report import read_json, write_json
+from ..models import Network, build_model, input_spec
 from .keys import changed_fields, stage1_key
 
 
@@ -40,6 +40,16 @@ def config_path(run_dir: Path) -> Path:
 
 def write_run_config(cfg: Config, run_dir: Path) -> None:
     atomic_write_text(config_path(run_dir), cfg.to_yaml())
+
+
+def classes_path(run_dir: Path) -> Path:
+    """``classes.json``: the class names by label and the image channels of the run's data."""
+    return Path(run_dir) / "classes.json"
+
+
+def write_classes(data: LTData, run_dir: Path) -> None:
+    names = data.class_names or [str(c) for c in range(data.num_classes)]
+    write_json(classes_path(run_dir), {"names": list(names), "in_channels": data.in_channels})
 
 
 def finished_key(run_dir: Path) -> str | None:
@@ -119,8 +129,17 @@ def build_network(cfg: Config, data: LTData, device: torch.device, *, initial_we
     return model
 
 
-def batch_transform(cfg: Config, data: LTData) -> BatchTransform:
-    return BatchTransform(data.mean, data.std, cfg.data.crop_padding, cfg.data.flip, cfg.train.channels_last)
+def batch_transform(cfg: Config, data: LTData, model: Network | None = None) -> BatchTransform:
+    """The batch transform of ``data`` for ``model``: a pretrained backbone's input size,
+    channels and normalisation (``models.input_spec``), else the dataset's normalisation."""
+    return preprocessing(cfg, data.mean, data.std, input_spec(model) if model is not None else None)
+
+
+def preprocessing(cfg: Config, mean, std, spec=None) -> BatchTransform:
+    if spec is None:
+        return BatchTransform(mean, std, cfg.data.crop_padding, cfg.data.flip, cfg.train.channels_last)
+    return BatchTransform(spec.mean, spec.std, cfg.data.crop_padding, cfg.data.flip, cfg.train.channels_last,
+                          size=spec.size, channels=spec.channels)
 
 
 @dataclass
@@ -157,4 +176,4 @@ def load_finished(cfg: Config, run_dir: Path) -> Stage1Model:
     data = build_data(cfg.data)
     model = build_network(cfg, data, device, initial_weights=False)
     load_state(model, ckpt["model"], checkpoint_path(run_dir), checkpoint_fix(run_dir))
-    return Stage1Model(cfg, data, model.eval(), batch_transform(cfg, data), device, dtype)
+    return Stage1Model(cfg, data, model.eval(), batch_transform(cfg, data, model), device, dtype)

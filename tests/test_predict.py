@@ -1,0 +1,165 @@
+"""A new user's path: an image folder -> `tailaug run` -> `tailaug predict` / `tailaug.load`."""
+
+from __future__ import annotations
+
+import csv
+import shutil
+
+import pytest
+import torch
+import yaml
+
+import tailaug
+from tailaug.cli import main
+from tailaug.config import RetrainConfig, load_config
+from tailaug.data.image_folders import folder_splits
+from tailaug.engine.checkpoint import load_tensors
+from tailaug.errors import CheckpointError, DataError, TailaugError
+from tailaug.stages.classifier import retrain_classifier
+from tailaug.stages.features import cache_path
+from tailaug.stages.stored_head import head_tensors, load_head
+
+from synthetic import write_class_folders
+
+CONFIG = "configs/images/efficientnet_lite0.yaml"
+# the shipped config, on a ResNet-20 from scratch so that the test needs no pretrained weights
+TINY = ["data.image_size=28", "model.arch=resnet20", "model.name=", "model.weights=", "model.mode=finetune",
+        "train.epochs=10", "train.batch_size=16", "train.lr=0.05", "data.flip=false", "data.crop_padding=1", "train.precision=fp32", "data.num_workers=0",
+        "stg.epochs=2", "stg.head.rule=top_k", "stg.head.top_k=1", "retrain.epochs=10", "--no-progress"]
+NAMES = ["cat", "dog", "emu"]
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    root = tmp_path_factory.mktemp("user")
+    images = write_class_folders(root / "my_images", {"cat": 60, "dog": 30, "emu": 16}, size=28)
+    args = [CONFIG, f"data.root={images}", f"run.output_dir={root / 'runs'}", *TINY]
+    assert main(["run", *args]) == 0
+    return root / "runs" / "my_images", images
+
+
+def read_csv(path):
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_predict_writes_the_classes_of_every_image(finished, tmp_path, capsys):
+    run_dir, images = finished
+    out = tmp_path / "p.csv"
+    capsys.readouterr()
+    assert main(["predict", str(run_dir), str(images / "emu"), str(images / "cat" / "000.png"), "--top-k", "2",
+                 "--out", str(out), "--no-progress"]) == 0
+    assert capsys.readouterr().err.startswith("classifier: cRT + STG (lambda 1.5) (final); 17 image(s)")
+    rows = read_csv(out)
+    assert len(rows) == 17 and rows[-1]["input"] == str(images / "cat" / "000.png")
+    assert list(rows[0]) == ["input", "class", "probability", "classifier", "top1_class", "top1_probability",
+                             "top2_class", "top2_probability"]
+    for row in rows:
+        assert row["class"] == row["top1_class"] and row["class"] in NAMES and row["top2_class"] != row["class"]
+        assert 1 >= float(row["probability"]) >= float(row["top2_probability"]) > 0
+        assert row["classifier"] == "cRT + STG (lambda 1.5)"
+
+
+def test_predictions_beat_chance_on_the_held_out_test_images(finished, tmp_path):
+    run_dir, images = finished
+    cfg = load_config(run_dir / "config.yaml")
+    paths, labels = folder_splits(cfg.data).test
+    model = tailaug.load(run_dir)
+    probs = model.predict_files(paths)
+    assert probs.shape == (30, 3) and torch.allclose(probs.sum(1), torch.ones(30))
+    assert (probs.argmax(1).numpy() == labels).mean() > 0.6  # chance: 1/3 (this CPU: 1.0)
+
+
+@pytest.mark.parametrize("choice, label", [("crt", "cRT"), ("augmented", "cRT + STG (lambda 1.5)"),
+                                           ("final", "cRT + STG (lambda 1.5)"), ("stage1", "stage 1")])
+def test_load_gives_the_logits_the_run_scored(finished, choice, label):
+    run_dir, _ = finished
+    cfg = load_config(run_dir / "config.yaml")
+    paths = folder_splits(cfg.data).test[0]
+    model = tailaug.load(run_dir, choice)
+    assert model.classifier == label and model.class_names == NAMES
+    assert isinstance(model, torch.nn.Module) and not model.training
+    with torch.no_grad():
+        logits = model(model.preprocess(model.read(paths)))
+        from_features = model.features_to_logits(model.backbone(model.preprocess(model.read(paths))))
+    torch.testing.assert_close(from_features, logits)
+    if choice == "stage1":
+        stored = load_tensors(cache_path(run_dir, cfg))["test_logits"]
+    else:
+        suffix = "crt-none-" if choice == "crt" else "crt-stg-"
+        (path,) = (run_dir / "retrain").glob(f"{suffix}*.safetensors")
+        stored = load_tensors(path)["test_logits"]
+    torch.testing.assert_close(logits, stored, rtol=1e-4, atol=1e-4)
+
+
+def copy_run(finished, tmp_path):
+    run_dir = tmp_path / "copy"
+    shutil.copytree(finished[0], run_dir)
+    return run_dir
+
+
+def test_final_falls_back_to_crt_and_then_stage1(finished, tmp_path):
+    run_dir = copy_run(finished, tmp_path)
+    for path in (run_dir / "retrain").glob("crt-stg-*"):
+        path.unlink()
+    assert tailaug.load(run_dir).classifier == "cRT"
+    with pytest.raises(TailaugError, match="holds no stage-3 classifier 'cRT \\+ STG \\(lambda 1.5\\)' of its "
+                                           "config.yaml; finish the run with 'tailaug run"):
+        tailaug.load(run_dir, "augmented")
+    shutil.rmtree(run_dir / "retrain")
+    assert tailaug.load(run_dir).classifier == "stage 1 (the run has no stage-3 classifier)"
+
+
+def test_a_run_without_augmenter_has_no_augmented_classifier(finished, tmp_path):
+    run_dir = copy_run(finished, tmp_path)
+    tree = yaml.safe_load((run_dir / "config.yaml").read_text())
+    tree["retrain"]["augmenter"] = {"name": "none"}
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(tree))
+    assert tailaug.load(run_dir).classifier == "cRT"  # the cRT row's key does not depend on the augmenter
+    with pytest.raises(TailaugError, match="has no augmented classifier \\(retrain.augmenter is none\\); use "
+                                           "--classifier crt or stage1"):
+        tailaug.load(run_dir, "augmented")
+
+
+def test_a_stage3_file_without_weights_says_what_to_do(finished, tmp_path):
+    from safetensors.torch import save_file
+
+    run_dir = copy_run(finished, tmp_path)
+    (path,) = (run_dir / "retrain").glob("crt-none-*.safetensors")
+    save_file({"test_logits": load_tensors(path)["test_logits"]}, str(path))
+    with pytest.raises(CheckpointError, match=r"holds the test logits of this stage-3 classifier but not its weights "
+                                              r"\(it was written by an older tailaug, or its classifier has no head_state\(\)\); delete it and "
+                                              r"crt-none-.*json"):
+        tailaug.load(run_dir, "crt")
+
+
+def test_predict_input_errors(finished, tmp_path, capsys):
+    run_dir, _ = finished
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "feats.npz").write_bytes(b"")
+    for inputs, message in (([tmp_path / "empty"], "holds no image files"),
+                            ([tmp_path / "feats.npz"], "is an embeddings file"),
+                            ([tmp_path / "nope.png"], "does not exist; give image files or folders")):
+        assert main(["predict", str(run_dir), *map(str, inputs)]) == 2
+        assert message in capsys.readouterr().err
+    with pytest.raises(TailaugError, match="unknown classifier 'best'; choose one of final, crt, augmented, stage1"):
+        tailaug.load(run_dir, "best")
+    with pytest.raises(DataError, match="not_an_image.png .*give image files"):
+        (tmp_path / "not_an_image.png").write_text("text")
+        tailaug.load(run_dir).predict_files([tmp_path / "not_an_image.png"])
+
+
+@pytest.mark.parametrize("method", ["crt", "lws", "tau_norm", "ncm"])
+def test_every_stage3_classifier_is_restored_from_its_stored_tensors(method, tmp_path):
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(60, 8, generator=gen), torch.arange(60) % 3
+    cfg = RetrainConfig(method=method, epochs=2, tau=0.5 if method == "tau_norm" else None)
+    model = retrain_classifier(x, y, [20, 20, 20], cfg, num_classes=3, seed=0, progress=False,
+                               init_weight=torch.randn(3, 8, generator=gen), init_bias=torch.randn(3, generator=gen))
+    from safetensors.torch import load_file, save_file
+
+    save_file(head_tensors(model), str(tmp_path / "h.safetensors"))
+    restored = load_head(load_file(str(tmp_path / "h.safetensors")), tmp_path / "h.safetensors")
+    probe = torch.randn(10, 8, generator=gen)
+    with torch.no_grad():
+        torch.testing.assert_close(restored(probe), model(probe), rtol=1e-5, atol=1e-5)

@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 import torch
 
+import tailaug.engine.device as device_module
+
 from tailaug.config import TrainConfig
 from tailaug.data.datasets import Split
 from tailaug.data.loaders import Batches
@@ -431,7 +433,8 @@ AMX = {"fpu", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "amx_int8"}
 AVX512_BF16 = {"fpu", "avx512f", "avx512_bf16"}  # the CPU where bf16 autocast measured slower than fp32
 
 
-def test_precision_auto_on_the_cpu_is_bf16_only_with_amx(capsys):
+def test_precision_auto_on_the_cpu_is_bf16_only_with_amx(capsys, monkeypatch):
+    monkeypatch.setattr(device_module, "_announced", set())  # earlier tests may have printed the notice
     assert resolve_precision("auto", CPU, flags=AMX) is torch.bfloat16
     assert resolve_precision("auto", CPU, flags=AVX512_BF16) is None
     assert resolve_precision("auto", CPU, flags=set()) is None

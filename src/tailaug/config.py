@@ -350,6 +350,23 @@ class Config(Section):
             check(self)
         return self
 
+    def _no_validation_fix(self) -> str | None:
+        """None when the config has a validation split, else how to give it one."""
+        d = self.data
+        if (d.val_split if d.dataset == "image_folder" else d.val_per_class) not in (None, 0):
+            return None
+        return ("data.val_split (a split file of validation images)" if d.dataset == "image_folder" else
+                "data.val_per_class (e.g. 20: a balanced split held out of the training images)")
+
+    @model_validator(mode="after")
+    def _augmenter_needs_validation(self):
+        aug = self.retrain.augmenter
+        fix = self._no_validation_fix() if aug.needs_validation else None
+        if fix:
+            raise ValueError(f"retrain.augmenter {aug.name} reads the validation split (never the test set), "
+                             f"and this config has none: set {fix}")
+        return self
+
     @model_validator(mode="after")
     def _select_on_validation(self):
         """retrain.select needs a validation split, keys its method reads and valid points;
@@ -357,10 +374,8 @@ class Config(Section):
         select = self.retrain.select
         if select is None:
             return self
-        d = self.data
-        if (d.val_split if d.dataset == "image_folder" else d.val_per_class) in (None, 0):
-            fix = ("data.val_split (a split file of validation images)" if d.dataset == "image_folder" else
-                   "data.val_per_class (e.g. 20: a balanced split held out of the training images)")
+        fix = self._no_validation_fix()
+        if fix:
             raise ValueError(
                 "retrain.select chooses stage-3 options on the validation split (never on the test set), "
                 f"and this config has none: set {fix}"

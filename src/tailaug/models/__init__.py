@@ -14,7 +14,7 @@ from ..errors import CheckpointError, ConfigError
 from ..registry import BACKBONES
 from .heads import CosineHead, LinearHead, build_head
 
-__all__ = ["Network", "Output", "build_model", "CosineHead", "LinearHead", "build_head"]
+__all__ = ["Network", "Output", "build_model", "spatial_maps", "CosineHead", "LinearHead", "build_head"]
 
 
 class Output(NamedTuple):
@@ -32,6 +32,20 @@ class Network(nn.Module):
     def forward(self, x: torch.Tensor) -> Output:
         features = self.backbone(x)
         return Output(features, self.head(features))
+
+
+def spatial_maps(backbone: nn.Module, x: torch.Tensor, arch: str = "") -> torch.Tensor:
+    """The maps of the backbone's last convolutional stage [N, d, h, w], whose spatial mean is
+    its pooled feature (what class activation maps are computed on). A backbone offers them
+    through a ``spatial_maps(x)`` method; one without it is a ConfigError."""
+    fn = getattr(backbone, "spatial_maps", None)
+    if fn is None:
+        name = f"model.arch {arch}" if arch else f"the backbone {type(backbone).__name__}"
+        raise ConfigError(
+            f"{name} has no spatial feature maps (no spatial_maps method), which class activation maps "
+            "need; use a ResNet backbone (resnet32, resnet18, ...) or another retrain.augmenter"
+        )
+    return fn(x)
 
 
 def build_backbone(arch: str, in_channels: int) -> nn.Module:

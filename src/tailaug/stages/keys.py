@@ -6,6 +6,7 @@ under a cosine schedule, ``data.profile`` for an image folder, ...).
 
     stage 1    backbone + classifier      stage1_key
     cache      cached features            features_key   (stage 1 + views + test split)
+    maps       cached spatial maps        spatial_key    (stage 1 + dtype)
     stage 2    generator                  generator_key  (stage 1 + views + stg + head set + seed)
     stage 3    re-trained classifier      retrain_key    (cache + the fields of its method)
 
@@ -89,6 +90,11 @@ def features_key(cfg: Config) -> str:
     d = cfg.data
     test = _pick(d, ("test_split",)) if d.dataset == "image_folder" else _pick(d, ("test_per_class",))
     return f"{stage1_key(cfg)}-{short_hash({'views': cfg.features.views, 'test': test})}"
+
+
+def spatial_key(cfg: Config, dtype: str) -> str:
+    """The cached spatial maps of the training images: the stage-1 model and the stored dtype."""
+    return f"{stage1_key(cfg)}-{short_hash({'spatial': dtype})}"
 
 
 def head_set_fields(cfg: Config) -> dict[str, Any]:

@@ -3,7 +3,7 @@
     stage 1   backbone + classifier         run_dir/checkpoints, stage1.json
     stage 2a  feature cache                 run_dir/features/<key>.safetensors
     stage 2b  semantic transformation gen.  run_dir/generator/<key>.safetensors (+ .json)
-              spatial maps (augmenters that    run_dir/features/<key>.spatial.safetensors
+              spatial maps (augmenters that    run_dir/spatial/<key>.safetensors
               read them, offline)
     stage 3   classifier re-training        run_dir/retrain/<method>-<augmenter>-<key>.json
                                             (+ .safetensors: its test logits); with

@@ -2,7 +2,7 @@
 them (:meth:`~tailaug.augment.base.AugmenterOptions.spatial_request`).
 
 Offline: the maps of every (un-augmented) training image, computed once and cached in
-``features/<spatial_key>.spatial.safetensors`` (``maps`` [N, d, h, w] in the requested
+``spatial/<spatial_key>.safetensors`` (``maps`` [N, d, h, w] in the requested
 dtype, bfloat16 by default: half of float32; ``index``, ``labels``). Online: nothing is
 stored; the frozen backbone computes the maps of the images asked for, rounded to the same
 dtype, so both give the same maps (up to the backbone's batch-size-dependent rounding).
@@ -28,7 +28,7 @@ DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 def spatial_path(run_dir: Path, cfg, dtype: str) -> Path:
-    return Path(run_dir) / "features" / f"{spatial_key(cfg, dtype)}.spatial.safetensors"
+    return Path(run_dir) / "spatial" / f"{spatial_key(cfg, dtype)}.safetensors"
 
 
 @torch.no_grad()

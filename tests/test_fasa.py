@@ -132,3 +132,18 @@ def test_fasa_stage3_records_its_rates_per_epoch(tmp_path):
     [saved] = (tmp_path / "retrain").glob("crt-fasa-*.json")
     history = json.loads(saved.read_text())["history"]
     assert len(history) == 10 and all(len(h["fasa_rates"]) == 3 and h["augment_s"] >= 0 for h in history)
+    # tailaug analyze fasa plots them
+    from tailaug.cli import main
+
+    (tmp_path / "config.yaml").write_text(cfg.to_yaml())
+    assert main(["analyze", "fasa", str(tmp_path)]) == 0
+    assert (tmp_path / "analysis" / "fasa_rates.png").stat().st_size > 1000
+
+
+def test_analyze_fasa_without_a_fasa_run_names_the_fix(tmp_path, capsys):
+    from tailaug.cli import main
+
+    (tmp_path / "config.yaml").write_text(load_config(None).to_yaml())
+    assert main(["analyze", "fasa", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "holds no FASA stage-3 run" in err and "retrain.augmenter={name: fasa}" in err

@@ -146,4 +146,67 @@ def test_analyze_fasa_without_a_fasa_run_names_the_fix(tmp_path, capsys):
     (tmp_path / "config.yaml").write_text(load_config(None).to_yaml())
     assert main(["analyze", "fasa", str(tmp_path)]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "holds no FASA stage-3 run" in err and "retrain.augmenter={name: fasa}" in err
+    assert err.count("\n") == 1 and "holds no FASA run" in err and "retrain.augmenter={name: fasa}" in err
+
+
+# ---------------------------------------------------------------------------- during representation learning
+
+STAGE1 = ["data.n_max=100", "data.imbalance_factor=10", "data.num_workers=0", "data.val_per_class=5",
+          "model.arch=resnet20", "train.epochs=6", "train.batch_size=32", "train.warmup_epochs=1",
+          "train.lr=0.05", "train.mixup_alpha=0", "train.schedule=cosine", "train.precision=fp32",
+          "train.feature_augmenter={name: fasa, ratio: 0.5}"]
+
+
+def _train(root, out, name, resume=False):
+    from tailaug import commands
+
+    args = ["configs/fmnist_lt/demo.yaml", *STAGE1, f"data.root={root}", f"run.output_dir={out}", f"run.name={name}"]
+    return commands.train(args[0], args[1:], resume=resume, progress=False)
+
+
+@pytest.mark.slow
+def test_fasa_during_representation_learning_adapts_rates_and_resumes_exactly(tmp_path, monkeypatch):
+    from synthetic import write_fashion_mnist
+
+    from tailaug.stages.representation import Trainer
+
+    root = write_fashion_mnist(tmp_path / "fm", per_class_train=110)
+    first = _train(root, tmp_path, "a")
+    assert first["top1"] > 30  # chance is 10%
+    records = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    rates = [r["fasa_rates"] for r in records]
+    assert len(rates) == 6 and rates[0] == [1.0] * 10 and rates[-1] != rates[0]
+    real_epoch = Trainer.train_epoch
+
+    def crash(self, epoch):
+        if epoch == 2:
+            raise KeyboardInterrupt
+        return real_epoch(self, epoch)
+
+    monkeypatch.setattr(Trainer, "train_epoch", crash)
+    with pytest.raises(KeyboardInterrupt):
+        _train(root, tmp_path, "b")
+    monkeypatch.setattr(Trainer, "train_epoch", real_epoch)
+    resumed = _train(root, tmp_path, "b", resume=True)
+    assert resumed["per_class"] == first["per_class"]
+    again = [json.loads(line)["fasa_rates"] for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert again == rates
+    from tailaug.cli import main
+
+    assert main(["analyze", "fasa", str(tmp_path / "a")]) == 0
+    assert (tmp_path / "a" / "analysis" / "fasa_rates_stage1.png").stat().st_size > 1000
+
+
+def test_a_stage1_feature_augmenter_is_checked_with_the_config():
+    with pytest.raises(ConfigError, match="train.feature_augmenter noise works on cached features only"):
+        load_config(None, ["train.feature_augmenter={name: noise}"])
+    with pytest.raises(ConfigError, match="set train.mixup_alpha=0"):
+        load_config(None, ["train.feature_augmenter={name: fasa}", "data.val_per_class=5", "train.mixup_alpha=1"])
+    with pytest.raises(ConfigError, match="train.feature_augmenter fasa reads the validation split"):
+        load_config(None, ["train.feature_augmenter={name: fasa}"])
+    from tailaug.stages.keys import stage1_key
+
+    plain = load_config(None, ["data.val_per_class=5"])
+    fasa = load_config(None, ["data.val_per_class=5", "train.feature_augmenter={name: fasa}"])
+    assert stage1_key(plain) != stage1_key(fasa)
+    assert stage1_key(plain) == stage1_key(load_config(None, ["data.val_per_class=5", "train.feature_augmenter={name: none}"]))

@@ -183,6 +183,8 @@ class TrainConfig(Section):
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     channels_last: bool = True
     grad_clip: float | None = Field(None, gt=0)
+    # a feature augmenter during representation learning (one whose options say stage1, e.g. fasa)
+    feature_augmenter: AugmenterSection = Field(default_factory=lambda: AUGMENTERS.get("none").config())
 
     @model_validator(mode="after")
     def _milestones(self):
@@ -359,12 +361,21 @@ class Config(Section):
                 "data.val_per_class (e.g. 20: a balanced split held out of the training images)")
 
     @model_validator(mode="after")
-    def _augmenter_needs_validation(self):
-        aug = self.retrain.augmenter
-        fix = self._no_validation_fix() if aug.needs_validation else None
-        if fix:
-            raise ValueError(f"retrain.augmenter {aug.name} reads the validation split (never the test set), "
-                             f"and this config has none: set {fix}")
+    def _augmenter_inputs(self):
+        stage1 = self.train.feature_augmenter
+        if stage1.name != "none":
+            if not stage1.stage1:
+                raise ValueError(f"train.feature_augmenter {stage1.name} works on cached features only; use it as "
+                                 f"retrain.augmenter={{name: {stage1.name}}}, or set train.feature_augmenter: "
+                                 "{name: none}")
+            if self.train.mixup_alpha > 0:
+                raise ValueError(f"train.feature_augmenter {stage1.name} keeps class statistics of each batch's "
+                                 "features, which mixup blends across classes; set train.mixup_alpha=0")
+        for where, aug in (("train.feature_augmenter", stage1), ("retrain.augmenter", self.retrain.augmenter)):
+            fix = self._no_validation_fix() if aug.needs_validation else None
+            if fix:
+                raise ValueError(f"{where} {aug.name} reads the validation split (never the test set), "
+                                 f"and this config has none: set {fix}")
         return self
 
     @model_validator(mode="after")

@@ -65,12 +65,15 @@ class AugmenterOptions(Section):
 
     ``uses_generator``: the augmenter needs the stage-2 generator (the pipeline trains it).
     ``needs_validation``: it reads the validation features (``AugmentContext.validation``).
+    ``stage1``: it also works on the backbone's features in stage 1 (``train.feature_augmenter``;
+    such a module implements ``observe`` and ``virtual``, see :mod:`tailaug.augment.fasa`).
     ``spatial_request()``: a :class:`SpatialRequest` when it reads the backbone's spatial maps.
     ``label()``: how result tables name the augmenter.
     """
 
     uses_generator: ClassVar[bool] = False
     needs_validation: ClassVar[bool] = False
+    stage1: ClassVar[bool] = False  # also usable during representation learning (train.feature_augmenter)
 
     def spatial_request(self) -> SpatialRequest | None:
         return None
@@ -220,10 +223,18 @@ class FeatureAugmenter(nn.Module):
     def set_epoch(self, epoch: int, total_epochs: int) -> None:
         """Called at the start of every stage-3 epoch (0-based)."""
 
-    def after_epoch(self, classifier: nn.Module, epoch: int) -> dict:
-        """Called at the end of every stage-3 epoch with the classifier being trained; the
-        entries returned join that epoch's history record (JSON values)."""
+    def after_epoch(self, classifier: nn.Module, epoch: int, validation=None) -> dict:
+        """Called at the end of every epoch with the classifier being trained (and in stage 1
+        with this epoch's validation features and labels); the entries returned join that
+        epoch's history record (JSON values)."""
         return {}
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """The state a stage-1 checkpoint keeps so that a resumed run continues it exactly."""
+        return {}
+
+    def load_state_tensors(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore :meth:`state_tensors` (after :meth:`fit`)."""
 
     def forward(
         self, features: torch.Tensor, labels: torch.Tensor, *, generator: torch.Generator | None = None

@@ -15,6 +15,13 @@
   max_rate): a class whose validation loss rose is sampled more, one whose loss fell less.
   Rates start at 1 for the target classes (0 for the others). The rates and losses of
   every epoch join the stage-3 history (``tailaug analyze fasa`` plots them).
+
+During representation learning (``train.feature_augmenter: {name: fasa}``, as the original)
+the same module works on the backbone's features of every stage-1 batch: the virtual rows
+are drawn from the means before the batch and go through the classifier in the same forward
+pass (their cross-entropy joins the loss, weighted by their share of the rows), the means are
+then updated with the batch's features (detached), and the rates adapt on the validation
+split after every epoch; its state is part of the stage-1 checkpoint.
 """
 
 from __future__ import annotations
@@ -29,11 +36,14 @@ from ..errors import ConfigError
 from ..registry import AUGMENTERS
 from .base import AugmentContext, AugmenterOptions, FeatureAugmenter
 
+STATE = ("means", "variance", "rates", "last_loss")  # what a stage-1 checkpoint keeps
+
 
 class FASAOptions(AugmenterOptions):
     """``retrain.augmenter: {name: fasa, ...}``; needs a validation split (data.val_per_class)."""
 
     needs_validation: ClassVar[bool] = True
+    stage1: ClassVar[bool] = True
     name: Literal["fasa"]
     momentum: float = Field(0.9, ge=0, lt=1)  # of the class means and the shared variance
     ratio: float = Field(0.5, gt=0)  # virtual rows per real row of a batch
@@ -90,7 +100,7 @@ class FASAAugmenter(FeatureAugmenter):
             raise ConfigError(f"fasa momentum must lie in [0, 1), got {momentum}")
         self.momentum, self.ratio, self.adapt = float(momentum), float(ratio), float(adapt)
         self.min_rate, self.max_rate = float(min_rate), float(max_rate)
-        for name in ("means", "variance", "rates", "last_loss"):
+        for name in STATE:
             self.register_buffer(name, None, persistent=False)
 
     def fit(self, ctx: AugmentContext) -> None:
@@ -105,30 +115,47 @@ class FASAAugmenter(FeatureAugmenter):
         self.last_loss = None
 
     @torch.no_grad()
-    def forward(self, features, labels, *, generator=None):
-        rows = features.shape[0]
-        x = features.float()
+    def observe(self, features: torch.Tensor, labels: torch.Tensor) -> None:
+        """Update the class means and the shared variance with a batch of real rows."""
+        x = features.detach().float()
         old = self.means
         self.means = momentum_update(old, x, labels, self.momentum)
         deviation = (x - old[labels]).square().mean(0)
         self.variance = self.momentum * self.variance + (1 - self.momentum) * deviation
+
+    @torch.no_grad()
+    def virtual(self, rows: int, generator=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The virtual features [round(ratio * rows), d] of a batch of ``rows`` real rows, and
+        their classes, drawn with the sampling rates."""
         count = round(self.ratio * rows)
         if count == 0 or not bool((self.rates > 0).any()):
-            return features, labels
+            return self.means[:0], torch.zeros(0, dtype=torch.long, device=self.means.device)
         classes = torch.multinomial(self.rates, count, replacement=True, generator=generator)
-        eps = torch.randn((count, x.shape[1]), generator=generator, device=x.device)
-        virtual = self.means[classes] + self.variance.sqrt() * eps
+        eps = torch.randn((count, self.means.shape[1]), generator=generator, device=self.means.device)
+        return self.means[classes] + self.variance.sqrt() * eps, classes
+
+    def forward(self, features, labels, *, generator=None):
+        self.observe(features, labels)
+        virtual, classes = self.virtual(features.shape[0], generator)
         return torch.cat([features, virtual.to(features.dtype)]), torch.cat([labels, classes])
 
     @torch.no_grad()
-    def after_epoch(self, classifier, epoch: int) -> dict:
+    def after_epoch(self, classifier, epoch: int, validation=None) -> dict:
+        val_x, val_y = validation if validation is not None else (self.val_x, self.val_y)
         device = self.means.device
-        logits = classifier(self.val_x.to(device))
-        loss = per_class_loss(logits, self.val_y.to(device), self.means.shape[0])
+        logits = classifier(val_x.to(device).float())
+        loss = per_class_loss(logits, val_y.to(device).long(), self.means.shape[0])
         if self.last_loss is not None:
             self.rates = adapt_rates(self.rates, loss, self.last_loss, self.adapt, self.min_rate, self.max_rate)
         self.last_loss = loss
         return {"fasa_rates": self.rates.tolist(), "fasa_val_loss": loss.tolist()}
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        return {k: getattr(self, k).detach().cpu() for k in STATE if getattr(self, k) is not None}
+
+    def load_state_tensors(self, state: dict[str, torch.Tensor]) -> None:
+        for key in STATE:
+            setattr(self, key, state[key].to(self.means.device) if key in state else None)
 
     def extra_repr(self) -> str:
         return (f"momentum={self.momentum}, ratio={self.ratio}, adapt={self.adapt}, "

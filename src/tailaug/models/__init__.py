@@ -29,9 +29,14 @@ class Network(nn.Module):
         self.head = head
         self.feature_dim = backbone.feature_dim
 
-    def forward(self, x: torch.Tensor) -> Output:
+    def forward(self, x: torch.Tensor, extra: torch.Tensor | None = None) -> Output:
+        """Features of ``x`` and logits; ``extra`` feature rows (e.g. virtual features of a
+        stage-1 feature augmenter) go through the head in the same pass, their logits after
+        those of ``x``."""
         features = self.backbone(x)
-        return Output(features, self.head(features))
+        if extra is None:
+            return Output(features, self.head(features))
+        return Output(features, self.head(torch.cat([features, extra.to(features.dtype)])))
 
 
 def spatial_maps(backbone: nn.Module, x: torch.Tensor, arch: str = "") -> torch.Tensor:

@@ -72,6 +72,8 @@ def stage1_fields(cfg: Config) -> dict[str, Any]:
     if t.reweight.scheme == "effective_number":
         reweight["beta"] = t.reweight.beta
     train["reweight"] = reweight
+    if t.feature_augmenter.name != "none":  # absent otherwise: the keys of earlier runs stay valid
+        train["feature_augmenter"] = {**t.feature_augmenter.model_dump(mode="json"), "head_set": head_set_fields(cfg)}
     return {"run": {"seed": cfg.run.seed}, "data": data, "model": model, "train": train}
 
 

@@ -169,3 +169,15 @@ def test_fsa_without_spatial_maps_is_a_one_line_error_naming_the_fix():
                          class_counts=[4, 1, 1], head_classes=[0], classifier_weight=torch.randn(3, 3))
     with pytest.raises(ConfigError, match="needs the spatial maps of the training images"):
         FSAAugmenter().fit(ctx)
+
+
+@pytest.mark.parametrize("arch", ["resnet20", "resnet18"])
+def test_every_resnet_backbone_offers_maps_whose_mean_is_its_feature(arch, one_thread):
+    from tailaug.models import build_backbone, spatial_maps
+
+    backbone = build_backbone(arch, 3).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        maps = spatial_maps(backbone, x, arch)
+        assert maps.ndim == 4 and maps.shape[1] == backbone.feature_dim and maps.shape[2] > 1
+        assert torch.allclose(maps.mean((2, 3)), backbone(x), atol=1e-5)

@@ -113,6 +113,7 @@ class FASAAugmenter(FeatureAugmenter):
         self.variance = (ctx.features.float() - self.means[ctx.labels]).square().mean(0)
         self.rates = self.target_classes.float()
         self.last_loss = None
+        self.active = bool(self.target_classes.any())  # rates never reach 0 once positive: no sync per batch
 
     @torch.no_grad()
     def observe(self, features: torch.Tensor, labels: torch.Tensor) -> None:
@@ -128,7 +129,7 @@ class FASAAugmenter(FeatureAugmenter):
         """The virtual features [round(ratio * rows), d] of a batch of ``rows`` real rows, and
         their classes, drawn with the sampling rates."""
         count = round(self.ratio * rows)
-        if count == 0 or not bool((self.rates > 0).any()):
+        if count == 0 or not self.active:
             return self.means[:0], torch.zeros(0, dtype=torch.long, device=self.means.device)
         classes = torch.multinomial(self.rates, count, replacement=True, generator=generator)
         eps = torch.randn((count, self.means.shape[1]), generator=generator, device=self.means.device)

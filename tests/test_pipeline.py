@@ -409,3 +409,23 @@ def test_under_torchrun_only_rank_0_runs_stages_2_and_3(finished_run, monkeypatc
     cfg = commands.load_run_config(run_dir)
     assert pipeline.run_pipeline(cfg, run_dir, progress=False) == {}
     assert snapshot(run_dir) == before
+
+
+def test_run_with_fsa_caches_spatial_maps_once_and_analyze_fsa_draws_the_split(finished_run, monkeypatch, capsys):
+    run_dir, args, _ = finished_run
+    monkeypatch.setattr(pipeline, "train_stage1", lambda *a, **k: pytest.fail("stage 1 ran again"))
+    fsa = "retrain.augmenter={name: fsa, per_class: 20, confusing: 2}"
+    results = commands.run(args[0], [*args[1:], fsa], progress=False)
+    assert list(results) == ["stage 1", "cRT", "cRT + FSA (offline)"] and results["cRT + FSA (offline)"]["top1"] > 15
+    [maps] = (run_dir / "spatial").glob("*.safetensors")
+    assert f"spatial maps: cached (403, 64, 7, 7) bfloat16 in {maps}" in capsys.readouterr().out
+    assert maps.stat().st_size > 403 * 64 * 49 * 2
+    history = json.loads(next((run_dir / "retrain").glob("crt-fsa-*.json")).read_text())["history"]
+    assert all(h["augment_s"] > 0 for h in history)
+    commands.run(args[0], [*args[1:], fsa.replace("per_class: 20", "per_class: 10")], progress=False)
+    assert "spatial maps: reusing" in capsys.readouterr().out
+    assert main(["analyze", "fsa", str(run_dir)]) == 0
+    report = json.loads((run_dir / "analysis" / "fsa_split.json").read_text())
+    assert report["samples"] and all(s["donor_class"] in report["confusing_classes"][str(s["class"])]
+                                     for s in report["samples"])
+    assert (run_dir / "analysis" / "fsa_split.png").stat().st_size > 1000

@@ -88,13 +88,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     an = sub.add_parser("analyze", help="analyses of a finished run")
     an_sub = an.add_subparsers(dest="what", required=True)
-    stg = an_sub.add_parser("stg", help="KL table (paper Table 5) and t-SNE of augmented tail features")
-    stg.add_argument("run_dir")
-    stg.add_argument("--debug", action="store_true", default=argparse.SUPPRESS)
-    figures = an_sub.add_parser("figures", help="per-class accuracy, confusion, reliability, t-SNE and "
-                                                "decision-boundary figures in RUN_DIR/plots")
-    figures.add_argument("run_dir")
-    figures.add_argument("--debug", action="store_true", default=argparse.SUPPRESS)
+    for what, text in (("stg", "KL table (paper Table 5) and t-SNE of augmented tail features"),
+                       ("figures", "per-class accuracy, confusion, reliability, t-SNE and decision-boundary "
+                                   "figures in RUN_DIR/plots"),
+                       ("fsa", "FSA: activation map and class-specific / class-generic split of a few tail samples"),
+                       ("fasa", "FASA: per-class sampling rates and validation losses over the stage-3 epochs")):
+        view = an_sub.add_parser(what, help=text)
+        view.add_argument("run_dir")
+        view.add_argument("--debug", action="store_true", default=argparse.SUPPRESS)
     return parser
 
 
@@ -162,7 +163,7 @@ def _dispatch(args) -> int:
         commands.predict(Path(args.run_dir), args.inputs, classifier=args.classifier, top_k=args.top_k,
                          out=args.out, batch_size=args.batch_size, progress=not args.no_progress)
     elif args.command == "analyze":
-        commands.analyze_stg(Path(args.run_dir))
+        getattr(commands, f"analyze_{args.what}")(Path(args.run_dir))
     return 0
 
 

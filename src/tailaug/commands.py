@@ -337,3 +337,28 @@ def embed(config: str, overrides: list[str], *, out: str, progress: bool = True)
         written[split_name] = path
         print(f"{split_name}: {len(arrays['labels']):,} x {arrays['features'].shape[1]} features -> {path}")
     return written
+
+
+def analyze_fsa(run_dir: Path) -> dict:
+    from .evaluation.fsa_analysis import analyze_fsa as analyze
+    from .stages.features import extract_features, stage1_classifier
+    from .stages.pipeline import head_set
+    from .stages.stage1_model import load_finished
+
+    run_dir = Path(run_dir)
+    cfg = load_run_config(run_dir)
+    apply_threads(cfg.run.threads)
+    with open_run_dir(run_dir, create=False):
+        cache = extract_features(cfg, run_dir, progress=False)
+        head = head_set(cfg, cache["class_counts"].tolist())
+        return analyze(cfg, load_finished(cfg, run_dir), cache, head, stage1_classifier(cache, cfg),
+                       run_dir / "analysis")
+
+
+def analyze_fasa(run_dir: Path) -> dict:
+    from .evaluation.fasa_analysis import analyze_fasa as analyze
+
+    run_dir = Path(run_dir)
+    load_run_config(run_dir)  # a run directory, or a one-line error
+    with open_run_dir(run_dir, create=False):
+        return analyze(run_dir, run_dir / "analysis")

@@ -274,6 +274,8 @@ class TrainConfig(Section):
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     channels_last: bool = True
     grad_clip: float | None = Field(None, gt=0)
+    # a feature augmenter during representation learning (one whose options say stage1, e.g. fasa)
+    feature_augmenter: AugmenterSection = Field(default_factory=lambda: AUGMENTERS.get("none").config())
 
     @model_validator(mode="after")
     def _milestones(self):
@@ -452,6 +454,33 @@ class Config(Section):
             check(self)
         return self
 
+    def _no_validation_fix(self) -> str | None:
+        """None when the config has a validation split, else how to give it one."""
+        d = self.data
+        split_files = d.dataset == "image_folder" and d.train_split is not None
+        if (d.val_split if split_files else d.val_per_class) not in (None, 0):
+            return None
+        return ("data.val_split (a split file of validation images)" if split_files else
+                "data.val_per_class (e.g. 20: a balanced split held out of the training images)")
+
+    @model_validator(mode="after")
+    def _augmenter_inputs(self):
+        stage1 = self.train.feature_augmenter
+        if stage1.name != "none":
+            if not stage1.stage1:
+                raise ValueError(f"train.feature_augmenter {stage1.name} works on cached features only; use it as "
+                                 f"retrain.augmenter={{name: {stage1.name}}}, or set train.feature_augmenter: "
+                                 "{name: none}")
+            if self.train.mixup_alpha > 0:
+                raise ValueError(f"train.feature_augmenter {stage1.name} keeps class statistics of each batch's "
+                                 "features, which mixup blends across classes; set train.mixup_alpha=0")
+        for where, aug in (("train.feature_augmenter", stage1), ("retrain.augmenter", self.retrain.augmenter)):
+            fix = self._no_validation_fix() if aug.needs_validation else None
+            if fix:
+                raise ValueError(f"{where} {aug.name} reads the validation split (never the test set), "
+                                 f"and this config has none: set {fix}")
+        return self
+
     @model_validator(mode="after")
     def _select_on_validation(self):
         """retrain.select needs a validation split, keys its method reads and valid points;
@@ -459,11 +488,8 @@ class Config(Section):
         select = self.retrain.select
         if select is None:
             return self
-        d = self.data
-        split_files = d.dataset == "image_folder" and d.train_split is not None
-        if (d.val_split if split_files else d.val_per_class) in (None, 0):
-            fix = ("data.val_split (a split file of validation images)" if split_files else
-                   "data.val_per_class (e.g. 20: a balanced split held out of the training images)")
+        fix = self._no_validation_fix()
+        if fix:
             raise ValueError(
                 "retrain.select chooses stage-3 options on the validation split (never on the test set), "
                 f"and this config has none: set {fix}"

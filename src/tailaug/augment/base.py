@@ -5,7 +5,8 @@ augmenter through three hooks and knows nothing else about it:
 
 1. :meth:`FeatureAugmenter.fit` once before re-training, with an :class:`AugmentContext`
    (all training features and labels, class counts, the head classes, the stage-1
-   classifier). Explicit augmenters build their statistics here (class prototypes, class
+   classifier; the validation features and the backbone's spatial maps when the options
+   ask for them). Explicit augmenters build their statistics here (class prototypes, class
    means and covariances, ...).
 2. :meth:`FeatureAugmenter.set_epoch` at the start of every epoch (for schedules such as
    ISDA's ramp of lambda, or augmenters that switch on late like RSG).
@@ -13,6 +14,15 @@ augmenter through three hooks and knows nothing else about it:
    labels)``. It may replace rows, append rows (then it appends their labels too), or do
    nothing. All randomness comes from the ``generator`` argument, so that a seeded stage 3
    is reproducible.
+4. :meth:`FeatureAugmenter.after_epoch` at the end of every epoch with the classifier being
+   trained (e.g. to score it on the validation split); what it returns is added to that
+   epoch's record of the stage-3 history.
+
+What an augmenter needs beyond the cached features its options declare, and the pipeline
+provides it without knowing the augmenter: ``uses_generator`` (the stage-2 generator),
+``needs_validation`` (the validation features; a config without a validation split is an
+error) and :meth:`AugmenterOptions.spatial_request` (the last convolutional maps of the
+training images, cached or recomputed: :class:`SpatialMaps`).
 
 The ``targets`` option of every augmenter: ``"tail"`` augments only samples of non-head
 classes, ``"all"`` every sample.
@@ -41,17 +51,50 @@ from ..registry import AUGMENTERS, Section
 TARGETS = ("tail", "all")
 
 
+@dataclasses.dataclass(frozen=True)
+class SpatialRequest:
+    """How an augmenter wants the spatial maps: ``online`` recomputed from the frozen backbone
+    whenever asked (nothing stored), else cached once in ``dtype`` ("bfloat16" or "float32")."""
+
+    online: bool = False
+    dtype: str = "bfloat16"
+
+
 class AugmenterOptions(Section):
     """Base of the options of every augmenter (``retrain.augmenter``).
 
     ``uses_generator``: the augmenter needs the stage-2 generator (the pipeline trains it).
+    ``needs_validation``: it reads the validation features (``AugmentContext.validation``).
+    ``stage1``: it also works on the backbone's features in stage 1 (``train.feature_augmenter``;
+    such a module implements ``observe`` and ``virtual``, see :mod:`tailaug.augment.fasa`).
+    ``spatial_request()``: a :class:`SpatialRequest` when it reads the backbone's spatial maps.
     ``label()``: how result tables name the augmenter.
     """
 
     uses_generator: ClassVar[bool] = False
+    needs_validation: ClassVar[bool] = False
+    stage1: ClassVar[bool] = False  # also usable during representation learning (train.feature_augmenter)
+
+    def spatial_request(self) -> SpatialRequest | None:
+        return None
 
     def label(self) -> str:
         return self.name
+
+
+class SpatialMaps:
+    """The maps of the stage-1 backbone's last convolutional stage for the (un-augmented)
+    training images, whose spatial mean is the cached feature: what class activation maps
+    are computed on. ``index`` [N] (dataset indices) and ``labels`` [N] list the images;
+    :meth:`maps` returns the float32 maps [B, d, h, w] of some of them on ``device``.
+    ``tailaug.stages.spatial`` has the two sources: a cache (offline) and the frozen backbone
+    (online); both round to the same dtype, so they give the same maps."""
+
+    index: torch.Tensor
+    labels: torch.Tensor
+
+    def maps(self, index: torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
+        raise NotImplementedError
 
 
 class NoAugmenter(AugmenterOptions):
@@ -80,6 +123,8 @@ class AugmentContext:
     classifier_cosine_scale: float | None = None
     num_classes: int | None = None
     index: torch.Tensor | None = None  # dataset index per row (several views share one)
+    validation: tuple[torch.Tensor, torch.Tensor] | None = None  # (features, labels) of the validation split
+    spatial: SpatialMaps | None = None  # the training images' spatial maps, when the options ask for them
 
     def __post_init__(self):
         self.features = torch.as_tensor(self.features)
@@ -177,6 +222,19 @@ class FeatureAugmenter(nn.Module):
 
     def set_epoch(self, epoch: int, total_epochs: int) -> None:
         """Called at the start of every stage-3 epoch (0-based)."""
+
+    def after_epoch(self, classifier: nn.Module, epoch: int, validation=None) -> dict:
+        """Called at the end of every epoch with the classifier being trained (and in stage 1
+        with this epoch's validation features and labels); the entries returned join that
+        epoch's history record (JSON values)."""
+        return {}
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """The state a stage-1 checkpoint keeps so that a resumed run continues it exactly."""
+        return {}
+
+    def load_state_tensors(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore :meth:`state_tensors` (after :meth:`fit`)."""
 
     def forward(
         self, features: torch.Tensor, labels: torch.Tensor, *, generator: torch.Generator | None = None

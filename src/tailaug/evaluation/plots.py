@@ -18,6 +18,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
+from matplotlib.ticker import MaxNLocator
 
 from ..errors import DataError
 
@@ -351,3 +352,50 @@ def plot_results(logits, labels, class_counts, results: dict, out_dir: str | os.
         plot_reliability(reliability_bins(probs, np.asarray(labels), bins), out / f"{stem}_reliability.png",
                          title=f"{name}: reliability"),
     ]
+
+
+def plot_map_grid(rows: Sequence[Sequence[np.ndarray]], columns: Sequence[str], path: str | os.PathLike, *,
+                  row_labels: Sequence[str] = (), title: str | None = None) -> Path:
+    """A grid of images: ``rows`` of 2-D arrays (or [H, W, 3] colour images), the panels
+    titled by ``columns`` on top and labelled by ``row_labels`` on the left; the first
+    column in grey, the others in viridis."""
+    fig = Figure(figsize=(1.9 * len(columns), 2.0 * len(rows) + 0.4))
+    for r, row in enumerate(rows):
+        for c, panel in enumerate(row):
+            ax = fig.add_subplot(len(rows), len(columns), r * len(columns) + c + 1)
+            image = _array(panel, columns[c])
+            ax.imshow(image, cmap=None if image.ndim == 3 else ("gray" if c == 0 else "viridis"))
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(columns[c], fontsize=8)
+            if c == 0 and r < len(row_labels):
+                ax.set_ylabel(row_labels[r], fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    return _save(fig, path)
+
+
+def plot_class_curves(values, path: str | os.PathLike, *, ylabel: str, title: str | None = None,
+                      second=None, second_label: str | None = None) -> Path:
+    """One line per class of ``values`` [epochs, C] over the epochs (and, when given, of
+    ``second`` [epochs, C] in a second panel below)."""
+    values = _array(values, ylabel)
+    panels = [(values, ylabel)] + ([(_array(second, second_label), second_label)] if second is not None else [])
+    fig = Figure(figsize=(7, 3.2 * len(panels)))
+    epochs = np.arange(1, values.shape[0] + 1)
+    cmap = matplotlib.colormaps["tab10" if values.shape[1] <= 10 else "tab20"]
+    for i, (data, label) in enumerate(panels):
+        ax = fig.add_subplot(len(panels), 1, i + 1)
+        for c in range(data.shape[1]):
+            ax.plot(epochs, data[:, c], color=cmap(c % cmap.N), label=str(c), marker="." if len(epochs) < 40 else None)
+        ax.set_ylabel(label)
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        if i == 0:
+            ax.legend(title="class", fontsize=7, ncol=2 if data.shape[1] > 10 else 1, loc="center left",
+                      bbox_to_anchor=(1.0, 0.5))
+            if title:
+                ax.set_title(title, fontsize=9)
+    return _save(fig, path)

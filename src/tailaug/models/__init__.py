@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 from pathlib import Path
 from typing import NamedTuple
 
@@ -15,7 +17,8 @@ from ..registry import BACKBONES
 from .heads import CosineHead, LinearHead, build_head
 from .pretrained import InputSpec, convert_layout, resolve_weights
 
-__all__ = ["Network", "Output", "build_model", "input_spec", "InputSpec", "CosineHead", "LinearHead", "build_head"]
+__all__ = ["Network", "Output", "build_model", "input_spec", "InputSpec", "spatial_maps", "CosineHead", "LinearHead",
+           "build_head"]
 
 
 class Output(NamedTuple):
@@ -43,13 +46,29 @@ class Network(nn.Module):
             self.backbone.eval()
         return self
 
-    def forward(self, x: torch.Tensor) -> Output:
-        if self.frozen:
-            with torch.no_grad():
-                features = self.backbone(x)
-        else:
+    def forward(self, x: torch.Tensor, extra: torch.Tensor | None = None) -> Output:
+        """Features of ``x`` and logits; ``extra`` feature rows (e.g. virtual features of a
+        stage-1 feature augmenter) go through the head in the same pass, their logits after
+        those of ``x``. A frozen backbone runs without autograd."""
+        with torch.no_grad() if self.frozen else contextlib.nullcontext():
             features = self.backbone(x)
-        return Output(features, self.head(features))
+        if extra is None:
+            return Output(features, self.head(features))
+        return Output(features, self.head(torch.cat([features, extra.to(features.dtype)])))
+
+
+def spatial_maps(backbone: nn.Module, x: torch.Tensor, arch: str = "") -> torch.Tensor:
+    """The maps of the backbone's last convolutional stage [N, d, h, w], whose spatial mean is
+    its pooled feature (what class activation maps are computed on). A backbone offers them
+    through a ``spatial_maps(x)`` method; one without it is a ConfigError."""
+    fn = getattr(backbone, "spatial_maps", None)
+    if fn is None:
+        name = f"model.arch {arch}" if arch else f"the backbone {type(backbone).__name__}"
+        raise ConfigError(
+            f"{name} has no spatial feature maps (no spatial_maps method), which class activation maps "
+            "need; use a ResNet backbone (resnet32, resnet18, ...) or another retrain.augmenter"
+        )
+    return fn(x)
 
 
 def build_backbone(arch: str, in_channels: int, cfg: ModelConfig | None = None) -> nn.Module:

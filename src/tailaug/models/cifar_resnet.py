@@ -56,10 +56,12 @@ class CifarResNet(nn.Module):
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
+    def spatial_maps(self, x: torch.Tensor) -> torch.Tensor:
+        """The last stage's feature maps [N, 64, h, w]; their spatial mean is :meth:`forward`."""
+        return self.layers(F.relu(self.bn1(self.conv1(x))))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.relu(self.bn1(self.conv1(x)))
-        x = self.layers(x)
-        return torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
+        return torch.flatten(F.adaptive_avg_pool2d(self.spatial_maps(x), 1), 1)
 
 
 for _depth in (20, 32, 44, 56, 110):

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import types
+
+import torch
 import torchvision
 from torch import nn
 
@@ -17,7 +20,14 @@ def torchvision_backbone(arch: str, in_channels: int = 3) -> nn.Module:
         net.conv1 = nn.Conv2d(in_channels, old.out_channels, old.kernel_size, old.stride, old.padding, bias=False)
     net.feature_dim = net.fc.in_features
     net.fc = nn.Identity()
+    net.spatial_maps = types.MethodType(_spatial_maps, net)
     return net
+
+
+def _spatial_maps(net, x: torch.Tensor) -> torch.Tensor:
+    """The maps of layer4 [N, feature_dim, h, w]; their spatial mean is the pooled feature."""
+    x = net.maxpool(net.relu(net.bn1(net.conv1(x))))
+    return net.layer4(net.layer3(net.layer2(net.layer1(x))))
 
 
 for _arch in ARCHS:

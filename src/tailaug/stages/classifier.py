@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from typing import Any, Sequence
 
 import torch
@@ -22,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..augment.base import AugmentContext, FeatureAugmenter
+from ..augment.base import AugmentContext, FeatureAugmenter, SpatialMaps
 from ..augment.stg import head_classes as _head_classes
 from ..data.classes import check_features
 from ..data.samplers import build_sampler
@@ -87,6 +88,7 @@ def retrain_classifier(
     device: str | torch.device = "cpu",
     head_classes: Sequence[int] | None = None,
     dtype: torch.dtype | None = None,
+    spatial: SpatialMaps | None = None,
 ) -> nn.Module:
     """Stage 3 on cached features; returns a module (eval mode) mapping [N, d] -> [N, C].
 
@@ -101,7 +103,9 @@ def retrain_classifier(
     val accuracy) and ``choices``, what was resolved at run time (the seed of a trained
     classifier; tau-norm's tau, where it came from and the validation accuracy of every tau).
     Everything runs on ``device``; ``crt`` and ``lws`` train the classifier under autocast to
-    ``dtype`` (None: float32; the loss and every evaluation are float32).
+    ``dtype`` (None: float32; the loss and every evaluation are float32). ``spatial`` are the
+    training images' spatial maps for an augmenter that reads them (and ``val`` reaches
+    augmenters that read the validation split).
     """
     device = torch.device(device)
     x, y = _as_inputs(train_features, train_labels, num_classes, "training", device)
@@ -120,7 +124,7 @@ def retrain_classifier(
     inputs = Stage3Inputs(
         x=x, y=y, counts=counts, cfg=cfg, num_classes=num_classes, seed=seed, augmenter=augmenter,
         init_weight=init_weight, init_bias=init_bias, init_cosine_scale=init_cosine_scale, val_xy=val_xy,
-        progress=progress, device=device, head_classes=head_classes, dtype=dtype,
+        progress=progress, device=device, head_classes=head_classes, dtype=dtype, spatial=spatial,
     )
     model = CLASSIFIERS.get(cfg.method).obj(inputs)
     model.history = getattr(model, "history", [])
@@ -147,6 +151,7 @@ class Stage3Inputs:
     device: Any
     head_classes: Sequence[int] | None
     dtype: torch.dtype | None = None  # autocast dtype of training; None: float32
+    spatial: SpatialMaps | None = None  # the training images' spatial maps (augmenters that read them)
 
     @property
     def dim(self) -> int:
@@ -184,6 +189,8 @@ def fit_trained(model: nn.Module, inp: Stage3Inputs) -> nn.Module:
                 classifier_bias=None if inp.init_bias is None else torch.as_tensor(inp.init_bias).float().to(inp.device),
                 classifier_cosine_scale=inp.init_cosine_scale,
                 num_classes=inp.num_classes,
+                validation=inp.val_xy,
+                spatial=inp.spatial,
             )
         )
     model.history = _train(model, inp.x, inp.y, inp.cfg, inp.num_classes, inp.seed, augmenter, inp.val_xy,
@@ -220,12 +227,14 @@ def _train(model, x, y, cfg, num_classes, seed, augmenter, val_xy, progress, dev
         if augmenter is not None:
             augmenter.set_epoch(epoch, cfg.epochs)
         order = torch.as_tensor(list(sampler), dtype=torch.long, device=device)
-        total, seen = 0.0, 0
+        total, seen, augment_s = 0.0, 0, 0.0
         for start in range(0, order.numel(), cfg.batch_size):
             b = order[start : start + cfg.batch_size]
             xb, yb = x[b], y[b]
             if augmenter is not None:
+                t0 = time.perf_counter()
                 xb, yb = augmenter(xb, yb, generator=aug_rng)
+                augment_s += time.perf_counter() - t0
             with autocast(device, dtype):
                 logits = model(xb)
             loss = loss_fn(model, xb, logits.float(), yb)
@@ -244,8 +253,13 @@ def _train(model, x, y, cfg, num_classes, seed, augmenter, val_xy, progress, dev
         if val_xy is not None:
             model.eval()
             record["val_acc"] = accuracy(model, *val_xy)
+        if augmenter is not None:
+            # host time in the augmenter (on a GPU: the launches, not the kernels)
+            record["augment_s"] = augment_s
+            model.eval()
+            record.update(augmenter.after_epoch(model, epoch))
         history.append(record)
-        bar.set_postfix({k: f"{v:.4f}" for k, v in record.items() if k != "epoch"})
+        bar.set_postfix({k: f"{v:.4f}" for k, v in record.items() if isinstance(v, float)})
     if augmenter is not None:
         augmenter.eval()
     return history

@@ -6,6 +6,7 @@ under a cosine schedule, ``data.profile`` for an image folder, ...).
 
     stage 1    backbone + classifier      stage1_key
     cache      cached features            features_key   (stage 1 + views + test split)
+    maps       cached spatial maps        spatial_key    (stage 1 + dtype)
     stage 2    generator                  generator_key  (stage 1 + views + stg + head set + seed)
     stage 3    re-trained classifier      retrain_key    (cache + the fields of its method)
 
@@ -84,6 +85,8 @@ def stage1_fields(cfg: Config) -> dict[str, Any]:
     if t.reweight.scheme == "effective_number":
         reweight["beta"] = t.reweight.beta
     train["reweight"] = reweight
+    if t.feature_augmenter.name != "none":  # absent otherwise: the keys of earlier runs stay valid
+        train["feature_augmenter"] = {**t.feature_augmenter.model_dump(mode="json"), "head_set": head_set_fields(cfg)}
     return {"run": {"seed": cfg.run.seed}, "data": data, "model": model, "train": train}
 
 
@@ -141,6 +144,11 @@ def features_key(cfg: Config) -> str:
     if d.dataset == "embeddings" and d.embeddings.test is not None:
         test.update(_pick(d.embeddings, ("test", "test_labels")))
     return f"{stage1_key(cfg)}-{short_hash({'views': cfg.features.views, 'test': test})}"
+
+
+def spatial_key(cfg: Config, dtype: str) -> str:
+    """The cached spatial maps of the training images: the stage-1 model and the stored dtype."""
+    return f"{stage1_key(cfg)}-{short_hash({'spatial': dtype})}"
 
 
 def head_set_fields(cfg: Config) -> dict[str, Any]:

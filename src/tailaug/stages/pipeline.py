@@ -3,6 +3,8 @@
     stage 1   backbone + classifier         run_dir/checkpoints, stage1.json
     stage 2a  feature cache                 run_dir/features/<key>.safetensors
     stage 2b  semantic transformation gen.  run_dir/generator/<key>.safetensors (+ .json)
+              spatial maps (augmenters that    run_dir/spatial/<key>.safetensors
+              read them, offline)
     stage 3   classifier re-training        run_dir/retrain/<method>-<augmenter>-<key>.json
                                             (+ .safetensors: its test logits); with
                                             retrain.select, the best of a grid on validation
@@ -33,6 +35,7 @@ from .features import extract_features, stage1_classifier
 from .generator import load_generator, save_generator, train_generator
 from .keys import features_key, generator_key, retrain_fields, retrain_key, retrain_seed
 from .representation import stage1_row, train_stage1
+from .spatial import spatial_source
 from .select import row_label, row_select, select_on_validation
 from .stored_head import head_tensors
 from .stage1_model import (check_checkpoint, checkpoint_path, finished_key, is_complete, other_model_error,
@@ -100,8 +103,10 @@ def retrain_files(cfg: Config, run_dir: Path, augmenter_cfg) -> tuple:
 
 
 def retrain(cfg: Config, run_dir: Path, cache: dict, augmenter_cfg, generator=None, *,
-            progress: bool = True, device=CPU, dtype=None) -> tuple[str, dict]:
+            progress: bool = True, device=CPU, dtype=None, spatial=None) -> tuple[str, dict]:
     """Stage 3 with one augmenter on ``device``; returns (row label, results.json row).
+    ``generator`` and ``spatial`` are the stage-2 generator and the spatial maps, for an
+    augmenter whose options ask for them.
 
     The trained classifier's test logits are stored under its key, with the classifier
     itself (``stages.stored_head``), and scored with the current ``eval`` and shot settings
@@ -123,6 +128,7 @@ def retrain(cfg: Config, run_dir: Path, cache: dict, augmenter_cfg, generator=No
                 augmenter=build_augmenter(point.augmenter, generator_module=generator),
                 init_weight=head1.weight, init_bias=head1.bias, init_cosine_scale=head1.cosine_scale,
                 val=val, progress=progress, head_classes=head_set(cfg, counts), device=device, dtype=dtype,
+                spatial=spatial,
             )
 
         if retrain_cfg.select is None:
@@ -173,7 +179,10 @@ def run_pipeline(cfg: Config, run_dir: Path, *, progress: bool = True) -> dict:
     aug = cfg.retrain.augmenter
     if aug.name != "none":
         generator = ensure_generator(cfg, run_dir, cache, progress, device, dtype) if aug.uses_generator else None
-        rows.update([retrain(cfg, run_dir, cache, aug, generator, progress=progress, device=device, dtype=dtype)])
+        request = aug.spatial_request()
+        spatial = spatial_source(cfg, run_dir, request, progress=progress) if request is not None else None
+        rows.update([retrain(cfg, run_dir, cache, aug, generator, progress=progress, device=device, dtype=dtype,
+                             spatial=spatial)])
     metrics = {label: row["metrics"] for label, row in rows.items()}
     print(format_table(list(metrics.items())))
     record_results(run_dir, rows)

@@ -11,7 +11,9 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from ..augment.base import AugmentContext, build_augmenter
 from ..augment.mixup import mixup
+from ..augment.stg import head_classes
 from ..config import Config
 from ..data.classes import SHOT_GROUPS, shot_groups
 from ..data.datasets import LTData, build_data
@@ -23,7 +25,7 @@ from ..engine.device import autocast, precision_name, resolve_device, resolve_pr
 from ..engine.inference import collect_outputs
 from ..engine.logging import MetricsLogger
 from ..engine.schedule import lr_at
-from ..engine.seed import seed_everything
+from ..engine.seed import seed_everything, torch_generator
 from ..errors import ConfigError, TailaugError
 from ..evaluation.metrics import group_accuracies
 from ..evaluation.report import format_table, write_json
@@ -79,6 +81,10 @@ class Trainer:
         if len(self.train_batches) == 0:
             raise ConfigError(f"the training set ({len(self.data.train)} images) is smaller than one batch; "
                               "lower train.batch_size")
+        # a feature augmenter of the backbone's features (train.feature_augmenter), fitted in fit()
+        self.feature_aug = None
+        if tc.feature_augmenter.name != "none":
+            self.feature_aug = build_augmenter(tc.feature_augmenter).to(self.device)
         self.net = self.model
         if self.dist.enabled:
             ids = [self.device.index] if self.device.type == "cuda" else None
@@ -90,6 +96,7 @@ class Trainer:
         return {
             "epoch": epoch, "key": stage1_key(self.cfg), "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(), "best": best,
+            "feature_augmenter": None if self.feature_aug is None else self.feature_aug.state_tensors(),
         }
 
     def restore(self) -> tuple[int, dict | None]:
@@ -97,7 +104,25 @@ class Trainer:
         ckpt = check_checkpoint(self.run_dir, self.cfg, device=self.device)
         for target, entry in ((self.model, "model"), (self.optimizer, "optimizer"), (self.scaler, "scaler")):
             load_state(target, ckpt[entry], path, checkpoint_fix(self.run_dir))
+        self.fit_feature_augmenter(ckpt.get("feature_augmenter"))
         return ckpt["epoch"] + 1, ckpt["best"]
+
+    def fit_feature_augmenter(self, state: dict | None = None) -> None:
+        """Fit train.feature_augmenter on the current network's features of the training and
+        validation images; a resumed run then restores the augmenter's checkpointed state."""
+        if self.feature_aug is None:
+            return
+        train = self.outputs(self.data.train)
+        val = self.outputs(self.data.val) if self.data.val is not None else None
+        counts = self.data.class_counts
+        self.feature_aug.fit(AugmentContext(
+            features=train["features"].to(self.device), labels=train["labels"].to(self.device),
+            class_counts=torch.tensor(counts), num_classes=self.data.num_classes,
+            head_classes=head_classes(counts, self.cfg.stg.head, many=self.cfg.data.shots.many),
+            validation=None if val is None else (val["features"].to(self.device), val["labels"].to(self.device)),
+        ))
+        if state:
+            self.feature_aug.load_state_tensors(state)
 
     # ------------------------------------------------------------------ training
 
@@ -105,16 +130,24 @@ class Trainer:
         """Train from epoch 0 or the last checkpoint. Nothing is written before the first epoch
         of this call has finished: then config.yaml, metrics and checkpoints."""
         tc, main = self.cfg.train, self.dist.is_main
-        start, best = self.restore() if resume else (0, None)
+        if resume:
+            start, best = self.restore()
+        else:
+            start, best = 0, None
+            self.fit_feature_augmenter()
         logger = None
         try:
             for epoch in range(start, tc.epochs):
                 record = self.train_epoch(epoch)
                 new_best = False
                 if self.data.val is not None:
-                    val = self.evaluate(self.data.val)
+                    out = self.outputs(self.data.val)
+                    val = score(out["logits"], self.data.val.labels, self.data.class_counts, self.cfg)
                     record.update({"val_top1": val["top1"], **{f"val_{g}": val[g] for g in SHOT_GROUPS},
                                    "val_per_class": val["per_class"]})
+                    if self.feature_aug is not None:
+                        record.update(self.feature_aug.after_epoch(self.model.head, epoch,
+                                                                   validation=(out["features"], out["labels"])))
                     if best is None or val["top1"] > best["val_top1"]:
                         best, new_best = {"epoch": epoch, "val_top1": val["top1"]}, True
                 if main:
@@ -150,6 +183,7 @@ class Trainer:
         bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{tc.epochs}", leave=False,
                    disable=not (self.show_progress and self.dist.is_main), dynamic_ncols=True)
         gen = self.train_batches.generator()
+        aug_gen = torch_generator(self.cfg.run.seed, epoch, self.dist.rank, 23, device=self.device)
         for step, (raw, y, _) in enumerate(self.train_batches.raw()):
             lr = lr_at(tc, epoch, step, steps)
             for group in self.optimizer.param_groups:
@@ -157,7 +191,7 @@ class Trainer:
             x = self.transform(raw, gen)
             if self.loss_fn.needs_two_views:
                 x, y = torch.cat([x, self.transform(raw, gen)]), torch.cat([y, y])
-            loss, logits = self.step(x, y, rng)
+            loss, logits = self.step(x, y, rng, aug_gen)
             hits = logits.argmax(1) == y
             totals[0] += loss * len(y)
             totals[1] += hits.sum()
@@ -197,19 +231,35 @@ class Trainer:
         return {**{f"{split}_{g}": v for g, v in groups.items()},
                 f"{split}_per_class": [None if np.isnan(a) else float(100 * a) for a in per_class]}
 
-    def step(self, x: torch.Tensor, y: torch.Tensor, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """One optimiser step; returns the (detached) loss and logits, still on the device."""
+    def step(self, x: torch.Tensor, y: torch.Tensor, rng: np.random.Generator,
+             aug_gen: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """One optimiser step; returns the (detached) loss and logits, still on the device.
+
+        With train.feature_augmenter, its virtual rows (drawn before the batch) go through the
+        head in the same forward pass; their cross-entropy joins the loss weighted by their
+        share of the rows, and the augmenter then observes the batch's features."""
         tc = self.cfg.train
         lam, perm = 1.0, None
         if tc.mixup_alpha > 0:
             x, lam, perm = mixup(x, rng, tc.mixup_alpha)
+        extra, extra_y = None, None
+        if self.feature_aug is not None:
+            extra, extra_y = self.feature_aug.virtual(len(y), aug_gen)
+            if not len(extra_y):
+                extra = None
         with autocast(self.device, self.dtype):
-            out = self.net(x)
+            out = self.net(x) if extra is None else self.net(x, extra)
         logits, features = out.logits.float(), out.features.float()
+        virtual_logits, logits = logits[len(y):], logits[: len(y)]
         cosine = self.model.head.cosine(features)  # None for a linear head
         loss = self.loss_fn(LossInputs(logits, y, features, cosine))
         if perm is not None:
             loss = lam * loss + (1 - lam) * self.loss_fn(LossInputs(logits, y[perm], features, cosine))
+        if extra is not None:
+            virtual_loss = torch.nn.functional.cross_entropy(virtual_logits, extra_y)
+            loss = (len(y) * loss + len(extra_y) * virtual_loss) / (len(y) + len(extra_y))
+        if self.feature_aug is not None:
+            self.feature_aug.observe(features, y)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         if tc.grad_clip:

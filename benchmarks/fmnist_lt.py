@@ -2,13 +2,14 @@
 
 Stage-1 rows train ResNet-32 for 30 epochs (configs/fmnist_lt/*.yaml). Stage-3 rows re-train
 the classifier on the cached features of each seed's mixup model, as the paper does
-(cRT + mixup, then noise, dropout and STG with its lambda / memory ablations, FSA with
-its spatial maps cached, plus LWS, tau-norm and NCM). FASA needs a validation split, so its
-rows (and a cRT row to compare with) use mixup models trained with data.val_per_class=20
-(run directories mixup-val_per_class20-s<seed>). Every run lives in benchmarks/out/fmnist_lt/<method>-s<seed> and is
-reused when the script runs again, so it can be stopped and restarted.
+(cRT + mixup, then noise, dropout and STG with its lambda / memory ablations,
+plus LWS, tau-norm and NCM). FSA and FASA are compared with cRT and STG on mixup models
+trained with data.val_per_class=20 (FASA adapts on that split; run directories
+mixup-val_per_class20-s<seed>), the "(val 20)" rows. Every run lives in
+benchmarks/out/fmnist_lt/<method>-s<seed> and is reused when the script runs again, so it can be
+stopped and restarted.
 
-    .venv/bin/python benchmarks/fmnist_lt.py [--seeds 0 1 2] [--groups stage1 stage3 losses]
+    .venv/bin/python benchmarks/fmnist_lt.py [--seeds 0 1 2] [--groups stage1 stage3 losses] [--only TEXT]
 
 Writes benchmarks/results/fmnist_lt.json (every run's metrics; a row already there is not
 run again), fmnist_lt_time.json (each stage-3 row's time split into cache read, stage 2,
@@ -52,12 +53,16 @@ STAGE3 = {  # label -> (overrides of the mixup config)
     "LWS + mixup": ["retrain.method=lws", "retrain.augmenter={name: none}"],
     "tau-norm + mixup (tau 1)": ["retrain.method=tau_norm", "retrain.tau=1.0", "retrain.augmenter={name: none}"],
     "NCM + mixup": ["retrain.method=ncm", "retrain.augmenter={name: none}"],
-    # Chu et al.: the paper's phases II-III with the defaults of retrain.augmenter fsa
-    "+ FSA (offline)": ["retrain.augmenter={name: fsa, maps: offline}"],
-    # FASA adapts its sampling rates on a validation split: mixup models trained without 20 images per class
-    "cRT + mixup (val 20)": ["data.val_per_class=20", "retrain.augmenter={name: none}"],
-    "+ FASA (val 20)": ["data.val_per_class=20", "retrain.augmenter={name: fasa}"],
+    # The other feature-space augmenters against cRT and STG on the same backbones: FASA adapts
+    # its sampling rates on a validation split, so these mixup models hold out 20 images per class
+    **{f"{label} (val 20)": ["data.val_per_class=20", f"retrain.augmenter={aug}"] for label, aug in (
+        ("cRT + mixup", "{name: none}"),
+        ("+ STG lambda 1.5", "{name: stg, lam: 1.5}"),
+        ("+ FSA (offline)", "{name: fsa, maps: offline}"),  # Chu et al., phases II-III, defaults of augment/fsa.py
+        ("+ FASA", "{name: fasa}"),
+    )},
 }
+VAL20 = [label for label in STAGE3 if label.endswith("(val 20)")]
 TIME_COLUMNS = ["cache_s", "stage2_s", "synthesis_s", "retrain_s", "spatial_cache_mib"]
 
 
@@ -110,6 +115,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--groups", nargs="+", default=["stage1", "stage3", "losses"],
                         choices=["stage1", "stage3", "losses"])
+    parser.add_argument("--only", metavar="TEXT", help="run only the rows whose label contains TEXT, e.g. '(val 20)'")
     parser.add_argument("--report-only", action="store_true", help="only rewrite the tables from the JSON")
     args = parser.parse_args()
     store, time_store = RESULTS / "fmnist_lt.json", RESULTS / "fmnist_lt_time.json"
@@ -118,7 +124,7 @@ def main() -> None:
 
     def record(label, seed, fn, timing=None):
         key = f"s{seed}"
-        if key not in results.get(label, {}):
+        if key not in results.get(label, {}) and (args.only is None or args.only in label):
             t0 = time.perf_counter()
             results.setdefault(label, {})[key] = fn()
             print(f"{label:<32} seed {seed}: top1 {results[label][key]['top1']:.2f} "
@@ -162,7 +168,7 @@ def write_report(results: dict, times: dict) -> None:
         "\n## Against other strategies for the tail (paper Table 7)\n",
         table([lab for lab in STAGE3 if lab.startswith(("+ noise", "+ dropout", "+ STG lambda"))]),
         "\n## Other feature-space augmenters: FSA (Chu et al.) and FASA (on mixup models with a validation split)\n",
-        table(["cRT + mixup", "+ STG lambda 1.5", "+ FSA (offline)", "cRT + mixup (val 20)", "+ FASA (val 20)"]),
+        table(VAL20),
     ]
     timed = {lab: list(runs.values()) for lab, runs in times.items() if runs}
     if timed:

@@ -6,6 +6,7 @@ directory as it found it (config.yaml is written only once the config has been a
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 from .config import Config, load_config
@@ -167,18 +168,28 @@ def run(config: str, overrides: list[str], *, resume: bool = False, progress: bo
         return run_pipeline(cfg, run_dir, progress=progress)
 
 
-def analyze_stg(run_dir: Path) -> dict:
-    from .evaluation.stg_analysis import analyze_generator
-    from .stages.features import extract_features, stage1_classifier
-    from .stages.pipeline import ensure_generator, head_set
+@contextlib.contextmanager
+def finished_run(run_dir: Path):
+    """(run dir, its config, its feature cache, its head classes) for an analysis, with the
+    run's thread setting and the run directory held."""
+    from .stages.features import extract_features
+    from .stages.pipeline import head_set
 
     run_dir = Path(run_dir)
     cfg = load_run_config(run_dir)
     apply_threads(cfg.run.threads)
     with open_run_dir(run_dir, create=False):
         cache = extract_features(cfg, run_dir, progress=False)
+        yield run_dir, cfg, cache, head_set(cfg, cache["class_counts"].tolist())
+
+
+def analyze_stg(run_dir: Path) -> dict:
+    from .evaluation.stg_analysis import analyze_generator
+    from .stages.features import stage1_classifier
+    from .stages.pipeline import ensure_generator
+
+    with finished_run(run_dir) as (run_dir, cfg, cache, head):
         generator = ensure_generator(cfg, run_dir, cache, progress=False)
-        head = head_set(cfg, cache["class_counts"].tolist())
         return analyze_generator(cfg, cache, generator, head, stage1_classifier(cache, cfg), run_dir / "analysis")
 
 
@@ -224,13 +235,8 @@ def report(run_dirs: list[str], out: str | None = None):
 def analyze_figures(run_dir: Path) -> list[Path]:
     """Every figure of a finished run in RUN_DIR/plots (evaluation/run_figures.py)."""
     from .evaluation.run_figures import write_run_figures
-    from .stages.features import extract_features
 
-    run_dir = Path(run_dir)
-    cfg = load_run_config(run_dir)
-    apply_threads(cfg.run.threads)
-    with open_run_dir(run_dir, create=False):
-        cache = extract_features(cfg, run_dir, progress=False)
+    with finished_run(run_dir) as (run_dir, cfg, cache, _):
         written = write_run_figures(cfg, run_dir, cache)
     print(f"wrote {len(written)} figures to {run_dir / 'plots'}: " + ", ".join(p.name for p in written))
     return written
@@ -341,16 +347,10 @@ def embed(config: str, overrides: list[str], *, out: str, progress: bool = True)
 
 def analyze_fsa(run_dir: Path) -> dict:
     from .evaluation.fsa_analysis import analyze_fsa as analyze
-    from .stages.features import extract_features, stage1_classifier
-    from .stages.pipeline import head_set
+    from .stages.features import stage1_classifier
     from .stages.stage1_model import load_finished
 
-    run_dir = Path(run_dir)
-    cfg = load_run_config(run_dir)
-    apply_threads(cfg.run.threads)
-    with open_run_dir(run_dir, create=False):
-        cache = extract_features(cfg, run_dir, progress=False)
-        head = head_set(cfg, cache["class_counts"].tolist())
+    with finished_run(run_dir) as (run_dir, cfg, cache, head):
         return analyze(cfg, load_finished(cfg, run_dir), cache, head, stage1_classifier(cache, cfg),
                        run_dir / "analysis")
 

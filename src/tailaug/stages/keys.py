@@ -79,15 +79,20 @@ def stage1_fields(cfg: Config) -> dict[str, Any]:
                       "grad_clip"))
     train.update(_pick(t, {"multistep": ("milestones", "gamma"), "step": ("step_size", "gamma"),
                            "cosine": ("min_lr",)}[t.schedule]))
-    reweight = {"scheme": t.reweight.scheme}
-    if t.reweight.scheme != "none":
-        reweight["start_epoch"] = t.reweight.start_epoch
-    if t.reweight.scheme == "effective_number":
-        reweight["beta"] = t.reweight.beta
-    train["reweight"] = reweight
+    train["reweight"] = reweight_fields(t.reweight)
     if t.feature_augmenter.name != "none":  # absent otherwise: the keys of earlier runs stay valid
         train["feature_augmenter"] = {**t.feature_augmenter.model_dump(mode="json"), "head_set": head_set_fields(cfg)}
     return {"run": {"seed": cfg.run.seed}, "data": data, "model": model, "train": train}
+
+
+def reweight_fields(r) -> dict[str, Any]:
+    """``train.reweight`` as it acts: the start epoch and beta only where they are read."""
+    out: dict[str, Any] = {"scheme": r.scheme}
+    if r.scheme != "none":
+        out["start_epoch"] = r.start_epoch
+    if r.scheme == "effective_number":
+        out["beta"] = r.beta
+    return out
 
 
 def embeddings_stage1_fields(cfg: Config) -> dict[str, Any]:
@@ -113,12 +118,7 @@ def embeddings_stage1_fields(cfg: Config) -> dict[str, Any]:
     if m.head == "cosine":
         model["cosine_scale"] = m.cosine_scale
     train = _pick(t, ("epochs", "batch_size", "lr", "weight_decay", "loss", "sampler"))
-    reweight = {"scheme": t.reweight.scheme}
-    if t.reweight.scheme != "none":
-        reweight["start_epoch"] = t.reweight.start_epoch
-    if t.reweight.scheme == "effective_number":
-        reweight["beta"] = t.reweight.beta
-    train["reweight"] = reweight
+    train["reweight"] = reweight_fields(t.reweight)
     return {"run": {"seed": cfg.run.seed}, "data": data, "model": model, "train": train}
 
 

@@ -164,3 +164,21 @@ def test_class_names_of_a_run_written_before_classes_json_said_names(finished, t
     assert tailaug.load(run_dir).class_names == NAMES
     (run_dir / "classes.json").unlink()
     assert tailaug.load(run_dir).class_names == ["0", "1", "2"]
+
+
+def test_a_run_without_its_feature_cache_says_to_rerun(finished, tmp_path):
+    import shutil
+
+    from tailaug.errors import CheckpointError
+
+    run_dir = tmp_path / "nocache"
+    shutil.copytree(finished[0], run_dir)
+    (path,) = (run_dir / "features").glob("*.safetensors")
+    path.write_bytes(b"not safetensors")
+    with pytest.raises(CheckpointError, match=r"holds no readable stage-1 head \(.*\); delete it and rerun 'tailaug "
+                                              r"run .*config.yaml' \(stage 1 trains its linear head again"):
+        tailaug.load(run_dir)
+    path.unlink()
+    with pytest.raises(CheckpointError, match=r"the feature cache .* with the run's stage-1 head is missing; rerun "
+                                              "'tailaug run"):
+        tailaug.load(run_dir)

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .data.embeddings import EXTENSIONS as EMBEDDING_SUFFIXES
 from .errors import DataError, TailaugError
 
 CHOICES = ("final", "crt", "augmented", "stage1")
@@ -260,9 +261,6 @@ def _classifier(cfg, run_dir: Path, choice: str, stage1_head: nn.Module) -> tupl
         raise TailaugError(f"{run_dir} holds no stage-3 classifier '{label}' of its config.yaml; finish the run "
                            f"with 'tailaug run {run_dir / 'config.yaml'}' first")
     return load_head(load_tensors(path), path), label
-
-
-EMBEDDING_SUFFIXES = (".npz", ".npy", ".parquet", ".safetensors")
 
 
 def expand_inputs(inputs: Sequence[str | Path], embeddings: bool = False) -> list[Path]:

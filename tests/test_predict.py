@@ -138,7 +138,10 @@ def test_predict_input_errors(finished, tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     (tmp_path / "feats.npz").write_bytes(b"")
     for inputs, message in (([tmp_path / "empty"], "holds no image files"),
-                            ([tmp_path / "feats.npz"], "is an embeddings file"),
+                            ([tmp_path / "feats.npz"], "feats.npz is an embeddings file, and this run takes images "
+                                                       "(its data.dataset is not embeddings): give image files or "
+                                                       "folders of them (features of the run's own backbone: "
+                                                       "tailaug.load(RUN_DIR).features_to_logits in Python)"),
                             ([tmp_path / "nope.png"], "does not exist; give image files or folders")):
         assert main(["predict", str(run_dir), *map(str, inputs)]) == 2
         assert message in capsys.readouterr().err
@@ -147,6 +150,12 @@ def test_predict_input_errors(finished, tmp_path, capsys):
     with pytest.raises(DataError, match="not_an_image.png .*give image files"):
         (tmp_path / "not_an_image.png").write_text("text")
         tailaug.load(run_dir).predict_files([tmp_path / "not_an_image.png"])
+    with pytest.raises(DataError, match="feats.npz is an embeddings file, and this run takes images"):
+        tailaug.load(run_dir).predict_files([tmp_path / "feats.npz"])
+    with pytest.raises(DataError, match=r"this run takes images \[N, C, S, S\] \(preprocess\(read\(paths\)\)\), not a "
+                                        r"tensor of shape \(2, 64\); features of its own backbone go through "
+                                        "features_to_logits"):
+        tailaug.load(run_dir)(torch.zeros(2, 64))
 
 
 @pytest.mark.parametrize("method", ["crt", "lws", "tau_norm", "ncm"])

@@ -28,6 +28,7 @@ USAGE_EXAMPLES = """examples:
   tailaug analyze figures runs/fmnist_lt_mixup-s0
   tailaug datasets describe configs/cifar10_lt/if100.yaml
   tailaug predict runs/my_images photos/ --top-k 3 --out predictions.csv
+  tailaug predict runs/embeddings_example data/embeddings/test.npz --out predictions.csv
 """
 
 
@@ -74,9 +75,11 @@ def build_parser() -> argparse.ArgumentParser:
                                                   "splits, as .npz (features, labels, class_names)"))
     em.add_argument("--out", required=True, help="FILE.npz for the training split; FILE_val.npz, FILE_test.npz beside it")
 
-    pr = sub.add_parser("predict", help="classify image files or folders with a finished run; writes a CSV")
+    pr = sub.add_parser("predict", help="classify image files or folders (an embeddings run: every row of feature "
+                                        "files) with a finished run; writes a CSV")
     pr.add_argument("run_dir")
-    pr.add_argument("inputs", nargs="+", help="image files or folders of images")
+    pr.add_argument("inputs", nargs="+", help="image files or folders of images; for a run of data.dataset "
+                                              "embeddings, .npz/.npy/.parquet/.safetensors files of features")
     pr.add_argument("--classifier", default="final", choices=("final", "crt", "augmented", "stage1"),
                     help="final (default): stage 3 with the augmenter if the run has one, else stage 3 "
                          "without, else stage 1")

@@ -244,9 +244,12 @@ def analyze_figures(run_dir: Path) -> list[Path]:
 
 def predict(run_dir: Path, inputs: list[str], *, classifier: str = "final", top_k: int = 5,
             out: str | None = None, batch_size: int = 64, progress: bool = True) -> list[dict]:
-    """Classify image files (and the images in folders) with the finished run in ``run_dir``;
-    writes a CSV (``out``, or standard output) of the predicted class, its probability and
-    the top-k classes with their probabilities."""
+    """Classify image files (and the images in folders) with the finished run in ``run_dir``,
+    or, for a run of ``data.dataset: embeddings``, every row of feature files (input
+    ``FILE:ROW``); writes a CSV (``out``, or standard output) of the predicted class, its
+    probability and the top-k classes with their probabilities. Decision: a feature file with
+    labels adds a ``true_class`` column (a class id of the run as its name, else the label as
+    given) and the accuracy against it is printed; prediction never needs labels."""
     import csv
     import io
     import sys
@@ -261,24 +264,49 @@ def predict(run_dir: Path, inputs: list[str], *, classifier: str = "final", top_
     run_dir = Path(run_dir)
     cfg = load_run_config(run_dir)
     apply_threads(cfg.run.threads)
-    paths = expand_inputs(inputs)
+    embeddings = cfg.data.dataset == "embeddings"
+    paths = expand_inputs(inputs, embeddings=embeddings)
     model = load(run_dir, classifier, device=resolve_device(cfg.run.device))  # reads only: no lock
-    print(f"classifier: {model.classifier} ({classifier}); {len(paths)} image(s)", file=sys.stderr)
-    k = min(top_k, len(model.class_names))
+    names = model.class_names
+    k = min(top_k, len(names))
+    batches = []  # (input names, the true classes or None, a function giving their probabilities)
+    if embeddings:
+        for path in paths:
+            x, labels = model.read(path)
+            ids = labels is not None and labels.dtype.kind in "iu"
+            truth = None if labels is None else [names[v] if ids and 0 <= v < len(names) else str(v)
+                                                 for v in labels.tolist()]
+            for start in range(0, len(x), batch_size):
+                stop = min(start + batch_size, len(x))
+                batches.append(([f"{path}:{i}" for i in range(start, stop)], truth and truth[start:stop],
+                                lambda part=x[start:stop]: model.predict_features(part)))
+        what = f"{sum(len(b[0]) for b in batches)} row(s) of {len(paths)} embeddings file(s)"
+    else:
+        batches = [(paths[start : start + batch_size], None,
+                    lambda batch=paths[start : start + batch_size]: model.predict_files(batch))
+                   for start in range(0, len(paths), batch_size)]
+        what = f"{len(paths)} image(s)"
+    print(f"classifier: {model.classifier} ({classifier}); {what}", file=sys.stderr)
     rows = []
-    for start in tqdm(range(0, len(paths), batch_size), desc="predict", disable=not progress, leave=False):
-        batch = paths[start : start + batch_size]
-        probs = model.predict_files(batch)
-        values, indices = probs.topk(k, dim=1)
-        for path, p, i in zip(batch, values.tolist(), indices.tolist()):
-            row = {"input": str(path), "class": model.class_names[i[0]], "probability": f"{p[0]:.6f}",
+    for items, truth, probabilities in tqdm(batches, desc="predict", disable=not progress, leave=False):
+        values, indices = probabilities().topk(k, dim=1)
+        for n, (item, p, i) in enumerate(zip(items, values.tolist(), indices.tolist())):
+            row = {"input": str(item), "class": names[i[0]], "probability": f"{p[0]:.6f}",
                    "classifier": model.classifier}
             for rank in range(k):
-                row[f"top{rank + 1}_class"] = model.class_names[i[rank]]
+                row[f"top{rank + 1}_class"] = names[i[rank]]
                 row[f"top{rank + 1}_probability"] = f"{p[rank]:.6f}"
+            if truth is not None:
+                row["true_class"] = truth[n]
             rows.append(row)
+    labelled = [row for row in rows if "true_class" in row]
+    if labelled:
+        right = sum(row["class"] == row["true_class"] for row in labelled)
+        print(f"accuracy against the files' labels: {100 * right / len(labelled):.2f}% ({right} of "
+              f"{len(labelled)} labelled rows)", file=sys.stderr)
     text = io.StringIO()
-    writer = csv.DictWriter(text, fieldnames=list(rows[0]), lineterminator="\n")
+    fields = list(rows[0]) + (["true_class"] if labelled and "true_class" not in rows[0] else [])
+    writer = csv.DictWriter(text, fieldnames=fields, lineterminator="\n", restval="")
     writer.writeheader()
     writer.writerows(rows)
     if out is None:

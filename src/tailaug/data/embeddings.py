@@ -90,8 +90,12 @@ def resolve(path: str, root: str | None) -> Path:
     return p if p.is_absolute() or root is None else Path(root).expanduser() / p
 
 
-def _pick(names, wanted: str | None, default: tuple[str, ...], what: str, path: Path, key: str) -> str:
+def _pick(names, wanted: str | None, default: tuple[str, ...], what: str, path: Path, key: str,
+          optional: bool = False) -> str | None:
+    """The name of the array/column/tensor to read; None when ``optional`` and there is none."""
     names = list(names)
+    if optional and (wanted if wanted is not None else next((n for n in default if n in names), None)) not in names:
+        return None
     if wanted is not None:
         if wanted not in names:
             raise DataError(f"{path} has no {what} named {wanted!r} (it has {', '.join(map(repr, names)) or 'none'}); "
@@ -105,8 +109,10 @@ def _pick(names, wanted: str | None, default: tuple[str, ...], what: str, path: 
 
 
 def read_embeddings(path: Path, labels_path: Path | None = None, *, features_name: str | None = None,
-                    labels_name: str | None = None, labels_key: str = "train_labels") -> tuple[np.ndarray, np.ndarray]:
-    """(features [N, d], labels [N]) of one file (and its labels file for .npy), checked."""
+                    labels_name: str | None = None, labels_key: str = "train_labels",
+                    labels_optional: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+    """(features [N, d], labels [N]) of one file (and its labels file for .npy), checked.
+    ``labels_optional`` (files to predict on): labels None when the file holds none."""
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix not in EXTENSIONS:
@@ -115,18 +121,18 @@ def read_embeddings(path: Path, labels_path: Path | None = None, *, features_nam
     if not path.is_file():
         raise DataError(f"embeddings file {path} does not exist; check the path (relative paths start at "
                         "data.root when it is set, else at the working directory)")
-    if suffix == ".npy" and labels_path is None:
+    if suffix == ".npy" and labels_path is None and not labels_optional:
         raise DataError(f"{path} is a .npy features file; give its labels as a second .npy file in "
                         f"data.embeddings.{labels_key}")
     if suffix != ".npy" and labels_path is not None:
         raise DataError(f"data.embeddings.{labels_key} pairs a labels file with a .npy features file, and {path} "
                         f"holds its own labels: remove data.embeddings.{labels_key}")
-    names = dict(features_name=features_name, labels_name=labels_name)
+    names = dict(features_name=features_name, labels_name=labels_name, labels_optional=labels_optional)
     try:
         if suffix == ".npz":
             features, labels = _read_npz(path, **names)
         elif suffix == ".npy":
-            features, labels = _load_npy(path), _load_npy(Path(labels_path))
+            features, labels = _load_npy(path), labels_path and _load_npy(Path(labels_path))
         elif suffix == ".parquet":
             features, labels = _read_parquet(path, **names)
         else:
@@ -153,12 +159,12 @@ def _load_npy(path: Path) -> np.ndarray:
         raise
 
 
-def _read_npz(path: Path, *, features_name, labels_name):
+def _read_npz(path: Path, *, features_name, labels_name, labels_optional):
     with np.load(path, allow_pickle=False) as z:
         f = _pick(z.files, features_name, FEATURE_NAMES, "array", path, "features_name")
-        y = _pick(z.files, labels_name, LABEL_NAMES, "array", path, "labels_name")
+        y = _pick(z.files, labels_name, LABEL_NAMES, "array", path, "labels_name", labels_optional)
         try:
-            return z[f], z[y]
+            return z[f], None if y is None else z[y]
         except ValueError as exc:
             if "allow_pickle" in str(exc):
                 raise DataError(f"{path}: an array is an object array (ragged rows or Python objects); save a "
@@ -166,26 +172,26 @@ def _read_npz(path: Path, *, features_name, labels_name):
             raise
 
 
-def _read_safetensors(path: Path, *, features_name, labels_name):
+def _read_safetensors(path: Path, *, features_name, labels_name, labels_optional):
     from safetensors.numpy import load_file
 
     tensors = load_file(str(path))
     f = _pick(tensors, features_name, FEATURE_NAMES, "tensor", path, "features_name")
-    y = _pick(tensors, labels_name, LABEL_NAMES, "tensor", path, "labels_name")
-    return tensors[f], tensors[y]
+    y = _pick(tensors, labels_name, LABEL_NAMES, "tensor", path, "labels_name", labels_optional)
+    return tensors[f], None if y is None else tensors[y]
 
 
-def _read_parquet(path: Path, *, features_name, labels_name):
+def _read_parquet(path: Path, *, features_name, labels_name, labels_optional):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     table = pq.read_table(path)
     columns = table.column_names
-    y = _pick(columns, labels_name, LABEL_NAMES, "column", path, "labels_name")
+    y = _pick(columns, labels_name, LABEL_NAMES, "column", path, "labels_name", labels_optional)
     listed = features_name or next((n for n in FEATURE_NAMES if n in columns), None)
     if listed is not None and listed not in columns:
         _pick(columns, features_name, FEATURE_NAMES, "column", path, "features_name")  # raises
-    labels = table.column(y).to_numpy(zero_copy_only=False)
+    labels = None if y is None else table.column(y).to_numpy(zero_copy_only=False)
     kind = table.schema.field(listed).type if listed is not None else None
     if kind is not None and (pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_fixed_size_list(kind)):
         column = table.column(listed).combine_chunks()
@@ -211,9 +217,9 @@ def _read_parquet(path: Path, *, features_name, labels_name):
     return np.stack([table.column(c).to_numpy(zero_copy_only=False) for c in rest], axis=1), labels
 
 
-def check_arrays(features: np.ndarray, labels: np.ndarray, path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """float32 [N, d] features and 1-D labels (integers or strings); a DataError otherwise."""
-    features, labels = np.asarray(features), np.asarray(labels)
+def check_arrays(features: np.ndarray, labels: np.ndarray | None, path: Path) -> tuple[np.ndarray, np.ndarray | None]:
+    """float32 [N, d] features and 1-D labels (integers or strings; None: no labels); a DataError otherwise."""
+    features = np.asarray(features)
     if features.dtype == object:
         raise DataError(f"{path}: the features are an object array (ragged rows?); save a rectangular numeric "
                         "array [N, d] (np.stack the rows)")
@@ -224,16 +230,19 @@ def check_arrays(features: np.ndarray, labels: np.ndarray, path: Path) -> tuple[
                         "sample (a single feature per sample: save features[:, None])")
     if features.ndim != 2:
         raise DataError(f"{path}: the features have shape {features.shape}; flatten them to [N, d]")
-    if labels.ndim != 1:
-        raise DataError(f"{path}: the labels have shape {labels.shape}; give one label per row, 1-D")
-    if len(features) != len(labels):
-        raise DataError(f"{path}: {len(features)} feature rows but {len(labels)} labels; give one label per row")
     if len(features) == 0 or features.shape[1] == 0:
         raise DataError(f"{path} holds no features (shape {features.shape})")
     bad = ~np.isfinite(features).all(axis=1)
     if bad.any():
         raise DataError(f"{path}: {int(bad.sum())} feature row(s) hold NaN or inf (first: row {int(np.argmax(bad))}); "
                         "re-extract them or drop those rows")
+    if labels is None:
+        return features.astype(np.float32, copy=False), None
+    labels = np.asarray(labels)
+    if labels.ndim != 1:
+        raise DataError(f"{path}: the labels have shape {labels.shape}; give one label per row, 1-D")
+    if len(features) != len(labels):
+        raise DataError(f"{path}: {len(features)} feature rows but {len(labels)} labels; give one label per row")
     if labels.dtype.kind == "f":
         if not (np.isfinite(labels).all() and (labels == np.round(labels)).all()):
             raise DataError(f"{path}: the labels are floats that are not whole numbers; give integer class ids "
@@ -401,4 +410,4 @@ def l2_normalize(x: np.ndarray) -> np.ndarray:
 
 
 def as_tensor(x: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(x))
+    return torch.from_numpy(np.require(x, requirements=("C", "W")))  # a read-only array (pyarrow) is copied

@@ -112,6 +112,6 @@ def embeddings_stage1(cfg, run_dir: Path, *, progress: bool = True) -> dict[str,
         raise DataError("the test set is empty; give data.embeddings.test or more rows per class")
     atomic_write(path, lambda tmp: save_file(tensors, tmp))
     if data.class_names:
-        write_json(run_dir / "classes.json", {"class_names": data.class_names})
+        write_json(run_dir / "classes.json", {"names": data.class_names})  # as stage1_model.write_classes
     write_json(marker_path(run_dir), {"key": stage1_key(cfg), "epochs": cfg.train.epochs, "history": head.history})
     return cache

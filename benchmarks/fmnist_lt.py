@@ -27,6 +27,7 @@ from statistics import median
 
 from tailaug.config import load_config
 from tailaug.evaluation.report import mean_std_table, write_json
+from tailaug.evaluation.results import record_results
 from tailaug.evaluation.scoring import score
 from tailaug.stages.features import extract_features
 from tailaug.stages.pipeline import ensure_generator, ensure_stage1, retrain
@@ -99,8 +100,9 @@ def stage3_row(seed: int, overrides, epochs: int, timings: dict) -> dict:
     t1 = time.perf_counter()
     gen = ensure_generator(cfg, run_dir, cache, False) if aug.uses_generator else None
     t2 = time.perf_counter()
-    _, row = retrain(cfg, run_dir, cache, aug, gen, progress=False, spatial=spatial)
+    label, row = retrain(cfg, run_dir, cache, aug, gen, progress=False, spatial=spatial)
     t3 = time.perf_counter()
+    record_results(run_dir, {label: row})  # the run's results.json too, for `tailaug report`
     [stored] = (run_dir / "retrain").glob(f"*-{row['key']}.json")
     synthesis = sum(h.get("augment_s", 0.0) for h in json.loads(stored.read_text())["history"])
     maps = spatial_path(run_dir, cfg, request.dtype) if request is not None and not request.online else None

@@ -114,6 +114,14 @@ def test_a_npy_features_file_needs_its_labels_file(tmp_path):
         read_embeddings(tmp_path / "e.npy")
 
 
+def test_a_ragged_npy_file_is_refused_without_unpickling(tmp_path):
+    np.save(tmp_path / "e.npy", np.array([[1.0], [1.0, 2.0]], dtype=object), allow_pickle=True)
+    np.save(tmp_path / "y.npy", np.array([0, 1]))
+    with pytest.raises(DataError, match=r"e.npy: an array is an object array \(ragged rows or Python objects\); "
+                                        r"save a rectangular numeric array \(np.stack the rows\)"):
+        read_embeddings(tmp_path / "e.npy", labels_path=tmp_path / "y.npy")
+
+
 def config(tmp_path, embeddings: dict, *overrides):
     tree = {"run": {"output_dir": str(tmp_path / "runs"), "name": "emb", "device": "cpu"},
             "data": {"dataset": "embeddings", "root": str(tmp_path), "embeddings": embeddings}}

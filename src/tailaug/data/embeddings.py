@@ -22,6 +22,7 @@ first); ``data.test_per_class`` keeps at most that many test rows per class.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -145,31 +146,33 @@ def read_embeddings(path: Path, labels_path: Path | None = None, *, features_nam
     return check_arrays(features, labels, path)
 
 
+@contextmanager
+def _no_object_arrays(path: Path):
+    """numpy's refusal to unpickle an object array, as a DataError that says what to save instead."""
+    try:
+        yield
+    except ValueError as exc:
+        if "allow_pickle" in str(exc):
+            raise DataError(f"{path}: an array is an object array (ragged rows or Python objects); save a "
+                            "rectangular numeric array (np.stack the rows), or strings for labels") from None
+        raise
+
+
 def _load_npy(path: Path) -> np.ndarray:
     if not path.is_file():
         raise DataError(f"labels file {path} does not exist; check data.embeddings.train_labels/test_labels")
     if path.suffix.lower() != ".npy":
         raise DataError(f"{path}: the labels of a .npy features file must be a .npy file too")
-    try:
+    with _no_object_arrays(path):
         return np.load(path, allow_pickle=False)
-    except ValueError as exc:
-        if "allow_pickle" in str(exc):
-            raise DataError(f"{path} holds an object array (ragged rows or Python objects); save a rectangular "
-                            "numeric array (np.stack the rows) or an array of strings (labels)") from None
-        raise
 
 
 def _read_npz(path: Path, *, features_name, labels_name, labels_optional):
     with np.load(path, allow_pickle=False) as z:
         f = _pick(z.files, features_name, FEATURE_NAMES, "array", path, "features_name")
         y = _pick(z.files, labels_name, LABEL_NAMES, "array", path, "labels_name", labels_optional)
-        try:
+        with _no_object_arrays(path):
             return z[f], None if y is None else z[y]
-        except ValueError as exc:
-            if "allow_pickle" in str(exc):
-                raise DataError(f"{path}: an array is an object array (ragged rows or Python objects); save a "
-                                "rectangular numeric array of features (np.stack the rows)") from None
-            raise
 
 
 def _read_safetensors(path: Path, *, features_name, labels_name, labels_optional):

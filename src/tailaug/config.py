@@ -248,6 +248,15 @@ class SamplerConfig(Section):
     kind: SamplerName = "instance"
 
 
+class RemixConfig(Section):
+    """Remix (``augment/remix.py``): mixup's images, the label given to the rarer class when
+    the pair's counts differ by kappa and its image has more than 1 - tau of the mix.
+    Published values (Chou et al. 2020): kappa 3, tau 0.5."""
+
+    kappa: float = Field(3.0, gt=1)
+    tau: float = Field(0.5, ge=0, le=1)
+
+
 # --------------------------------------------------------------------------- stage 1
 
 
@@ -266,6 +275,7 @@ class TrainConfig(Section):
     gamma: float = Field(0.1, gt=0, le=1)
     min_lr: float = Field(0.0, ge=0)
     mixup_alpha: float = Field(0.0, ge=0)  # 0 turns mixup off
+    remix: RemixConfig | None = None  # Remix's labels on mixup's images (needs mixup_alpha > 0); None: off
     loss: list[LossSection] = Field(
         default_factory=lambda: [LOSSES.get("ce").config()], min_length=1
     )
@@ -444,6 +454,22 @@ class Config(Section):
             problem = config_problem(self)
             if problem:
                 raise ValueError(problem)
+        return self
+
+    @model_validator(mode="after")
+    def _remix(self):
+        """Remix re-labels mixup's images sample by sample (after the embeddings check, which refuses it)."""
+        t = self.train
+        if t.remix is None:
+            return self
+        if t.mixup_alpha == 0:
+            raise ValueError("train.remix re-labels mixup's images, and train.mixup_alpha is 0 (no mixup): set "
+                             "train.mixup_alpha > 0 (Remix's paper: 1.0), or remove train.remix")
+        refused = sorted({term.name for term in t.loss if not LOSSES.get(term.name).obj.takes_sample_weight})
+        if refused:
+            raise ValueError(f"train.remix weights the two labels of each sample, which the loss term(s) "
+                             f"{', '.join(refused)} cannot (supcon has no per-sample label term): drop them from "
+                             "train.loss, or remove train.remix")
         return self
 
     @model_validator(mode="after")

@@ -70,6 +70,8 @@ def config_problem(cfg) -> str | None:
     if cfg.model.weights is not None:
         return ("model.weights loads a backbone, and dataset 'embeddings' has none (stage 1 is a linear head on "
                 "the embeddings): remove model.weights")
+    if cfg.train.remix is not None:
+        return "train.remix re-labels mixed images; stage 1 on embeddings mixes none: remove train.remix"
     if cfg.train.mixup_alpha > 0:
         return "train.mixup_alpha mixes images; stage 1 on embeddings has none: set train.mixup_alpha=0"
     if cfg.train.grad_clip is not None:

@@ -12,7 +12,8 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from ..augment.base import AugmentContext, build_augmenter
-from ..augment.mixup import mixup
+from ..augment.mixup import mixed_loss, mixup
+from ..augment.remix import Remix
 from ..augment.stg import head_classes
 from ..config import Config
 from ..data.classes import SHOT_GROUPS, shot_groups
@@ -57,6 +58,9 @@ class Trainer:
             )
         self.model: Network = build_network(cfg, self.data, self.device)
         self.loss_fn = build_loss(tc, self.data.class_counts).to(self.device)
+        self.remix = None  # Remix's label weights on mixup's images (augment/remix.py)
+        if tc.remix is not None:
+            self.remix = Remix(self.data.class_counts, tc.remix.kappa, tc.remix.tau).to(self.device)
         if self.loss_fn.needs_two_views and tc.mixup_alpha > 0:
             raise ConfigError("supcon needs two views of each image and cannot be combined with mixup; "
                               "set train.mixup_alpha=0 or drop the supcon term")
@@ -252,9 +256,12 @@ class Trainer:
         logits, features = out.logits.float(), out.features.float()
         virtual_logits, logits = logits[len(y):], logits[: len(y)]
         cosine = self.model.head.cosine(features)  # None for a linear head
-        loss = self.loss_fn(LossInputs(logits, y, features, cosine))
-        if perm is not None:
-            loss = lam * loss + (1 - lam) * self.loss_fn(LossInputs(logits, y[perm], features, cosine))
+        inputs = LossInputs(logits, y, features, cosine)
+        if perm is None:
+            loss = self.loss_fn(inputs)
+        else:  # mixup, or Remix's per-sample label weights
+            label_weight = None if self.remix is None else self.remix(lam, y, y[perm])
+            loss = mixed_loss(self.loss_fn, inputs, y[perm], lam, label_weight)
         if extra is not None:
             virtual_loss = torch.nn.functional.cross_entropy(virtual_logits, extra_y)
             loss = (len(y) * loss + len(extra_y) * virtual_loss) / (len(y) + len(extra_y))

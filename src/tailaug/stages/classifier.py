@@ -5,7 +5,8 @@ hands them to the decoupled classifier that ``retrain.method`` names (``tailaug.
 crt, lws, tau_norm, ncm, one file each); the result is a module ``features [N, d] -> logits
 [N, C]``. :func:`fit_trained` is the training every trained classifier shares: the
 augmenter fitted once, batches drawn by ``retrain.sampler`` (class-balanced by default) and
-augmented, cross-entropy (Eq. 5), Adam, ``retrain.epochs`` epochs of N samples each.
+augmented, cross-entropy (Eq. 5) of the logits as the augmenter adjusts them (an implicit
+augmenter such as ISDA adds its term there), Adam, ``retrain.epochs`` epochs of N samples each.
 
 Everything random (initialisation, sampling, augmentation) derives from ``seed`` through
 private generators, so the same inputs and seed give the same module on the CPU.
@@ -29,6 +30,7 @@ from ..data.classes import check_features
 from ..data.samplers import build_sampler
 from ..engine.device import autocast
 from ..errors import ConfigError, DataError, TailaugError
+from ..losses.base import LossInputs
 from ..registry import CLASSIFIERS
 
 log = logging.getLogger(__name__)
@@ -237,7 +239,10 @@ def _train(model, x, y, cfg, num_classes, seed, augmenter, val_xy, progress, dev
                 augment_s += time.perf_counter() - t0
             with autocast(device, dtype):
                 logits = model(xb)
-            loss = loss_fn(model, xb, logits.float(), yb)
+            logits = logits.float()
+            if augmenter is not None:  # an implicit augmenter changes the logits here
+                logits = augmenter.adjust_loss_inputs(LossInputs(logits, yb, xb), model).logits
+            loss = loss_fn(model, xb, logits, yb)
             if not torch.isfinite(loss):
                 stage = "stage-3" if section == "retrain" else "stage-1"
                 weaker = " or the augmentation strength (e.g. retrain.augmenter.lam)" if section == "retrain" else ""

@@ -124,6 +124,7 @@ class Trainer:
             class_counts=torch.tensor(counts), num_classes=self.data.num_classes,
             head_classes=head_classes(counts, self.cfg.stg.head, many=self.cfg.data.shots.many),
             validation=None if val is None else (val["features"].to(self.device), val["labels"].to(self.device)),
+            online=True,
         ))
         if state:
             self.feature_aug.load_state_tensors(state)
@@ -176,6 +177,8 @@ class Trainer:
         self.net.train()
         self.train_batches.set_epoch(epoch)
         self.loss_fn.set_epoch(epoch)
+        if self.feature_aug is not None:
+            self.feature_aug.set_epoch(epoch, tc.epochs)
         rng = np.random.default_rng([self.cfg.run.seed, epoch, self.dist.rank])
         steps = len(self.train_batches)
         # loss sum, correct, seen: kept on the device (no host sync per step; NCCL reduces CUDA tensors only)
@@ -241,15 +244,17 @@ class Trainer:
 
         With train.feature_augmenter, its virtual rows (drawn before the batch) go through the
         head in the same forward pass; their cross-entropy joins the loss weighted by their
-        share of the rows, and the augmenter then observes the batch's features."""
+        share of the rows; the loss sees the batch's inputs as the augmenter adjusts them
+        (``adjust_loss_inputs``, e.g. an implicit augmentation term), and the augmenter then observes the
+        batch's features."""
         tc = self.cfg.train
         lam, perm = 1.0, None
         if tc.mixup_alpha > 0:
             x, lam, perm = mixup(x, rng, tc.mixup_alpha)
         extra, extra_y = None, None
         if self.feature_aug is not None:
-            extra, extra_y = self.feature_aug.virtual(len(y), aug_gen)
-            if not len(extra_y):
+            extra, extra_y = self.feature_aug.virtual(len(y), aug_gen) or (None, None)
+            if extra_y is not None and not len(extra_y):
                 extra = None
         with autocast(self.device, self.dtype):
             out = self.net(x) if extra is None else self.net(x, extra)
@@ -257,6 +262,8 @@ class Trainer:
         virtual_logits, logits = logits[len(y):], logits[: len(y)]
         cosine = self.model.head.cosine(features)  # None for a linear head
         inputs = LossInputs(logits, y, features, cosine)
+        if self.feature_aug is not None:  # never with mixup (a config error): one label per feature
+            inputs = self.feature_aug.adjust_loss_inputs(inputs, self.model.head)
         if perm is None:
             loss = self.loss_fn(inputs)
         else:  # mixup, or Remix's per-sample label weights

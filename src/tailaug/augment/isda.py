@@ -48,7 +48,6 @@ are differentiable in the weights and in the Sigma tensors they are given.
 from __future__ import annotations
 
 import dataclasses
-
 from typing import ClassVar, Literal
 
 import torch

@@ -24,7 +24,7 @@ from pydantic import BaseModel, Field, ValidationError, model_validator
 from pydantic_core import PydanticCustomError
 
 from .errors import ConfigError
-from .registry import AUGMENTERS, BACKBONES, CLASSIFIERS, LOSSES, SAMPLERS, Registry, Section
+from .registry import AUGMENTERS, BACKBONES, CLASSIFIERS, LOSSES, SAMPLERS, STAGE_MODULES, Registry, Section
 from .strict_scalars import ERROR_TYPE as STRICT_SCALAR
 
 # the choices of method-valued options come from the registries (tailaug.registry)
@@ -33,6 +33,7 @@ SamplerName = SAMPLERS.name()
 ClassifierName = CLASSIFIERS.name()
 LossSection = LOSSES.section()
 AugmenterSection = AUGMENTERS.section()
+StageModuleSection = STAGE_MODULES.section(optional=True)
 
 
 def field_error(field: str, value: Any, message: str) -> PydanticCustomError:
@@ -286,6 +287,8 @@ class TrainConfig(Section):
     grad_clip: float | None = Field(None, gt=0)
     # a feature augmenter during representation learning (one whose options say stage1, e.g. fasa)
     feature_augmenter: AugmenterSection = Field(default_factory=lambda: AUGMENTERS.get("none").config())
+    # a training-time module after a backbone stage, removed at inference (e.g. {name: rsg, stage: 2}); None: off
+    stage_module: StageModuleSection = None
 
     @model_validator(mode="after")
     def _milestones(self):
@@ -470,6 +473,31 @@ class Config(Section):
             raise ValueError(f"train.remix weights the two labels of each sample, which the loss term(s) "
                              f"{', '.join(refused)} cannot (supcon has no per-sample label term): drop them from "
                              "train.loss, or remove train.remix")
+        return self
+
+    @model_validator(mode="after")
+    def _stage_module(self):
+        """A stage module adds rows (with their own labels) inside the backbone of an image network."""
+        t, m = self.train.stage_module, None
+        if t is None:
+            return self
+        if self.data.dataset == "embeddings":
+            m = "stage 1 on embeddings trains a head only (no backbone stages): remove train.stage_module"
+        elif t.stage < 1:
+            m = f"train.stage_module {t.name} sits after backbone stage {t.stage}; stages count from 1: set stage >= 1"
+        elif self.train.mixup_alpha > 0:
+            m = (f"train.stage_module {t.name} adds rows with their own labels, which mixup's label pairs cannot "
+                 "hold; set train.mixup_alpha=0 or remove train.stage_module")
+        elif self.train.feature_augmenter.name != "none":
+            m = (f"train.stage_module {t.name} and train.feature_augmenter {self.train.feature_augmenter.name} both "
+                 "add rows to the batch; keep one of them")
+        elif any(LOSSES.get(term.name).obj.needs_two_views for term in self.train.loss):
+            m = (f"train.stage_module {t.name} adds single-view rows, and supcon pairs two views of each image; "
+                 "drop supcon from train.loss or remove train.stage_module")
+        elif self.model.mode == "frozen":
+            m = f"train.stage_module {t.name} trains inside the backbone, which model.mode frozen keeps fixed: set model.mode finetune"
+        if m:
+            raise ValueError(m)
         return self
 
     @model_validator(mode="after")

@@ -34,6 +34,7 @@ from ..evaluation.results import STAGE1, record_results, result_row
 from ..evaluation.scoring import eval_settings, score
 from ..losses import LossInputs, build_loss
 from ..models import Network
+from ..models.stage_modules import TrainingNetwork, build_stage_module
 from .keys import stage1_key
 from .stage1_model import (batch_transform, build_network, check_checkpoint, checkpoint_fix, checkpoint_path,
                            marker_path, write_classes, write_run_config)
@@ -68,8 +69,15 @@ class Trainer:
             names = sorted({t.name for t in self.loss_fn.terms if t.needs_cosine})
             raise ConfigError(f"the margin loss(es) {', '.join(names)} in train.loss act on the cosines of a "
                               "cosine classifier; set model.head: cosine")
+        # train.stage_module: inside the network while training only; self.model stays the plain network
+        self.stage_module, train_net = None, self.model
+        if tc.stage_module is not None:
+            self.stage_module = build_stage_module(tc.stage_module, self.model, self.data.class_counts,
+                                                   cfg.model.arch).to(self.device)
+            train_net = TrainingNetwork(self.model, self.stage_module)
+        self.train_net = train_net
         self.optimizer = torch.optim.SGD(
-            [p for p in self.model.parameters() if p.requires_grad], lr=tc.lr, momentum=tc.momentum,
+            [p for p in train_net.parameters() if p.requires_grad], lr=tc.lr, momentum=tc.momentum,
             weight_decay=tc.weight_decay, nesterov=tc.nesterov,
         )
         self.scaler = torch.amp.GradScaler(enabled=self.dtype == torch.float16)
@@ -89,10 +97,12 @@ class Trainer:
         self.feature_aug = None
         if tc.feature_augmenter.name != "none":
             self.feature_aug = build_augmenter(tc.feature_augmenter).to(self.device)
-        self.net = self.model
+        self.net = train_net
         if self.dist.enabled:
             ids = [self.device.index] if self.device.type == "cuda" else None
-            self.net = DistributedDataParallel(self.model, device_ids=ids)
+            # a stage module may leave parameters unused in a step (before it generates, or without rare samples)
+            self.net = DistributedDataParallel(train_net, device_ids=ids,
+                                               find_unused_parameters=self.stage_module is not None)
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -101,6 +111,7 @@ class Trainer:
             "epoch": epoch, "key": stage1_key(self.cfg), "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(), "best": best,
             "feature_augmenter": None if self.feature_aug is None else self.feature_aug.state_tensors(),
+            "stage_module": None if self.stage_module is None else self.stage_module.state_dict(),
         }
 
     def restore(self) -> tuple[int, dict | None]:
@@ -108,6 +119,8 @@ class Trainer:
         ckpt = check_checkpoint(self.run_dir, self.cfg, device=self.device)
         for target, entry in ((self.model, "model"), (self.optimizer, "optimizer"), (self.scaler, "scaler")):
             load_state(target, ckpt[entry], path, checkpoint_fix(self.run_dir))
+        if self.stage_module is not None:
+            load_state(self.stage_module, ckpt.get("stage_module") or {}, path, checkpoint_fix(self.run_dir))
         self.fit_feature_augmenter(ckpt.get("feature_augmenter"))
         return ckpt["epoch"] + 1, ckpt["best"]
 
@@ -179,6 +192,8 @@ class Trainer:
         self.loss_fn.set_epoch(epoch)
         if self.feature_aug is not None:
             self.feature_aug.set_epoch(epoch, tc.epochs)
+        if self.stage_module is not None:
+            self.stage_module.set_epoch(epoch)
         rng = np.random.default_rng([self.cfg.run.seed, epoch, self.dist.rank])
         steps = len(self.train_batches)
         # loss sum, correct, seen: kept on the device (no host sync per step; NCCL reduces CUDA tensors only)
@@ -257,8 +272,11 @@ class Trainer:
             if extra_y is not None and not len(extra_y):
                 extra = None
         with autocast(self.device, self.dtype):
-            out = self.net(x) if extra is None else self.net(x, extra)
+            out = self.net(x, extra, labels=y) if self.stage_module is not None else self.net(x, extra)
         logits, features = out.logits.float(), out.features.float()
+        batch = len(y)
+        if out.labels is not None:  # rows generated inside the network (train.stage_module) join the batch
+            y = torch.cat([y, out.labels])
         virtual_logits, logits = logits[len(y):], logits[: len(y)]
         cosine = self.model.head.cosine(features)  # None for a linear head
         inputs = LossInputs(logits, y, features, cosine)
@@ -272,16 +290,18 @@ class Trainer:
         if extra is not None:
             virtual_loss = torch.nn.functional.cross_entropy(virtual_logits, extra_y)
             loss = (len(y) * loss + len(extra_y) * virtual_loss) / (len(y) + len(extra_y))
+        if out.loss is not None:  # a stage module's own loss terms
+            loss = loss + out.loss
         if self.feature_aug is not None:
             self.feature_aug.observe(features, y)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         if tc.grad_clip:
             self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.grad_clip)
+            torch.nn.utils.clip_grad_norm_(self.train_net.parameters(), tc.grad_clip)
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        return loss.detach(), logits.detach()
+        return loss.detach(), logits[:batch].detach()
 
     # ------------------------------------------------------------------ evaluation
 

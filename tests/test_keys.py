@@ -80,6 +80,8 @@ STAGE1_CASES = [
     ("train.remix={}", ("train.mixup_alpha=1",), True),
     ("train.remix.kappa=4", ("train.mixup_alpha=1", "train.remix={}"), True),
     ("train.remix.tau=0.4", ("train.mixup_alpha=1", "train.remix={}"), True),
+    ("train.stage_module={name: rsg}", (), True),
+    ("train.stage_module.start_epoch=10", ("train.stage_module={name: rsg}",), True),
     ("train.loss=[{name: focal}]", (), True),
     ("train.loss.0.label_smoothing=0.1", (), True),
     ("train.reweight.scheme=inverse_frequency", (), True),

@@ -5,7 +5,11 @@ model, a tiny stage-1 run with exact resume, and config errors."""
 from __future__ import annotations
 
 import math
+import os
 import re
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -218,6 +222,7 @@ def train(root, out, name, resume=False):
     return commands.train(a[0], a[1:], resume=resume, progress=False)
 
 
+@pytest.mark.slow
 def test_stage1_with_rsg_learns_resumes_exactly_and_leaves_a_plain_model(data_root, tmp_path, monkeypatch,
                                                                           one_thread):
     made = []
@@ -266,3 +271,21 @@ def test_stage1_with_rsg_learns_resumes_exactly_and_leaves_a_plain_model(data_ro
     resumed = train(data_root, tmp_path, "b", resume=True)
     assert resumed["per_class"] == first["per_class"] and resumed["ece"] == first["ece"]
     assert math.isfinite(resumed["top1"])
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_train_with_rsg(data_root, tmp_path):
+    """Under DDP the wrapped network carries RSG (parameters unused before the switch-on epoch or
+    in a batch without rare samples are allowed); rank 0 writes one plain-model run."""
+    port = socket.socket()
+    port.bind(("127.0.0.1", 0))
+    free = port.getsockname()[1]
+    port.close()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free}",
+           "-m", "tailaug.cli", "train", *args(data_root, tmp_path, "ddp"), "train.epochs=2", "data.n_max=40",
+           "train.stage_module.start_epoch=1", "--no-progress"]
+    proc = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                          timeout=300, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ckpt = torch.load(tmp_path / "ddp" / "checkpoints" / "last.pt", weights_only=True)
+    assert ckpt["epoch"] == 1 and ckpt["stage_module"] and not any("module" in k for k in ckpt["model"])

@@ -20,7 +20,7 @@ from torch import nn
 from tailaug import commands
 from tailaug.config import ModelConfig, load_config
 from tailaug.errors import ConfigError
-from tailaug.models import Network, build_model
+from tailaug.models import Network, build_model, stage_channels, stage_forward
 from tailaug.models.heads import LinearHead
 from tailaug.models.rsg import RSG, RSGConfig, frequent_classes
 from tailaug.models.stage_modules import TrainingNetwork, build_stage_module
@@ -150,6 +150,23 @@ def test_training_network_adds_rows_and_is_the_plain_network_in_eval_mode():
     assert torch.equal(a.logits, b.logits) and torch.equal(a.features, b.features)
 
 
+@pytest.mark.parametrize("arch, channels", [("resnet20", (16, 32, 64)), ("resnet18", (64, 128, 256, 512))])
+def test_backbone_stages_with_an_identity_module_are_the_plain_forward(arch, channels):
+    torch.manual_seed(0)
+    backbone = build_model(ModelConfig(arch=arch), 4, 1).backbone.eval()
+    assert stage_channels(backbone) == channels
+    x = torch.randn(3, 1, 32, 32)
+    with torch.no_grad():
+        plain = backbone(x)
+        for stage in range(1, len(channels) + 1):
+            shapes = []
+            out = stage_forward(backbone, x, stage, lambda maps: shapes.append(maps.shape) or maps)
+            torch.testing.assert_close(out, plain, rtol=0, atol=0)
+            assert shapes[0][1] == channels[stage - 1]
+        # rows added after a stage are carried to the pooled features
+        assert stage_forward(backbone, x, 1, lambda maps: torch.cat([maps, maps[:1]])).shape == (4, plain.shape[1])
+
+
 # ---------------------------------------------------------------------------- config errors
 
 class NoStages(nn.Module):
@@ -163,7 +180,7 @@ def test_config_errors_are_one_line_each():
     net = build_model(ModelConfig(arch="resnet20"), 4, 1)
     with pytest.raises(ConfigError, match=re.escape("has stages 1..3; set train.stage_module.stage")):
         build_stage_module(RSGConfig(name="rsg", stage=4), net, COUNTS, "resnet20")
-    with pytest.raises(ConfigError, match="model.arch toy exposes no stages .*use a CIFAR ResNet backbone"):
+    with pytest.raises(ConfigError, match="model.arch toy exposes no stages .*use a CIFAR or torchvision ResNet backbone"):
         build_stage_module(RSGConfig(name="rsg"), Network(NoStages(), LinearHead(4, 4)), COUNTS, "toy")
     cases = [
         (["data.dataset=embeddings", "data.embeddings={train: a.npz}", "train.mixup_alpha=0",

@@ -84,7 +84,8 @@ def stage_channels(backbone: nn.Module, arch: str = "") -> tuple[int, ...]:
     if channels is None or not hasattr(backbone, "forward_stages"):
         name = f"model.arch {arch}" if arch else f"the backbone {type(backbone).__name__}"
         raise ConfigError(f"{name} exposes no stages (no stage_channels/forward_stages), which train.stage_module "
-                          "needs; use a CIFAR ResNet backbone (resnet20/32/44/56/110) or remove train.stage_module")
+                          "needs; use a CIFAR or torchvision ResNet backbone (resnet32, resnet18, ...) or remove "
+                          "train.stage_module")
     return tuple(channels)
 
 

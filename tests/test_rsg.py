@@ -127,8 +127,10 @@ def test_loss_weights_are_the_published_ones_and_the_switch_on_epoch_is_respecte
     m.set_epoch(5)
     out, labels, loss = m(maps, y)
     assert labels.tolist() == [2, 3, 2] and len(out) == 9
-    _, _, moved, d_freq, d_rare = m.generate(maps, y, maps.flatten(1) - m.centres(maps, y)[3][
-        torch.arange(6), dist.argmin(1)])
+    flat = maps.flatten(1)  # K = 2: the nearest of the two centres of each sample's class
+    centres = m.centres(maps, y)[1].view(4, 2, -1)
+    nearest = torch.stack([min(centres[y[i]], key=lambda c: float(((flat[i] - c) ** 2).sum().detach())) for i in range(6)])
+    _, _, moved, d_freq, d_rare = m.generate(maps, y, flat - nearest)
     torch.testing.assert_close(loss, 0.1 * cesc + 0.01 * RSG.mv_loss(moved, d_freq, d_rare))
     # a batch without rare (or without frequent) samples generates nothing
     only_frequent = torch.tensor([0, 1, 0, 1, 0, 1])

@@ -72,14 +72,17 @@ class RSG(StageModule):
         self.transform = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
 
     def centres(self, maps: torch.Tensor, labels: torch.Tensor):
-        """gamma [N, K], the centres [num_classes * K, D] and each sample's squared distance to
-        the K centres of its class [N, K]."""
+        """gamma [N, K], the centres [num_classes * K, D], each sample's squared distance to the
+        K centres of its class [N, K] and those centres' rows in the centres [N, K]. The
+        distances come from one [N, num_classes * K] product: no batch x centres x D tensor."""
         n, flat = len(maps), maps.flatten(1)
         gamma = torch.softmax(torch.einsum("nc,nck->nk", maps.mean((2, 3)), self.assign[labels].to(maps.dtype)), 1)
         weights = (F.one_hot(labels, self.num_classes).to(gamma.dtype)[:, :, None] * gamma[:, None, :]).reshape(n, -1)
         centres = (weights.T @ flat) / weights.sum(0).clamp_min(1e-12)[:, None]
-        own = centres.view(self.num_classes, self.k, -1)[labels]  # [N, K, D]
-        return gamma, centres, ((flat[:, None] - own) ** 2).sum(-1), own
+        rows = labels[:, None] * self.k + torch.arange(self.k, device=labels.device)
+        cross = (flat @ centres.T).gather(1, rows)
+        dist = ((flat ** 2).sum(1, keepdim=True) - 2 * cross + (centres ** 2).sum(1)[rows]).clamp_min(0)
+        return gamma, centres, dist, rows
 
     def cesc_loss(self, maps, labels, gamma, dist) -> torch.Tensor:
         centre_term = (gamma * dist).sum(1).mean() / maps[0].numel()
@@ -106,11 +109,11 @@ class RSG(StageModule):
         return (direction + size).mean()
 
     def forward(self, maps: torch.Tensor, labels: torch.Tensor):
-        gamma, _, dist, own = self.centres(maps, labels)
+        gamma, centres, dist, rows = self.centres(maps, labels)
         loss = self.cfg.cesc_weight * self.cesc_loss(maps, labels, gamma, dist)
         if self.epoch < self.cfg.start_epoch:
             return maps, None, loss
-        nearest = own[torch.arange(len(maps), device=maps.device), dist.argmin(1)]
+        nearest = centres[rows.gather(1, dist.argmin(1, keepdim=True)).squeeze(1)]
         made = self.generate(maps, labels, maps.flatten(1) - nearest)
         if made is None:
             return maps, None, loss

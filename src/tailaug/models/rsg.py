@@ -74,14 +74,19 @@ class RSG(StageModule):
     def centres(self, maps: torch.Tensor, labels: torch.Tensor):
         """gamma [N, K], the centres [num_classes * K, D], each sample's squared distance to the
         K centres of its class [N, K] and those centres' rows in the centres [N, K]. The
-        distances come from one [N, num_classes * K] product: no batch x centres x D tensor."""
-        n, flat = len(maps), maps.flatten(1)
-        gamma = torch.softmax(torch.einsum("nc,nck->nk", maps.mean((2, 3)), self.assign[labels].to(maps.dtype)), 1)
-        weights = (F.one_hot(labels, self.num_classes).to(gamma.dtype)[:, :, None] * gamma[:, None, :]).reshape(n, -1)
-        centres = (weights.T @ flat) / weights.sum(0).clamp_min(1e-12)[:, None]
-        rows = labels[:, None] * self.k + torch.arange(self.k, device=labels.device)
-        cross = (flat @ centres.T).gather(1, rows)
-        dist = ((flat ** 2).sum(1, keepdim=True) - 2 * cross + (centres ** 2).sum(1)[rows]).clamp_min(0)
+        distances come from one [N, num_classes * K] product (no batch x centres x D tensor), in
+        at least float32 also under autocast (|x|^2 - 2 x.c + |c|^2 cancels in 16 bits)."""
+        n = len(maps)
+        dtype = torch.promote_types(maps.dtype, torch.float32)
+        with torch.autocast(maps.device.type, enabled=False):
+            flat = maps.flatten(1).to(dtype)
+            gamma = torch.softmax(torch.einsum("nc,nck->nk", maps.mean((2, 3)).to(dtype),
+                                               self.assign[labels].to(dtype)), 1)
+            weights = (F.one_hot(labels, self.num_classes).to(dtype)[:, :, None] * gamma[:, None, :]).reshape(n, -1)
+            centres = (weights.T @ flat) / weights.sum(0).clamp_min(1e-12)[:, None]
+            rows = labels[:, None] * self.k + torch.arange(self.k, device=labels.device)
+            cross = (flat @ centres.T).gather(1, rows)
+            dist = ((flat ** 2).sum(1, keepdim=True) - 2 * cross + (centres ** 2).sum(1)[rows]).clamp_min(0)
         return gamma, centres, dist, rows
 
     def cesc_loss(self, maps, labels, gamma, dist) -> torch.Tensor:
@@ -114,7 +119,7 @@ class RSG(StageModule):
         if self.epoch < self.cfg.start_epoch:
             return maps, None, loss
         nearest = centres[rows.gather(1, dist.argmin(1, keepdim=True)).squeeze(1)]
-        made = self.generate(maps, labels, maps.flatten(1) - nearest)
+        made = self.generate(maps, labels, (maps.flatten(1) - nearest).to(maps.dtype))
         if made is None:
             return maps, None, loss
         new, new_labels, moved, d_freq, d_rare = made

@@ -51,9 +51,11 @@ def _sigma(classes, dim=4, seed=5):
     return a @ a.transpose(1, 2) / dim
 
 
-def test_the_meta_gradient_of_sigma_matches_finite_differences_of_a_copied_model():
+@pytest.mark.parametrize("virtual", ["all", "head"])
+def test_the_meta_gradient_of_sigma_matches_finite_differences_of_a_copied_model(virtual):
     """float64: (Sigma - refined) / meta_lr against central differences of Sigma -> CE on the
-    meta batch of a deep copy of the model moved by one SGD step of the ISDA loss."""
+    meta batch of a deep copy of the model whose (``virtual``: all or the head's) parameters
+    took one SGD step of the ISDA loss."""
     model, lr, lam = _tiny(), 0.3, 0.5
     x, y = _batch(6, 0)
     meta_x, meta_y = _batch(9, 1)
@@ -71,9 +73,9 @@ def test_the_meta_gradient_of_sigma_matches_finite_differences_of_a_copied_model
         return F.cross_entropy(inputs.logits, inputs.targets)
 
     out = model(x)
-    aug = _augmenter()
+    aug = _augmenter(virtual=virtual)
     meta = MetaStep(module=model, params=trainable(model), loss=loss, lr=lr, meta_images=meta_x,
-                    meta_labels=meta_y, logits_of=lambda o: o.logits)
+                    meta_labels=meta_y, logits_of=lambda o: o.logits, head_prefix="head.")
     refined = aug.refine(Covariance(full=sigma), augment_for(model, (out.features, out.logits)), meta)
     grad = (sigma - refined.full) / 0.5
 
@@ -81,9 +83,10 @@ def test_the_meta_gradient_of_sigma_matches_finite_differences_of_a_copied_model
         net = copy.deepcopy(model)
         o = net(x)
         inner = loss(augment_for(net, (o.features, o.logits))(Covariance(full=s)))
-        grads = torch.autograd.grad(inner, list(net.parameters()))
+        moved = list(net.parameters() if virtual == "all" else net.head.parameters())
+        grads = torch.autograd.grad(inner, moved)
         with torch.no_grad():
-            for p, g in zip(net.parameters(), grads):
+            for p, g in zip(moved, grads):
                 p -= lr * g
         return F.cross_entropy(net(meta_x).logits, meta_y).item()
 
@@ -166,7 +169,10 @@ def test_config_errors_are_one_line_and_name_the_fix(monkeypatch):
     cfg = load_config(None, ["train.feature_augmenter={name: metasaug, start_epoch: 3, meta_lr: 0.2}",
                              "data.val_per_class=10"])
     opts = cfg.train.feature_augmenter
-    assert (opts.start_epoch, opts.meta_lr, opts.meta_batch, opts.lambda0, opts.label()) == (3, 0.2, 100, 0.75, "MetaSAug")
+    assert (opts.start_epoch, opts.meta_lr, opts.meta_batch, opts.lambda0, opts.virtual, opts.label()) == \
+        (3, 0.2, 100, 0.75, "all", "MetaSAug")
+    with pytest.raises(ConfigError, match="virtual"):
+        load_config(None, ["retrain.augmenter={name: metasaug, virtual: backbone}", "data.val_per_class=10"])
     aug = build_augmenter({"name": "metasaug", "start_epoch": 5})
     ctx = AugmentContext(features=torch.zeros(3, 4), labels=torch.arange(3), class_counts=[1, 1, 1], head_classes=[])
     with pytest.raises(ConfigError) as info:

@@ -38,7 +38,8 @@ class MetaStep:
     tensors: a loss of them is differentiable in them); ``loss(inputs)`` the training loss of a
     batch's :class:`~tailaug.losses.LossInputs`; ``lr`` the learning rate of this step;
     ``meta_images``/``meta_labels`` the meta batch; ``logits_of(output)`` the logits in what the
-    module returns; ``autocast()`` the precision context of the trainer's forward pass.
+    module returns; ``autocast()`` the precision context of the trainer's forward pass;
+    ``head_prefix`` what the names of the classifier's parameters start with.
     """
 
     module: nn.Module
@@ -49,6 +50,11 @@ class MetaStep:
     meta_labels: torch.Tensor
     logits_of: Callable = lambda out: out  # noqa: E731
     autocast: Callable = contextlib.nullcontext
+    head_prefix: str = ""  # the names of the classifier's parameters start with it ("" : the module is one)
+
+    def head_params(self) -> dict[str, torch.Tensor]:
+        """The classifier's share of ``params``."""
+        return {n: p for n, p in self.params.items() if n.startswith(self.head_prefix)}
 
     def meta_logits(self, params: dict[str, torch.Tensor]) -> torch.Tensor:
         """Logits of the meta batch (at least float32) by ``module`` with ``params`` in place of its own

@@ -19,8 +19,11 @@ printed when the augmenter is fitted. A config without a validation split is an 
 
 Decisions (the paper and issue leave them open):
 
-- Parameters of the virtual step: all trainable ones of the module being trained (backbone and
-  head in stage 1; the classifier in stage 3). The step is plain SGD on the loss's gradient
+- Parameters of the virtual step (``virtual``): ``all`` trainable ones of the module being
+  trained (backbone and head in stage 1; the classifier in stage 3), the default, as the
+  paper; or only the classifier's (``head``): then the Sigma-gradient needs no second-order
+  pass through the backbone, and a step costs about one extra forward pass of the meta batch
+  (``benchmarks/isda_speed.py``) instead of a few. The step is plain SGD on the loss's gradient
   (no momentum, no weight decay), as the published meta step. The virtual gradient reuses the
   real forward pass's graph (the same parameters and batch give the same outputs), so only the
   meta batch is sent through the network again. The meta pass runs in training mode (BatchNorm
@@ -65,6 +68,7 @@ from .meta import MetaStep
 META_LR = 0.1  # the published training command's value
 META_BATCH = 100  # rows of the meta batch: this implementation's choice
 LAMBDA0 = 0.75  # the published CIFAR command's value
+VIRTUAL = ("all", "head")  # the parameters that take the virtual step
 
 
 class MetaSAugOptions(ISDAOptions):
@@ -76,6 +80,7 @@ class MetaSAugOptions(ISDAOptions):
     meta_lr: float = Field(META_LR, ge=0)
     meta_batch: int = Field(META_BATCH, ge=1)
     start_epoch: int = Field(0, ge=0)
+    virtual: Literal["all", "head"] = "all"
 
     def label(self) -> str:
         return "MetaSAug"
@@ -88,12 +93,16 @@ class MetaSAugAugmenter(ISDAAugmenter):
     name = "metasaug"
 
     def __init__(self, lambda0: float = LAMBDA0, covariance: str = "full", rank: int = RANK, targets: str = "all",
-                 meta_lr: float = META_LR, meta_batch: int = META_BATCH, start_epoch: int = 0):
+                 meta_lr: float = META_LR, meta_batch: int = META_BATCH, start_epoch: int = 0,
+                 virtual: str = "all"):
         super().__init__(lambda0, covariance, rank, targets)
         if meta_lr < 0 or meta_batch < 1 or start_epoch < 0:
             raise ConfigError(f"metasaug needs meta_lr >= 0, meta_batch >= 1 and start_epoch >= 0, got {meta_lr}, "
                               f"{meta_batch} and {start_epoch}")
+        if virtual not in VIRTUAL:
+            raise ConfigError(f"metasaug virtual must be one of {', '.join(VIRTUAL)}, got {virtual!r}")
         self.meta_lr, self.meta_batch, self.start_epoch = float(meta_lr), int(meta_batch), int(start_epoch)
+        self.virtual = virtual
         self.epoch, self.pending = 0, None
         self.meta_loss_sum: torch.Tensor | None = None
         self.meta_steps = 0
@@ -117,8 +126,8 @@ class MetaSAugAugmenter(ISDAAugmenter):
 
     def set_epoch(self, epoch: int, total_epochs: int) -> None:
         if self.start_epoch >= total_epochs:
-            raise ConfigError(f"metasaug start_epoch {self.start_epoch} is not below the {total_epochs} epochs, so "
-                              f"no meta step would run; lower start_epoch (e.g. {max(0, total_epochs - 1)}) or use isda")
+            raise ConfigError(f"metasaug start_epoch {self.start_epoch} is not below the {total_epochs} epochs, so no "
+                              f"meta step would run; lower start_epoch (e.g. {total_epochs - 1}) or use isda")
         super().set_epoch(epoch, total_epochs)
         self.epoch, self.meta_loss_sum, self.meta_steps = epoch, None, 0
 
@@ -146,11 +155,13 @@ class MetaSAugAugmenter(ISDAAugmenter):
         leaves = {f.name: getattr(cov, f.name).detach().clone().requires_grad_()
                   for f in dataclasses.fields(cov) if getattr(cov, f.name) is not None}
         with torch.enable_grad():
-            names = list(meta.params)
-            params = [meta.params[n] for n in names]
+            chosen = meta.params if self.virtual == "all" else meta.head_params()
+            names = list(chosen)
+            params = [chosen[n] for n in names]
             loss = meta.loss(augment(Covariance(**leaves)))
             grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
-            stepped = {n: p if g is None else p - meta.lr * g for n, p, g in zip(names, params, grads)}
+            stepped = dict(meta.params)
+            stepped.update({n: p - meta.lr * g for n, p, g in zip(names, params, grads) if g is not None})
             meta_loss = F.cross_entropy(meta.meta_logits(stepped), meta.meta_labels)
             found = torch.autograd.grad(meta_loss, list(leaves.values()), allow_unused=True)
         total = meta_loss.detach()
@@ -161,4 +172,4 @@ class MetaSAugAugmenter(ISDAAugmenter):
 
     def extra_repr(self) -> str:
         return (f"{super().extra_repr()}, meta_lr={self.meta_lr}, meta_batch={self.meta_batch}, "
-                f"start_epoch={self.start_epoch}")
+                f"start_epoch={self.start_epoch}, virtual={self.virtual!r}")

@@ -298,7 +298,8 @@ class Trainer:
         return MetaStep(module=self.model, params=trainable(self.model), loss=self.loss_fn,
                         lr=self.optimizer.param_groups[0]["lr"], meta_images=self.transform(raw.to(self.device)),
                         meta_labels=torch.from_numpy(val.labels)[idx].to(self.device),
-                        logits_of=lambda out: out.logits, autocast=lambda: autocast(self.device, self.dtype))
+                        logits_of=lambda out: out.logits, autocast=lambda: autocast(self.device, self.dtype),
+                        head_prefix="head.")
 
     # ------------------------------------------------------------------ evaluation
 

@@ -11,7 +11,7 @@
 2. MetaSAug (``tailaug.augment.metasaug``): one training step of a ResNet-32 on 32x32x3
    images, batch 128, 100 classes, meta batch 100: plain cross-entropy, ISDA, MetaSAug (the
    virtual step of all parameters a ``torch.func.functional_call`` of the same network), MetaSAug
-   with ``virtual: head`` (the classifier alone takes the virtual step), and a naive MetaSAug
+   with ``meta_params: head`` (the classifier alone takes the virtual step), and a naive MetaSAug
    step that deep-copies the model every step and swaps the updated tensors into the copy.
    Goal: a MetaSAug step at most 3x a plain step.
 
@@ -196,7 +196,7 @@ def meta_case(impl: str, size: int, classes: int, batch: int, meta_batch: int, s
     meta_y = (torch.arange(meta_batch) % classes).to(device)
     dim = model.feature_dim
     aug = MetaSAugAugmenter(lambda0=0.75, meta_lr=0.1, meta_batch=meta_batch,
-                            virtual="head" if impl == "metasaug_head" else "all")
+                            meta_params="head" if impl == "metasaug_head" else "all")
     aug.fit(AugmentContext(features=torch.zeros(1, dim, device=device), labels=torch.zeros(1, dtype=torch.long),
                            class_counts=[1] * classes, head_classes=[], online=True,
                            validation=(torch.zeros(classes, dim), torch.arange(classes))))

@@ -51,10 +51,10 @@ def _sigma(classes, dim=4, seed=5):
     return a @ a.transpose(1, 2) / dim
 
 
-@pytest.mark.parametrize("virtual", ["all", "head"])
-def test_the_meta_gradient_of_sigma_matches_finite_differences_of_a_copied_model(virtual):
+@pytest.mark.parametrize("meta_params", ["all", "head"])
+def test_the_meta_gradient_of_sigma_matches_finite_differences_of_a_copied_model(meta_params):
     """float64: (Sigma - refined) / meta_lr against central differences of Sigma -> CE on the
-    meta batch of a deep copy of the model whose (``virtual``: all or the head's) parameters
+    meta batch of a deep copy of the model whose (``meta_params``: all or the head's) parameters
     took one SGD step of the ISDA loss."""
     model, lr, lam = _tiny(), 0.3, 0.5
     x, y = _batch(6, 0)
@@ -73,7 +73,7 @@ def test_the_meta_gradient_of_sigma_matches_finite_differences_of_a_copied_model
         return F.cross_entropy(inputs.logits, inputs.targets)
 
     out = model(x)
-    aug = _augmenter(virtual=virtual)
+    aug = _augmenter(meta_params=meta_params)
     meta = MetaStep(module=model, params=trainable(model), loss=loss, lr=lr, meta_images=meta_x,
                     meta_labels=meta_y, logits_of=lambda o: o.logits, head_prefix="head.")
     refined = aug.refine(Covariance(full=sigma), augment_for(model, (out.features, out.logits)), meta)
@@ -83,7 +83,7 @@ def test_the_meta_gradient_of_sigma_matches_finite_differences_of_a_copied_model
         net = copy.deepcopy(model)
         o = net(x)
         inner = loss(augment_for(net, (o.features, o.logits))(Covariance(full=s)))
-        moved = list(net.parameters() if virtual == "all" else net.head.parameters())
+        moved = list(net.parameters() if meta_params == "all" else net.head.parameters())
         grads = torch.autograd.grad(inner, moved)
         with torch.no_grad():
             for p, g in zip(moved, grads):
@@ -169,10 +169,10 @@ def test_config_errors_are_one_line_and_name_the_fix(monkeypatch):
     cfg = load_config(None, ["train.feature_augmenter={name: metasaug, start_epoch: 3, meta_lr: 0.2}",
                              "data.val_per_class=10"])
     opts = cfg.train.feature_augmenter
-    assert (opts.start_epoch, opts.meta_lr, opts.meta_batch, opts.lambda0, opts.virtual, opts.label()) == \
+    assert (opts.start_epoch, opts.meta_lr, opts.meta_batch, opts.lambda0, opts.meta_params, opts.label()) == \
         (3, 0.2, 100, 0.75, "all", "MetaSAug")
-    with pytest.raises(ConfigError, match="virtual"):
-        load_config(None, ["retrain.augmenter={name: metasaug, virtual: backbone}", "data.val_per_class=10"])
+    with pytest.raises(ConfigError, match="meta_params"):
+        load_config(None, ["retrain.augmenter={name: metasaug, meta_params: backbone}", "data.val_per_class=10"])
     aug = build_augmenter({"name": "metasaug", "start_epoch": 5})
     ctx = AugmentContext(features=torch.zeros(3, 4), labels=torch.arange(3), class_counts=[1, 1, 1], head_classes=[])
     with pytest.raises(ConfigError) as info:

@@ -19,7 +19,7 @@ printed when the augmenter is fitted. A config without a validation split is an 
 
 Decisions (the paper and issue leave them open):
 
-- Parameters of the virtual step (``virtual``): ``all`` trainable ones of the module being
+- Parameters of the virtual step (``meta_params``): ``all`` trainable ones of the module being
   trained (backbone and head in stage 1; the classifier in stage 3), the default, as the
   paper; or only the classifier's (``head``): then the Sigma-gradient needs no second-order
   pass through the backbone, and a step costs about one extra forward pass of the meta batch
@@ -68,7 +68,7 @@ from .meta import MetaStep
 META_LR = 0.1  # the published training command's value
 META_BATCH = 100  # rows of the meta batch: this implementation's choice
 LAMBDA0 = 0.75  # the published CIFAR command's value
-VIRTUAL = ("all", "head")  # the parameters that take the virtual step
+META_PARAMS = ("all", "head")  # the parameters that take the virtual step
 
 
 class MetaSAugOptions(ISDAOptions):
@@ -80,7 +80,7 @@ class MetaSAugOptions(ISDAOptions):
     meta_lr: float = Field(META_LR, ge=0)
     meta_batch: int = Field(META_BATCH, ge=1)
     start_epoch: int = Field(0, ge=0)
-    virtual: Literal["all", "head"] = "all"
+    meta_params: Literal["all", "head"] = "all"
 
     def label(self) -> str:
         return "MetaSAug"
@@ -94,15 +94,15 @@ class MetaSAugAugmenter(ISDAAugmenter):
 
     def __init__(self, lambda0: float = LAMBDA0, covariance: str = "full", rank: int = RANK, targets: str = "all",
                  meta_lr: float = META_LR, meta_batch: int = META_BATCH, start_epoch: int = 0,
-                 virtual: str = "all"):
+                 meta_params: str = "all"):
         super().__init__(lambda0, covariance, rank, targets)
         if meta_lr < 0 or meta_batch < 1 or start_epoch < 0:
             raise ConfigError(f"metasaug needs meta_lr >= 0, meta_batch >= 1 and start_epoch >= 0, got {meta_lr}, "
                               f"{meta_batch} and {start_epoch}")
-        if virtual not in VIRTUAL:
-            raise ConfigError(f"metasaug virtual must be one of {', '.join(VIRTUAL)}, got {virtual!r}")
+        if meta_params not in META_PARAMS:
+            raise ConfigError(f"metasaug meta_params must be one of {', '.join(META_PARAMS)}, got {meta_params!r}")
         self.meta_lr, self.meta_batch, self.start_epoch = float(meta_lr), int(meta_batch), int(start_epoch)
-        self.virtual = virtual
+        self.meta_params = meta_params
         self.epoch, self.pending = 0, None
         self.meta_loss_sum: torch.Tensor | None = None
         self.meta_steps = 0
@@ -155,7 +155,7 @@ class MetaSAugAugmenter(ISDAAugmenter):
         leaves = {f.name: getattr(cov, f.name).detach().clone().requires_grad_()
                   for f in dataclasses.fields(cov) if getattr(cov, f.name) is not None}
         with torch.enable_grad():
-            chosen = meta.params if self.virtual == "all" else meta.head_params()
+            chosen = meta.params if self.meta_params == "all" else meta.head_params()
             names = list(chosen)
             params = [chosen[n] for n in names]
             loss = meta.loss(augment(Covariance(**leaves)))
@@ -172,4 +172,4 @@ class MetaSAugAugmenter(ISDAAugmenter):
 
     def extra_repr(self) -> str:
         return (f"{super().extra_repr()}, meta_lr={self.meta_lr}, meta_batch={self.meta_batch}, "
-                f"start_epoch={self.start_epoch}, virtual={self.virtual!r}")
+                f"start_epoch={self.start_epoch}, meta_params={self.meta_params!r}")

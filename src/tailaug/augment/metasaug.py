@@ -41,8 +41,12 @@ Decisions (the paper and issue leave them open):
   step) (the whole set when it is smaller): this implementation's choice.
 - ``lambda0`` 0.75: the published CIFAR command's value. ``start_epoch`` (0-based): the first
   epoch with the meta step; before it, plain ISDA (the published CIFAR recipe: 160 of 200).
-- DDP: refused (the virtual gradient is taken with ``torch.autograd.grad``, which
-  DistributedDataParallel does not support).
+- DDP: the statistics are summed over the processes (as ISDA's); every process draws the
+  same meta batch (seeded by (seed, epoch, step)), takes the virtual step on its own share
+  of the batch, and the Sigma-gradients are averaged, so all refine Sigma alike. The virtual
+  gradient is taken with ``torch.autograd.grad`` on the graph of the DDP forward pass; it
+  fires none of DDP's gradient hooks (they sit on the parameters' accumulation), so the real
+  backward pass alone all-reduces.
 
 Each epoch's history records ``metasaug_meta_loss``, the mean cross-entropy of the virtually
 updated model on its meta batches (absent before ``start_epoch``).
@@ -112,9 +116,6 @@ class MetaSAugAugmenter(ISDAAugmenter):
         if ctx.validation is None:
             raise ConfigError(f"{where} metasaug takes its meta step on the validation split (never the test set), "
                               "and there is none: set data.val_per_class (e.g. 10)")
-        if ctx.online and distributed.is_active():
-            raise ConfigError(f"{where} metasaug takes its virtual step with torch.autograd.grad, which "
-                              "DistributedDataParallel does not support; train it on one process")
         super().fit(ctx)
         labels = ctx.validation[1]
         counts = torch.bincount(labels.cpu(), minlength=ctx.num_classes).tolist()
@@ -164,11 +165,15 @@ class MetaSAugAugmenter(ISDAAugmenter):
             stepped.update({n: p - meta.lr * g for n, p, g in zip(names, params, grads) if g is not None})
             meta_loss = F.cross_entropy(meta.meta_logits(stepped), meta.meta_labels)
             found = torch.autograd.grad(meta_loss, list(leaves.values()), allow_unused=True)
+        found = [torch.zeros_like(v) if g is None else g for v, g in zip(leaves.values(), found)]
+        if distributed.is_active():  # the mean over the processes: every one refines Sigma alike
+            flat = distributed.all_reduce_sum(torch.cat([g.flatten() for g in found]))
+            flat = flat / torch.distributed.get_world_size()
+            found = [chunk.view_as(g) for chunk, g in zip(flat.split([g.numel() for g in found]), found)]
         total = meta_loss.detach()
         self.meta_loss_sum = total if self.meta_loss_sum is None else self.meta_loss_sum + total
         self.meta_steps += 1
-        return Covariance(**{k: (v - self.meta_lr * g if g is not None else v).detach()
-                             for (k, v), g in zip(leaves.items(), found)})
+        return Covariance(**{k: (v - self.meta_lr * g).detach() for (k, v), g in zip(leaves.items(), found)})
 
     def extra_repr(self) -> str:
         return (f"{super().extra_repr()}, meta_lr={self.meta_lr}, meta_batch={self.meta_batch}, "

@@ -174,11 +174,11 @@ def _swap_parameters(module, tensors: dict) -> None:
 
 def meta_case(impl: str, size: int, classes: int, batch: int, meta_batch: int, steps: int, arch: str,
               device: str, threads: int) -> dict:
-    from tailaug.augment.class_moments import Covariance, class_slots
+    from tailaug.augment.base import AugmentContext
+    from tailaug.augment.class_moments import Covariance
+    from tailaug.augment.isda import implicit_shift
     from tailaug.augment.meta import MetaStep, trainable
     from tailaug.augment.metasaug import MetaSAugAugmenter
-    from tailaug.augment.base import AugmentContext
-    from tailaug.augment.isda import implicit_shift
     from tailaug.config import ModelConfig
     from tailaug.losses import LossInputs
     from tailaug.models import build_model

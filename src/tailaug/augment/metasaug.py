@@ -13,7 +13,7 @@ Sigma of the classes in the batch is first refined by one meta step on a balance
 4. Sigma <- Sigma - meta_lr * d(meta loss)/d(Sigma);
 
 then the real step uses the refined Sigma. The meta set is the balanced validation split
-(``data.val_per_class``; 10 per class in the configs, as the paper's meta set), never the test
+(``data.val_per_class``; 10 per class in the configs, as methods.md's meta set), never the test
 set; its images are held out of the training set (``tailaug.data.datasets``); its counts are
 printed when the augmenter is fitted. A config without a validation split is an error.
 
@@ -23,22 +23,25 @@ Decisions (the paper and issue leave them open):
   trained (backbone and head in stage 1; the classifier in stage 3), the default, as the
   paper; or only the classifier's (``head``): then the Sigma-gradient needs no second-order
   pass through the backbone, and a step costs about one extra forward pass of the meta batch
-  (``benchmarks/isda_speed.py``) instead of a few. The step is plain SGD on the loss's gradient
-  (no momentum, no weight decay), as the published meta step. The virtual gradient reuses the
-  real forward pass's graph (the same parameters and batch give the same outputs), so only the
-  meta batch is sent through the network again. The meta pass runs in training mode (BatchNorm
-  uses the meta batch's statistics) on clones of the buffers: no running statistic changes.
+  (``benchmarks/isda_speed.py``) instead of a few. The step is plain SGD on the loss's
+  gradient (no momentum, no weight decay: the plainest reading of "a virtual SGD step"; in
+  stage 3 at ``retrain.lr``, the lr of its Adam, so the refinement is small there). The
+  virtual gradient reuses the real forward pass's graph (the same parameters and batch give
+  the same outputs), so only the meta batch is sent through the network again. The meta pass
+  runs in training mode (BatchNorm uses the meta batch's statistics) on clones of the buffers:
+  no running statistic changes.
 - The refined Sigma serves the step only; the running statistics stay the exact moments of the
   features seen (as ISDA's). The published code writes the refined matrix back into its
   estimator, where later batches merge into it with weight n_batch / n_class, so refinements
-  accumulate nearly undamped over the tens of thousands of steps of the last 40 epochs; here
-  each step's refinement is one gradient step from the current estimate, which keeps the
-  statistics an estimator (testable, identical across resumes, never drifting from the data),
-  at the price of no memory of past meta gradients. With ``covariance: lowrank`` the step is
-  taken on its parameters (the diagonal and the factor); refined matrices are not clamped.
-- ``meta_lr`` 0.1: the published training command's value. ``meta_batch`` 100 rows, drawn
-  uniformly without replacement from the meta set by a generator seeded by (seed, epoch,
-  step) (the whole set when it is smaller): this implementation's choice.
+  accumulate nearly undamped over the thousands of steps of the last 40 epochs; here each
+  step's refinement is one gradient step from the current estimate, which keeps the statistics
+  an estimator (testable, identical across resumes, never drifting from the data), at the
+  price of no memory of past meta gradients. With ``covariance: lowrank`` the step is taken on
+  its parameters (the diagonal and the factor); refined matrices are not clamped.
+- ``meta_lr`` 0.1: the value of the seed's published (ImageNet-LT) training command.
+  ``meta_batch`` 100 rows, drawn uniformly without replacement from the meta set by a
+  generator seeded by (seed, epoch, step) (the whole set when it is smaller): this
+  implementation's choice.
 - ``lambda0`` 0.75: the published CIFAR command's value. ``start_epoch`` (0-based): the first
   epoch with the meta step; before it, plain ISDA (the published CIFAR recipe: 160 of 200).
 - DDP: the statistics are summed over the processes (as ISDA's); every process draws the

@@ -28,7 +28,10 @@ stage-1 trainer calls the same ``fit`` (with ``ctx.online``: the features change
 ``set_epoch``, ``adjust_loss_inputs`` (with the network's head) and ``after_epoch``, and two
 more: :meth:`FeatureAugmenter.virtual` (extra feature rows to send through the head with the
 batch; default none) and :meth:`FeatureAugmenter.observe` (the batch's features after the
-step's loss; default nothing). Its ``state_tensors`` join the stage-1 checkpoint.
+step's loss; default nothing). Its ``state_tensors`` join the stage-1 checkpoint. An
+augmenter that learns from a meta batch (MetaSAug) asks for one with :meth:`FeatureAugmenter.meta_rows`
+and gets it, with the module and the loss, through :meth:`FeatureAugmenter.set_meta_step`
+(:mod:`tailaug.augment.meta`; stages 1 and 3).
 
 What an augmenter needs beyond the cached features its options declare, and the pipeline
 provides it without knowing the augmenter: ``uses_generator`` (the stage-2 generator),
@@ -277,6 +280,15 @@ class FeatureAugmenter(nn.Module):
 
     def observe(self, features: torch.Tensor, labels: torch.Tensor) -> None:
         """Stage 1: the batch's features (after the step's loss); by default ignored."""
+
+    def meta_rows(self) -> int:
+        """Rows of the meta batch this step's meta step needs (0, the default: no meta step).
+        When positive, the trainer passes a :class:`~tailaug.augment.meta.MetaStep` to
+        :meth:`set_meta_step` before :meth:`adjust_loss_inputs` (see :mod:`tailaug.augment.meta`)."""
+        return 0
+
+    def set_meta_step(self, meta) -> None:
+        """Receive this step's :class:`~tailaug.augment.meta.MetaStep` (when ``meta_rows() > 0``)."""
 
     # ------------------------------------------------------------------ helpers
 

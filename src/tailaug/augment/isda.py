@@ -48,18 +48,21 @@ are differentiable in the weights and in the Sigma tensors they are given.
 from __future__ import annotations
 
 import dataclasses
-from typing import ClassVar, Literal
+from typing import TYPE_CHECKING, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
 from pydantic import Field, model_validator
 
 from ..errors import ConfigError
-from ..losses.base import LossInputs
-from ..models.heads import linear_form
 from ..registry import AUGMENTERS
 from .base import AugmentContext, AugmenterOptions, FeatureAugmenter
 from .class_moments import BLOCK, COVARIANCES, ClassMoments, Covariance, class_slots
+
+# the config imports the augmenters (this one's subclass MetaSAug too, which imports this module), and the
+# losses and models import the config: what needs them is imported where it is used
+if TYPE_CHECKING:
+    from ..losses.base import LossInputs
 
 FULL_LIMIT = 2**28  # floats of a full covariance (C * d * d) above which it is refused
 RANK = 8  # the default rank of the low-rank part: this implementation's choice
@@ -177,6 +180,8 @@ class ISDAAugmenter(FeatureAugmenter):
             raise RuntimeError("ISDAAugmenter.fit(ctx) must be called before augmenting")
         if self.lam == 0 and not self.online:
             return inputs
+        from ..models.heads import linear_form
+
         form = linear_form(head)
         labels = inputs.targets.long()
         if self.online:
@@ -187,20 +192,22 @@ class ISDAAugmenter(FeatureAugmenter):
                 return inputs
         else:
             classes, slot = class_slots(labels, self.moments.num_classes)
-        cov = self.class_covariance(classes, form.normalised)
-        shift = implicit_shift(form.weight.float(), labels, classes, slot, cov, self.lam)
-        if self.targets != "all":
-            shift = shift * self.target_rows(labels)[:, None]
-        cosine = inputs.cosine
-        if cosine is not None:
-            if form.cosine_scale is None:
-                raise ConfigError("the loss reads cosines but the head is not a cosine head; set model.head: cosine")
-            cosine = cosine + shift / form.cosine_scale
-        return dataclasses.replace(inputs, logits=inputs.logits + shift, cosine=cosine)
+        if inputs.cosine is not None and form.cosine_scale is None:
+            raise ConfigError("the loss reads cosines but the head is not a cosine head; set model.head: cosine")
 
-    def class_covariance(self, classes: torch.Tensor, normalised: bool) -> Covariance:
-        """Sigma of ``classes`` for this batch's term (detached statistics; a subclass that
-        refines Sigma, e.g. by a meta step, returns its own tensors here)."""
+        def augment(cov: Covariance) -> LossInputs:
+            shift = implicit_shift(form.weight.float(), labels, classes, slot, cov, self.lam)
+            if self.targets != "all":
+                shift = shift * self.target_rows(labels)[:, None]
+            cosine = None if inputs.cosine is None else inputs.cosine + shift / form.cosine_scale
+            return dataclasses.replace(inputs, logits=inputs.logits + shift, cosine=cosine)
+
+        return augment(self.class_covariance(classes, form.normalised, augment))
+
+    def class_covariance(self, classes: torch.Tensor, normalised: bool, augment=None) -> Covariance:
+        """Sigma of ``classes`` for this batch's term (detached statistics). ``augment(cov)`` gives
+        the batch's loss inputs with the term of a given Sigma (differentiable in it): a subclass
+        that refines Sigma against the loss (MetaSAug's meta step) returns its own tensors here."""
         if self.online:
             return self.moments.covariance(classes)
         return self.fixed_covariance(normalised).select(classes)

@@ -25,6 +25,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..augment.base import AugmentContext, FeatureAugmenter, SpatialMaps
+from ..augment.meta import MetaStep, meta_indices, trainable
 from ..augment.stg import head_classes as _head_classes
 from ..data.classes import check_features
 from ..data.samplers import build_sampler
@@ -205,6 +206,14 @@ def _cross_entropy(model, features, logits, labels):
     return F.cross_entropy(logits, labels)
 
 
+def _meta_step(model, loss_fn, lr, val_xy, rows, seed, epoch, step, device, dtype) -> MetaStep:
+    """A stage-3 :class:`MetaStep`: the classifier, its loss, and ``rows`` validation rows."""
+    pick = meta_indices(len(val_xy[1]), rows, seed, epoch, step).to(val_xy[1].device)
+    return MetaStep(module=model, params=trainable(model), lr=lr, meta_images=val_xy[0][pick],
+                    meta_labels=val_xy[1][pick], loss=lambda i: loss_fn(model, i.features, i.logits, i.targets),
+                    autocast=lambda: autocast(device, dtype))
+
+
 def _train(model, x, y, cfg, num_classes, seed, augmenter, val_xy, progress, device, dtype, *,
            loss_fn=_cross_entropy, set_epoch=None, desc: str | None = None, section: str = "retrain") -> list[dict]:
     """Train ``model`` on (x, y) with Adam at ``cfg.lr``, batches of ``cfg.batch_size`` drawn by
@@ -241,6 +250,9 @@ def _train(model, x, y, cfg, num_classes, seed, augmenter, val_xy, progress, dev
                 logits = model(xb)
             logits = logits.float()
             if augmenter is not None:  # an implicit augmenter changes the logits here
+                if rows := augmenter.meta_rows():  # a meta step on validation rows (augment/meta.py)
+                    augmenter.set_meta_step(_meta_step(model, loss_fn, cfg.lr, val_xy, rows, seed, epoch,
+                                                       start // cfg.batch_size, device, dtype))
                 logits = augmenter.adjust_loss_inputs(LossInputs(logits, yb, xb), model).logits
             loss = loss_fn(model, xb, logits, yb)
             if not torch.isfinite(loss):

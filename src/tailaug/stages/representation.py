@@ -12,6 +12,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from ..augment.base import AugmentContext, build_augmenter
+from ..augment.meta import MetaStep, meta_indices, trainable
 from ..augment.mixup import mixed_loss, mixup
 from ..augment.remix import Remix
 from ..augment.stg import head_classes
@@ -213,7 +214,7 @@ class Trainer:
             x = self.transform(raw, gen)
             if self.loss_fn.needs_two_views:
                 x, y = torch.cat([x, self.transform(raw, gen)]), torch.cat([y, y])
-            loss, logits = self.step(x, y, rng, aug_gen)
+            loss, logits = self.step(x, y, rng, aug_gen, at=(epoch, step))
             hits = logits.argmax(1) == y
             totals[0] += loss * len(y)
             totals[1] += hits.sum()
@@ -254,14 +255,16 @@ class Trainer:
                 f"{split}_per_class": [None if np.isnan(a) else float(100 * a) for a in per_class]}
 
     def step(self, x: torch.Tensor, y: torch.Tensor, rng: np.random.Generator,
-             aug_gen: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+             aug_gen: torch.Generator | None = None, at: tuple[int, int] = (0, 0)
+             ) -> tuple[torch.Tensor, torch.Tensor]:
         """One optimiser step; returns the (detached) loss and logits, still on the device.
 
         With train.feature_augmenter, its virtual rows (drawn before the batch) go through the
         head in the same forward pass; their cross-entropy joins the loss weighted by their
         share of the rows; the loss sees the batch's inputs as the augmenter adjusts them
         (``adjust_loss_inputs``, e.g. an implicit augmentation term), and the augmenter then observes the
-        batch's features."""
+        batch's features. An augmenter that asks for a meta step (``meta_rows``) first gets
+        :meth:`meta_step` of this step (``at``: epoch, step)."""
         tc = self.cfg.train
         lam, perm = 1.0, None
         if tc.mixup_alpha > 0:
@@ -281,6 +284,8 @@ class Trainer:
         cosine = self.model.head.cosine(features)  # None for a linear head
         inputs = LossInputs(logits, y, features, cosine)
         if self.feature_aug is not None:  # never with mixup (a config error): one label per feature
+            if rows := self.feature_aug.meta_rows():
+                self.feature_aug.set_meta_step(self.meta_step(rows, *at))
             inputs = self.feature_aug.adjust_loss_inputs(inputs, self.model.head)
         if perm is None:
             loss = self.loss_fn(inputs)
@@ -302,6 +307,19 @@ class Trainer:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         return loss.detach(), logits[:batch].detach()
+
+    def meta_step(self, rows: int, epoch: int, step: int) -> MetaStep:
+        """This step's :class:`MetaStep`: the network (not a copy), its trainable parameters, the
+        loss, the lr, and ``rows`` validation images (evaluation transform) drawn by (seed, epoch, step)."""
+        val = self.data.val
+        idx = meta_indices(len(val), rows, self.cfg.run.seed, epoch, step)
+        raw = val.images[idx] if val.images is not None else \
+            torch.stack([torch.as_tensor(val.dataset[i][0]) for i in idx.tolist()])
+        return MetaStep(module=self.model, params=trainable(self.model), loss=self.loss_fn,
+                        lr=self.optimizer.param_groups[0]["lr"], meta_images=self.transform(raw.to(self.device)),
+                        meta_labels=torch.from_numpy(val.labels)[idx].to(self.device),
+                        logits_of=lambda out: out.logits, autocast=lambda: autocast(self.device, self.dtype),
+                        head_prefix="head.")
 
     # ------------------------------------------------------------------ evaluation
 

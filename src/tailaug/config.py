@@ -280,8 +280,8 @@ class TrainConfig(Section):
     loss: list[LossSection] = Field(
         default_factory=lambda: [LOSSES.get("ce").config()], min_length=1
     )
-    reweight: ReweightConfig = ReweightConfig()
-    sampler: SamplerConfig = SamplerConfig()
+    reweight: ReweightConfig = Field(default_factory=ReweightConfig)
+    sampler: SamplerConfig = Field(default_factory=SamplerConfig)
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     channels_last: bool = True
     grad_clip: float | None = Field(None, gt=0)
@@ -314,7 +314,7 @@ class HeadSetConfig(Section):
 
 
 class STGConfig(Section):
-    head: HeadSetConfig = HeadSetConfig()
+    head: HeadSetConfig = Field(default_factory=HeadSetConfig)
     memory_size: int = Field(1200, ge=0)
     ema: float = Field(0.9, ge=0, lt=1)  # rho of the per-sample moving average of targets
     min_neighbours: int = Field(2, ge=1)
@@ -425,14 +425,16 @@ class EvalConfig(Section):
 
 
 class Config(Section):
-    run: RunConfig = RunConfig()
-    data: DataConfig = DataConfig()
-    model: ModelConfig = ModelConfig()
-    train: TrainConfig = TrainConfig()
-    features: FeaturesConfig = FeaturesConfig()
-    stg: STGConfig = STGConfig()
-    retrain: RetrainConfig = RetrainConfig()
-    eval: EvalConfig = EvalConfig()
+    # factories, not instances: a default built at import would load the registries (and so import
+    # every method module) while this module is still initialising
+    run: RunConfig = Field(default_factory=RunConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    features: FeaturesConfig = Field(default_factory=FeaturesConfig)
+    stg: STGConfig = Field(default_factory=STGConfig)
+    retrain: RetrainConfig = Field(default_factory=RetrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
 
     @model_validator(mode="after")
     def _cosine_scale_from_loss(self):

@@ -10,12 +10,16 @@ at inference and none of its parameters are in the exported model.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 
 from ..errors import ConfigError
 from ..registry import STAGE_MODULES
-from . import Network, Output, stage_channels
+
+if TYPE_CHECKING:  # the package imports its modules while it initialises (the registries): no cycle at run time
+    from . import Network, Output
 
 
 class StageModule(nn.Module):
@@ -55,6 +59,8 @@ class TrainingNetwork(nn.Module):
 
 def build_stage_module(section, network: Network, class_counts, arch: str = "") -> StageModule:
     """The stage module of ``section`` (``train.stage_module``) for ``network``'s backbone."""
+    from . import stage_channels
+
     channels = stage_channels(network.backbone, arch)
     if not 1 <= section.stage <= len(channels):
         raise ConfigError(f"train.stage_module {section.name} sits after stage {section.stage}, and model.arch "

@@ -5,11 +5,13 @@ the classifier on the cached features of each seed's mixup model, as the paper d
 (cRT + mixup, then noise, dropout and STG with its lambda / memory ablations,
 plus LWS, tau-norm and NCM). FSA and FASA are compared with cRT and STG on mixup models
 trained with data.val_per_class=20 (FASA adapts on that split; run directories
-mixup-val_per_class20-s<seed>), the "(val 20)" rows. Every run lives in
+mixup-val_per_class20-s<seed>), the "(val 20)" rows. The "augmented" group trains the methods
+that augment during representation learning (ISDA, MetaSAug, RSG, Remix; their configs in
+configs/fmnist_lt/) and scores their stage-1 model. Every run lives in
 benchmarks/out/fmnist_lt/<method>-s<seed> and is reused when the script runs again, so it can be
 stopped and restarted.
 
-    .venv/bin/python benchmarks/fmnist_lt.py [--seeds 0 1 2] [--groups stage1 stage3 losses] [--only TEXT]
+    .venv/bin/python benchmarks/fmnist_lt.py [--seeds 0 1 2] [--groups stage1 stage3 losses augmented] [--only TEXT]
 
 Writes benchmarks/results/fmnist_lt.json (every run's metrics; a row already there is not
 run again), fmnist_lt_time.json (each stage-3 row's time split into cache read, stage 2,
@@ -42,6 +44,11 @@ STAGE1 = {"CE": "ce.yaml", "mixup": "mixup.yaml"}
 LOSSES = {
     "focal (gamma 1)": "focal.yaml", "LDAM-DRW": "ldam_drw.yaml",
     "balanced softmax": "balanced_softmax.yaml", "logit adjustment (loss)": "logit_adjust.yaml",
+}
+# augmentation while the backbone trains (issue #9): stage-1 rows, beside CE, mixup and LDAM-DRW
+AUGMENTED_STAGE1 = {
+    "ISDA (CE)": "isda.yaml", "MetaSAug (CE)": "metasaug.yaml", "MetaSAug (LDAM-DRW)": "metasaug_ldam_drw.yaml",
+    "RSG (LDAM-DRW)": "rsg.yaml", "Remix": "remix.yaml",
 }
 STG = {"name": "stg", "lam": 1.5, "t": 0.5}
 STAGE3 = {  # label -> (overrides of the mixup config)
@@ -115,8 +122,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--epochs", type=int, default=30)
-    parser.add_argument("--groups", nargs="+", default=["stage1", "stage3", "losses"],
-                        choices=["stage1", "stage3", "losses"])
+    parser.add_argument("--groups", nargs="+", default=["stage1", "stage3", "losses", "augmented"],
+                        choices=["stage1", "stage3", "losses", "augmented"])
     parser.add_argument("--only", metavar="TEXT", help="run only the rows whose label contains TEXT, e.g. '(val 20)'")
     parser.add_argument("--report-only", action="store_true", help="only rewrite the tables from the JSON")
     args = parser.parse_args()
@@ -147,10 +154,11 @@ def main() -> None:
             for label, overrides in STAGE3.items():
                 timing: dict = {}
                 record(label, seed, lambda: stage3_row(seed, overrides, args.epochs, timing), timing)
-    if "losses" in args.groups:
-        for seed in args.seeds:
-            for label, name in LOSSES.items():
-                record(label, seed, lambda: stage1_row(name, seed, args.epochs))
+    for group, rows in (("losses", LOSSES), ("augmented", AUGMENTED_STAGE1)):
+        if group in args.groups:
+            for seed in args.seeds:
+                for label, name in rows.items():
+                    record(label, seed, lambda: stage1_row(name, seed, args.epochs))
     write_report(results, times)
 
 
@@ -171,6 +179,8 @@ def write_report(results: dict, times: dict) -> None:
         table([lab for lab in STAGE3 if lab.startswith(("+ noise", "+ dropout", "+ STG lambda"))]),
         "\n## Other feature-space augmenters: FSA (Chu et al.) and FASA (on mixup models with a validation split)\n",
         table(VAL20),
+        "\n## Augmentation during representation learning: ISDA, MetaSAug, RSG, Remix (stage 1, last epoch)\n",
+        table(["CE", "mixup", "LDAM-DRW", *AUGMENTED_STAGE1]),
     ]
     timed = {lab: list(runs.values()) for lab, runs in times.items() if runs}
     if timed:

@@ -1,4 +1,5 @@
-"""The README's "Embeddings" and "Python (scikit-learn)" sections, run as written.
+"""The README run as written: the "Embeddings" and "Python (scikit-learn)" sections, and every
+switch of the "Methods at a glance" table.
 
 The shell and Python blocks are read from README.md itself, so the README cannot drift
 from what works: make the example data, ``tailaug run`` the example config, ``tailaug
@@ -18,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from tailaug.cli import main
+from tailaug.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -84,3 +86,34 @@ def test_the_python_snippets_work_as_written(user_dir, monkeypatch, capsys):
     for name in ("clf", "pipe"):
         score = fitted[name].score(x_test, y_test)
         assert score > 0.5, (name, score)
+
+
+def method_switches() -> list[tuple[str, str]]:
+    """(method, override) for every backticked ``key=value`` of the README's methods table."""
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    body = text.split("\n## Methods at a glance\n", 1)[1].split("\n## ", 1)[0]
+    rows = [line.split(" | ") for line in body.splitlines() if line.startswith("| ") and not line.startswith("| method")]
+    switches = [(row[0].strip("| "), re.findall(r"`([^`=]+=[^`]+)`", row[2])) for row in rows]
+    assert all(found for _, found in switches), [m for m, found in switches if not found]  # a row without a switch
+    return [(method, switch) for method, found in switches for switch in found]
+
+
+def test_the_methods_table_lists_every_method_of_the_sources():
+    methods = " ".join(m for m, _ in method_switches())
+    for name in ("STG", "FSA", "FASA", "ISDA", "MetaSAug", "RSG", "Remix", "LDAM", "balanced softmax", "cRT", "LWS"):
+        assert name in methods, name
+
+
+@pytest.mark.parametrize("method, switch", method_switches(), ids=[s for _, s in method_switches()])
+def test_every_switch_of_the_methods_table_is_a_valid_override(method, switch):
+    """Each switch, on the Fashion-MNIST-LT base config (with a validation split, which some need, and
+    mixup where the switch is Remix's), loads and sets what it says."""
+    extra = ["data.val_per_class=20"] + (["train.mixup_alpha=1.0"] if switch.startswith("train.remix") else [])
+    cfg = load_config(REPO / "configs" / "fmnist_lt" / "base.yaml", [*extra, switch])
+    key, value = switch.split("=", 1)
+    node = cfg
+    for part in key.split("."):
+        node = getattr(node, part)
+    node = node[0] if isinstance(node, list) else node  # train.loss: a list of terms
+    if "name:" in value:
+        assert node.name == re.search(r"name: (\w+)", value).group(1)

@@ -24,7 +24,7 @@ from pydantic import BaseModel, Field, ValidationError, model_validator
 from pydantic_core import PydanticCustomError
 
 from .errors import ConfigError
-from .registry import AUGMENTERS, BACKBONES, CLASSIFIERS, LOSSES, SAMPLERS, Registry, Section
+from .registry import AUGMENTERS, BACKBONES, CLASSIFIERS, LOSSES, SAMPLERS, STAGE_MODULES, Registry, Section
 from .strict_scalars import ERROR_TYPE as STRICT_SCALAR
 
 # the choices of method-valued options come from the registries (tailaug.registry)
@@ -33,6 +33,7 @@ SamplerName = SAMPLERS.name()
 ClassifierName = CLASSIFIERS.name()
 LossSection = LOSSES.section()
 AugmenterSection = AUGMENTERS.section()
+StageModuleSection = STAGE_MODULES.section(optional=True)
 
 
 def field_error(field: str, value: Any, message: str) -> PydanticCustomError:
@@ -248,6 +249,15 @@ class SamplerConfig(Section):
     kind: SamplerName = "instance"
 
 
+class RemixConfig(Section):
+    """Remix (``augment/remix.py``): mixup's images, the label given to the rarer class when
+    the pair's counts differ by kappa and its image has more than 1 - tau of the mix.
+    Published values (Chou et al. 2020): kappa 3, tau 0.5."""
+
+    kappa: float = Field(3.0, gt=1)
+    tau: float = Field(0.5, ge=0, le=1)
+
+
 # --------------------------------------------------------------------------- stage 1
 
 
@@ -266,16 +276,19 @@ class TrainConfig(Section):
     gamma: float = Field(0.1, gt=0, le=1)
     min_lr: float = Field(0.0, ge=0)
     mixup_alpha: float = Field(0.0, ge=0)  # 0 turns mixup off
+    remix: RemixConfig | None = None  # Remix's labels on mixup's images (needs mixup_alpha > 0); None: off
     loss: list[LossSection] = Field(
         default_factory=lambda: [LOSSES.get("ce").config()], min_length=1
     )
-    reweight: ReweightConfig = ReweightConfig()
-    sampler: SamplerConfig = SamplerConfig()
+    reweight: ReweightConfig = Field(default_factory=ReweightConfig)
+    sampler: SamplerConfig = Field(default_factory=SamplerConfig)
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     channels_last: bool = True
     grad_clip: float | None = Field(None, gt=0)
     # a feature augmenter during representation learning (one whose options say stage1, e.g. fasa)
     feature_augmenter: AugmenterSection = Field(default_factory=lambda: AUGMENTERS.get("none").config())
+    # a training-time module after a backbone stage, removed at inference (e.g. {name: rsg, stage: 2}); None: off
+    stage_module: StageModuleSection = None
 
     @model_validator(mode="after")
     def _milestones(self):
@@ -301,7 +314,7 @@ class HeadSetConfig(Section):
 
 
 class STGConfig(Section):
-    head: HeadSetConfig = HeadSetConfig()
+    head: HeadSetConfig = Field(default_factory=HeadSetConfig)
     memory_size: int = Field(1200, ge=0)
     ema: float = Field(0.9, ge=0, lt=1)  # rho of the per-sample moving average of targets
     min_neighbours: int = Field(2, ge=1)
@@ -412,14 +425,16 @@ class EvalConfig(Section):
 
 
 class Config(Section):
-    run: RunConfig = RunConfig()
-    data: DataConfig = DataConfig()
-    model: ModelConfig = ModelConfig()
-    train: TrainConfig = TrainConfig()
-    features: FeaturesConfig = FeaturesConfig()
-    stg: STGConfig = STGConfig()
-    retrain: RetrainConfig = RetrainConfig()
-    eval: EvalConfig = EvalConfig()
+    # factories, not instances: a default built at import would load the registries (and so import
+    # every method module) while this module is still initialising
+    run: RunConfig = Field(default_factory=RunConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    features: FeaturesConfig = Field(default_factory=FeaturesConfig)
+    stg: STGConfig = Field(default_factory=STGConfig)
+    retrain: RetrainConfig = Field(default_factory=RetrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
 
     @model_validator(mode="after")
     def _cosine_scale_from_loss(self):
@@ -444,6 +459,47 @@ class Config(Section):
             problem = config_problem(self)
             if problem:
                 raise ValueError(problem)
+        return self
+
+    @model_validator(mode="after")
+    def _remix(self):
+        """Remix re-labels mixup's images sample by sample (after the embeddings check, which refuses it)."""
+        t = self.train
+        if t.remix is None:
+            return self
+        if t.mixup_alpha == 0:
+            raise ValueError("train.remix re-labels mixup's images, and train.mixup_alpha is 0 (no mixup): set "
+                             "train.mixup_alpha > 0 (Remix's paper: 1.0), or remove train.remix")
+        refused = sorted({term.name for term in t.loss if not LOSSES.get(term.name).obj.takes_sample_weight})
+        if refused:
+            raise ValueError(f"train.remix weights the two labels of each sample, which the loss term(s) "
+                             f"{', '.join(refused)} cannot (supcon has no per-sample label term): drop them from "
+                             "train.loss, or remove train.remix")
+        return self
+
+    @model_validator(mode="after")
+    def _stage_module(self):
+        """A stage module adds rows (with their own labels) inside the backbone of an image network."""
+        t, m = self.train.stage_module, None
+        if t is None:
+            return self
+        if self.data.dataset == "embeddings":
+            m = "stage 1 on embeddings trains a head only (no backbone stages): remove train.stage_module"
+        elif t.stage < 1:
+            m = f"train.stage_module {t.name} sits after backbone stage {t.stage}; stages count from 1: set stage >= 1"
+        elif self.train.mixup_alpha > 0:
+            m = (f"train.stage_module {t.name} adds rows with their own labels, which mixup's label pairs cannot "
+                 "hold; set train.mixup_alpha=0 or remove train.stage_module")
+        elif self.train.feature_augmenter.name != "none":
+            m = (f"train.stage_module {t.name} and train.feature_augmenter {self.train.feature_augmenter.name} both "
+                 "add rows to the batch; keep one of them")
+        elif any(LOSSES.get(term.name).obj.needs_two_views for term in self.train.loss):
+            m = (f"train.stage_module {t.name} adds single-view rows, and supcon pairs two views of each image; "
+                 "drop supcon from train.loss or remove train.stage_module")
+        elif self.model.mode == "frozen":
+            m = f"train.stage_module {t.name} trains inside the backbone, which model.mode frozen keeps fixed: set model.mode finetune"
+        if m:
+            raise ValueError(m)
         return self
 
     @model_validator(mode="after")

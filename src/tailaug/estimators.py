@@ -286,6 +286,10 @@ class FeatureAugmentSampler(BaseOverSampler):
     def _fit_resample(self, X, y):
         owner = type(self).__name__
         aug_cfg = _augmenter_config(self.augmenter, owner, targets_all=True)
+        if aug_cfg.implicit:
+            raise ValueError(f"{owner}: augmenter={self.augmenter!r} augments implicitly, in the classifier's loss, "
+                             "and produces no rows to over-sample with; use it as LongTailClassifier(augmenter=...) "
+                             "or choose noise, dropout or stg")
         classes, y_enc = np.unique(y, return_inverse=True)
         x = torch.tensor(np.asarray(X, dtype=np.float32))
         labels = torch.as_tensor(y_enc, dtype=torch.long)

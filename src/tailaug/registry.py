@@ -128,6 +128,12 @@ class Registry:
     # ------------------------------------------------------------------ config types
 
     def _validate_section(self, value: Any, handler) -> Section:
+        return self._section_model(value)
+
+    def _optional_section(self, value: Any, handler) -> Section | None:
+        return None if value is None else self._section_model(value)
+
+    def _section_model(self, value: Any) -> Section:
         if isinstance(value, Section):
             value = value.model_dump()
         if not isinstance(value, dict):
@@ -139,12 +145,13 @@ class Registry:
             raise ValueError(self.unknown(name))
         return self.get(name).config.model_validate(value)
 
-    def section(self) -> Any:
-        """The annotation of a section-valued option: validated by the registered model of its name."""
+    def section(self, optional: bool = False) -> Any:
+        """The annotation of a section-valued option: validated by the registered model of its name
+        (``optional``: or None, the option off)."""
         return Annotated[
             Any,
-            WrapValidator(self._validate_section),
-            PlainSerializer(lambda m: m.model_dump(mode="json")),
+            WrapValidator(self._optional_section if optional else self._validate_section),
+            PlainSerializer(lambda m: None if m is None else m.model_dump(mode="json")),
             self,  # lets the config's error messages find the model at a path
         ]
 
@@ -169,3 +176,5 @@ AUGMENTERS = Registry("augmenter", "retrain.augmenter", "tailaug.augment")
 BACKBONES = Registry("backbone", "model.arch", "tailaug.models")
 SAMPLERS = Registry("sampler", "sampler.kind", "tailaug.data")
 CLASSIFIERS = Registry("classifier", "retrain.method", "tailaug.classifiers")
+# training-time modules placed after a backbone stage and removed at inference (models/stage_modules.py)
+STAGE_MODULES = Registry("stage module", "train.stage_module", "tailaug.models")

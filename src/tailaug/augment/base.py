@@ -1,7 +1,7 @@
 """The feature-augmenter interface that stage 3 calls on every mini-batch.
 
 Stage 3 (classifier re-training on cached features, ``tailaug.stages.classifier``) drives an
-augmenter through three hooks and knows nothing else about it:
+augmenter through these hooks and knows nothing else about it:
 
 1. :meth:`FeatureAugmenter.fit` once before re-training, with an :class:`AugmentContext`
    (all training features and labels, class counts, the head classes, the stage-1
@@ -14,15 +14,31 @@ augmenter through three hooks and knows nothing else about it:
    labels)``. It may replace rows, append rows (then it appends their labels too), or do
    nothing. All randomness comes from the ``generator`` argument, so that a seeded stage 3
    is reproducible.
-4. :meth:`FeatureAugmenter.after_epoch` at the end of every epoch with the classifier being
+4. :meth:`FeatureAugmenter.adjust_loss_inputs` on every batch after the classifier's forward
+   pass: the batch's :class:`~tailaug.losses.LossInputs` (logits, labels, the features the
+   classifier read, the cosines of a cosine head) and the classifier; it returns what the
+   loss sees. The default changes nothing; an implicit augmenter (ISDA) adds its term to the
+   logits here instead of producing rows.
+5. :meth:`FeatureAugmenter.after_epoch` at the end of every epoch with the classifier being
    trained (e.g. to score it on the validation split); what it returns is added to that
    epoch's record of the stage-3 history.
+
+During representation learning (``train.feature_augmenter``, options with ``stage1``) the
+stage-1 trainer calls the same ``fit`` (with ``ctx.online``: the features change every step),
+``set_epoch``, ``adjust_loss_inputs`` (with the network's head) and ``after_epoch``, and two
+more: :meth:`FeatureAugmenter.virtual` (extra feature rows to send through the head with the
+batch; default none) and :meth:`FeatureAugmenter.observe` (the batch's features after the
+step's loss; default nothing). Its ``state_tensors`` join the stage-1 checkpoint. An
+augmenter that learns from a meta batch (MetaSAug) asks for one with :meth:`FeatureAugmenter.meta_rows`
+and gets it, with the module and the loss, through :meth:`FeatureAugmenter.set_meta_step`
+(:mod:`tailaug.augment.meta`; stages 1 and 3).
 
 What an augmenter needs beyond the cached features its options declare, and the pipeline
 provides it without knowing the augmenter: ``uses_generator`` (the stage-2 generator),
 ``needs_validation`` (the validation features; a config without a validation split is an
 error) and :meth:`AugmenterOptions.spatial_request` (the last convolutional maps of the
-training images, cached or recomputed: :class:`SpatialMaps`).
+training images, cached or recomputed: :class:`SpatialMaps`). ``implicit`` says that it
+changes the loss and produces no rows (an over-sampler cannot use it).
 
 The ``targets`` option of every augmenter: ``"tail"`` augments only samples of non-head
 classes, ``"all"`` every sample.
@@ -38,7 +54,7 @@ arguments).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar, Iterable, Literal, Mapping
+from typing import TYPE_CHECKING, Any, ClassVar, Iterable, Literal, Mapping
 
 import torch
 from pydantic import ValidationError
@@ -47,6 +63,9 @@ from torch import nn
 from ..data.classes import check_labels, class_means
 from ..errors import ConfigError
 from ..registry import AUGMENTERS, Section
+
+if TYPE_CHECKING:  # the config imports the augmenters, and the losses import the config
+    from ..losses.base import LossInputs
 
 TARGETS = ("tail", "all")
 
@@ -67,6 +86,7 @@ class AugmenterOptions(Section):
     ``needs_validation``: it reads the validation features (``AugmentContext.validation``).
     ``stage1``: it also works on the backbone's features in stage 1 (``train.feature_augmenter``;
     such a module implements ``observe`` and ``virtual``, see :mod:`tailaug.augment.fasa`).
+    ``implicit``: it acts on the loss (``adjust_loss_inputs``) and produces no feature rows.
     ``spatial_request()``: a :class:`SpatialRequest` when it reads the backbone's spatial maps.
     ``label()``: how result tables name the augmenter.
     """
@@ -74,6 +94,7 @@ class AugmenterOptions(Section):
     uses_generator: ClassVar[bool] = False
     needs_validation: ClassVar[bool] = False
     stage1: ClassVar[bool] = False  # also usable during representation learning (train.feature_augmenter)
+    implicit: ClassVar[bool] = False  # changes the loss's inputs instead of producing rows
 
     def spatial_request(self) -> SpatialRequest | None:
         return None
@@ -112,6 +133,9 @@ class AugmentContext:
     [C, d] and ``classifier_bias`` [C] the stage-1 classifier, or None when unknown;
     ``classifier_cosine_scale`` is set when that classifier is a cosine head (its logits are
     ``scale * cos(w_c, a)``, see :func:`tailaug.models.heads.head_logits`), None for a linear one.
+    ``online`` is True during representation learning (``train.feature_augmenter``): the
+    features change with every step, so statistics are kept from the batches rather than
+    fitted once on ``features`` (which then only give the sizes and a starting point).
     """
 
     features: torch.Tensor
@@ -125,6 +149,7 @@ class AugmentContext:
     index: torch.Tensor | None = None  # dataset index per row (several views share one)
     validation: tuple[torch.Tensor, torch.Tensor] | None = None  # (features, labels) of the validation split
     spatial: SpatialMaps | None = None  # the training images' spatial maps, when the options ask for them
+    online: bool = False  # stage 1: the features change every step
 
     def __post_init__(self):
         self.features = torch.as_tensor(self.features)
@@ -241,6 +266,29 @@ class FeatureAugmenter(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """One training batch in, the batch to train on out (rows may be replaced or appended)."""
         return features, labels
+
+    def adjust_loss_inputs(self, inputs: LossInputs, head: nn.Module) -> LossInputs:
+        """What the loss sees of a batch, given what ``head`` (the classifier being trained)
+        computed from ``inputs.features``; by default ``inputs`` unchanged."""
+        return inputs
+
+    def virtual(self, rows: int, generator: torch.Generator | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Stage 1: extra (features, labels) to send through the head with a batch of ``rows``
+        images, or None (the default)."""
+        return None
+
+    def observe(self, features: torch.Tensor, labels: torch.Tensor) -> None:
+        """Stage 1: the batch's features (after the step's loss); by default ignored."""
+
+    def meta_rows(self) -> int:
+        """Rows of the meta batch this step's meta step needs (0, the default: no meta step).
+        When positive, the trainer passes a :class:`~tailaug.augment.meta.MetaStep` to
+        :meth:`set_meta_step` before :meth:`adjust_loss_inputs` (see :mod:`tailaug.augment.meta`)."""
+        return 0
+
+    def set_meta_step(self, meta) -> None:
+        """Receive this step's :class:`~tailaug.augment.meta.MetaStep` (when ``meta_rows() > 0``)."""
 
     # ------------------------------------------------------------------ helpers
 

@@ -70,6 +70,8 @@ def config_problem(cfg) -> str | None:
     if cfg.model.weights is not None:
         return ("model.weights loads a backbone, and dataset 'embeddings' has none (stage 1 is a linear head on "
                 "the embeddings): remove model.weights")
+    if cfg.train.remix is not None:
+        return "train.remix re-labels mixed images; stage 1 on embeddings mixes none: remove train.remix"
     if cfg.train.mixup_alpha > 0:
         return "train.mixup_alpha mixes images; stage 1 on embeddings has none: set train.mixup_alpha=0"
     if cfg.train.grad_clip is not None:
@@ -77,6 +79,10 @@ def config_problem(cfg) -> str | None:
     if cfg.features.views:
         return ("features.views adds augmented views of images; embeddings are cached as given: set "
                 "features.views=0")
+    if cfg.train.feature_augmenter.name != "none":
+        return (f"train.feature_augmenter {cfg.train.feature_augmenter.name} augments a backbone's features while it "
+                "learns; stage 1 on embeddings has no backbone: set train.feature_augmenter={name: none} (and use "
+                "retrain.augmenter on the embeddings)")
     if any(term.name == "supcon" for term in cfg.train.loss):
         return ("train.loss supcon needs two augmented views of each image; embeddings have one: use ce, focal, "
                 "balanced_softmax, logit_adjust, label_aware_smoothing or (with model.head: cosine) a margin loss")

@@ -58,6 +58,11 @@ def _active() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
+def is_active() -> bool:
+    """True inside an initialised process group (the collectives here then communicate)."""
+    return _active()
+
+
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     """Sum ``tensor`` over the ranks in place (a tensor on the process's device)."""
     if _active():

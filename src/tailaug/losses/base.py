@@ -7,6 +7,15 @@ Conventions every term follows:
 * A term that uses per-class weights reduces with the *weighted mean*
   ``sum_i w[y_i] * l_i / sum_i w[y_i]`` (what ``F.cross_entropy(weight=w)`` does); with no
   weights it is the plain mean over the batch.
+* Per-sample weights ``s`` (``LossInputs.sample_weight``, Remix's label weights) scale each
+  sample's term inside that reduction without entering its normaliser:
+  ``sum_i s_i w[y_i] l_i / sum_i w[y_i]``, or ``sum_i s_i l_i / N`` without class weights
+  (:func:`weighted_mean`). So for a mixed batch, the loss of labels ``a`` with weights ``s``
+  plus the loss of labels ``b = a[perm]`` with weights ``1 - s`` is the per-sample mixture
+  ``sum_i [s_i w[a_i] l_i(a_i) + (1 - s_i) w[b_i] l_i(b_i)] / sum_i w[a_i]`` (a permutation
+  leaves ``sum_i w[y_i]`` unchanged), and ``s = lam`` everywhere is mixup's
+  ``lam L(a) + (1 - lam) L(b)``. A term that honours ``s`` says so with
+  ``takes_sample_weight = True``; the others are refused a weighted batch.
 * Log-probabilities come from ``log_softmax`` (a logsumexp), never ``log(softmax)``.
 """
 
@@ -38,13 +47,15 @@ class LossInputs:
     [N, d] are the pooled features (SupCon); with two views of each image, rows [0:N/2] and
     [N/2:N] are the two views of the same images and ``targets`` has all N labels.
     ``cosine`` [N, C] holds the cosine similarities in [-1, 1] when the head is cosine
-    (NormedLinear), else None.
+    (NormedLinear), else None. ``sample_weight`` [N] scales each sample's loss inside the
+    batch reduction (see the module doc; Remix), None: every sample counts once.
     """
 
     logits: torch.Tensor
     targets: torch.Tensor
     features: torch.Tensor | None = None
     cosine: torch.Tensor | None = None
+    sample_weight: torch.Tensor | None = None
 
 
 class BaseLossTerm(nn.Module):
@@ -52,11 +63,14 @@ class BaseLossTerm(nn.Module):
 
     ``class_weight`` is the current [C] per-class weight vector, or None when re-weighting
     is off (scheme ``none`` or before ``reweight.start_epoch``). Terms with
-    ``uses_class_weights = False`` ignore it.
+    ``uses_class_weights = False`` ignore it. ``takes_sample_weight = True``: the term reduces
+    with ``inputs.sample_weight`` as :func:`weighted_mean` does (False, the default: the loss
+    refuses a batch with sample weights rather than silently ignore them).
     """
 
     name: str = ""
     uses_class_weights: bool = True
+    takes_sample_weight: bool = False
     needs_cosine: bool = False  # raises without inputs.cosine
     uses_cosine: bool = False  # reads inputs.cosine when given (needs_cosine implies it)
     needs_two_views: bool = False
@@ -96,11 +110,24 @@ def per_sample_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 
 def weighted_mean(
-    per_sample: torch.Tensor, targets: torch.Tensor, class_weight: torch.Tensor | None
+    per_sample: torch.Tensor,
+    targets: torch.Tensor,
+    class_weight: torch.Tensor | None,
+    sample_weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``sum_i w[y_i] l_i / sum_i w[y_i]``, or the plain mean when ``class_weight`` is None."""
+    """``sum_i w[y_i] l_i / sum_i w[y_i]``, or the plain mean when ``class_weight`` is None.
+
+    With ``sample_weight`` s [N]: ``sum_i s_i w[y_i] l_i / sum_i w[y_i]`` (``sum_i s_i l_i / N``
+    without class weights); s scales the samples, the normaliser stays that of the batch.
+    """
     if per_sample.numel() == 0:
         return per_sample.sum()
+    if sample_weight is not None:
+        s = sample_weight.to(device=per_sample.device, dtype=per_sample.dtype)
+        if class_weight is None:
+            return (s * per_sample).sum() / per_sample.numel()
+        w = class_weight.to(device=per_sample.device, dtype=per_sample.dtype)[targets]
+        return (s * w * per_sample).sum() / w.sum()
     if class_weight is None:
         return per_sample.mean()
     w = class_weight.to(device=per_sample.device, dtype=per_sample.dtype)[targets]

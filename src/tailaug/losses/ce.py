@@ -34,6 +34,7 @@ class CrossEntropyTerm(BaseLossTerm):
     """
 
     name = "ce"
+    takes_sample_weight = True
 
     def __init__(self, cfg: CELoss, class_counts: tuple[int, ...]):
         super().__init__()
@@ -44,7 +45,7 @@ class CrossEntropyTerm(BaseLossTerm):
         loss = -logp.gather(1, inputs.targets[:, None]).squeeze(1)
         if self.label_smoothing > 0:
             loss = (1 - self.label_smoothing) * loss - self.label_smoothing * logp.mean(dim=1)
-        return weighted_mean(loss, inputs.targets, class_weight)
+        return weighted_mean(loss, inputs.targets, class_weight, inputs.sample_weight)
 
     def extra_repr(self) -> str:
         return f"label_smoothing={self.label_smoothing}"
@@ -61,6 +62,7 @@ class FocalTerm(BaseLossTerm):
     """
 
     name = "focal"
+    takes_sample_weight = True
 
     def __init__(self, cfg: FocalLoss, class_counts: tuple[int, ...]):
         super().__init__()
@@ -72,7 +74,7 @@ class FocalTerm(BaseLossTerm):
         loss = -logp_t
         if self.gamma > 0:
             loss = (-torch.expm1(logp_t)).clamp_min(1e-12).pow(self.gamma) * loss
-        return weighted_mean(loss, inputs.targets, class_weight)
+        return weighted_mean(loss, inputs.targets, class_weight, inputs.sample_weight)
 
     def extra_repr(self) -> str:
         return f"gamma={self.gamma}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from typing import Sequence
 
@@ -26,6 +27,8 @@ class LossFunction(nn.Module):
     ``needs_cosine``: some term (ldam, arcface, cosface, sphereface) fails without
     ``inputs.cosine``. ``uses_cosine``: some term reads ``inputs.cosine`` when it is given;
     pass the head's cosines whenever this is True and the head is cosine.
+    ``takes_sample_weight``: every term honours ``inputs.sample_weight`` (Remix's per-sample
+    label weights, see ``losses/base.py``); a weighted batch is refused otherwise.
 
     After each ``forward``, ``last_terms`` maps each term's name (``ce``, ``ldam``, ... with
     ``_1``, ``_2`` appended to repeated names) to its detached, unweighted value, for
@@ -50,6 +53,7 @@ class LossFunction(nn.Module):
         self.needs_two_views = any(t.needs_two_views for t in self.terms)
         self.needs_cosine = any(t.needs_cosine for t in self.terms)
         self.uses_cosine = any(t.uses_cosine for t in self.terms)
+        self.takes_sample_weight = all(t.takes_sample_weight for t in self.terms)
         self.reweight_scheme = reweight.scheme
         self.reweight_start_epoch = reweight.start_epoch
         self.register_buffer("class_weight", class_weights(reweight.scheme, self.class_counts, reweight.beta))
@@ -76,7 +80,7 @@ class LossFunction(nn.Module):
     def forward(self, inputs: LossInputs) -> torch.Tensor:
         self._check(inputs)
         if inputs.targets.dtype != torch.int64:
-            inputs = LossInputs(inputs.logits, inputs.targets.long(), inputs.features, inputs.cosine)
+            inputs = dataclasses.replace(inputs, targets=inputs.targets.long())
         weight = self.class_weight if self.reweighting else None
         total = None
         parts = {}
@@ -109,6 +113,18 @@ class LossFunction(nn.Module):
                 f"targets must be integer class indices, got dtype {targets.dtype}; mixup should "
                 "call the loss once per label set and mix the two losses"
             )
+        if inputs.sample_weight is not None:
+            if inputs.sample_weight.shape != targets.shape:
+                raise TailaugError(
+                    f"sample_weight has shape {tuple(inputs.sample_weight.shape)} but targets "
+                    f"{tuple(targets.shape)}; give one weight per sample"
+                )
+            if not self.takes_sample_weight:
+                names = ", ".join(sorted({t.name for t in self.terms if not t.takes_sample_weight}))
+                raise TailaugError(
+                    f"the loss term(s) {names} cannot weight single samples (sample_weight, as Remix "
+                    "gives); drop them from train.loss or train without per-sample weights"
+                )
 
     def extra_repr(self) -> str:
         weights = ", ".join(f"{n}={w:g}" for n, w in zip(self.term_names, self.term_weights))

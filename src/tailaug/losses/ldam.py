@@ -51,6 +51,7 @@ class LDAMTerm(BaseLossTerm):
     name = "ldam"
     needs_cosine = True
     uses_cosine = True
+    takes_sample_weight = True
 
     def __init__(self, cfg: LDAMLoss, class_counts: tuple[int, ...]):
         super().__init__()
@@ -64,7 +65,8 @@ class LDAMTerm(BaseLossTerm):
         m = self.margins.to(device=z.device, dtype=z.dtype)[targets]
         z_target = z.gather(1, targets[:, None]).squeeze(1)
         adjusted = replace_target_column(z, targets, z_target - m)
-        return weighted_mean(per_sample_nll(self.scale * adjusted, targets), targets, class_weight)
+        loss = per_sample_nll(self.scale * adjusted, targets)
+        return weighted_mean(loss, targets, class_weight, inputs.sample_weight)
 
     def extra_repr(self) -> str:
         return f"max_margin={self.max_margin}, scale={self.scale}"

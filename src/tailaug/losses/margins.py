@@ -84,6 +84,7 @@ def sphereface_psi(theta: torch.Tensor, margin: int) -> torch.Tensor:
 class _MarginTerm(BaseLossTerm):
     needs_cosine = True
     uses_cosine = True
+    takes_sample_weight = True
 
     def __init__(self, margin: float, scale: float):
         super().__init__()
@@ -98,7 +99,8 @@ class _MarginTerm(BaseLossTerm):
         targets = inputs.targets
         cos_target = cosine.gather(1, targets[:, None]).squeeze(1)
         margined = replace_target_column(cosine, targets, self.target_logit(cos_target))
-        return weighted_mean(per_sample_nll(self.scale * margined, targets), targets, class_weight)
+        loss = per_sample_nll(self.scale * margined, targets)
+        return weighted_mean(loss, targets, class_weight, inputs.sample_weight)
 
     def extra_repr(self) -> str:
         return f"margin={self.margin}, scale={self.scale}"

@@ -16,7 +16,8 @@ import torch
 from pydantic import Field
 
 from ..registry import LOSSES
-from .base import BaseLossTerm, LossInputs, LossTermConfig, as_compute, check_counts, log_prior, per_sample_nll
+from .base import (BaseLossTerm, LossInputs, LossTermConfig, as_compute, check_counts, log_prior, per_sample_nll,
+                   weighted_mean)
 
 
 class BalancedSoftmaxLoss(LossTermConfig):
@@ -47,6 +48,7 @@ def adjust_logits(
 
 class _PriorShiftTerm(BaseLossTerm):
     uses_class_weights = False
+    takes_sample_weight = True
 
     def __init__(self, class_counts: tuple[int, ...], tau: float):
         super().__init__()
@@ -56,7 +58,7 @@ class _PriorShiftTerm(BaseLossTerm):
     def forward(self, inputs: LossInputs, class_weight: torch.Tensor | None = None) -> torch.Tensor:
         logits = as_compute(inputs.logits)
         shifted = logits + self.shift.to(device=logits.device, dtype=logits.dtype)
-        return per_sample_nll(shifted, inputs.targets).mean()
+        return weighted_mean(per_sample_nll(shifted, inputs.targets), inputs.targets, None, inputs.sample_weight)
 
 
 @LOSSES.register("balanced_softmax", config=BalancedSoftmaxLoss)

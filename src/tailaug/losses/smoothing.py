@@ -71,6 +71,7 @@ class LabelAwareSmoothingTerm(BaseLossTerm):
     """l_i = (1 - eps_{y_i}) (-log p_{i,y_i}) + eps_{y_i} / (C - 1) * sum_{c != y_i} (-log p_{i,c})."""
 
     name = "label_aware_smoothing"
+    takes_sample_weight = True
 
     def __init__(self, cfg: LabelAwareSmoothingLoss, class_counts: tuple[int, ...]):
         super().__init__()
@@ -91,7 +92,7 @@ class LabelAwareSmoothingTerm(BaseLossTerm):
         others = neg_logp.sum(dim=1) - nll
         eps = self.smoothing.to(device=logits.device, dtype=logits.dtype)[targets]
         loss = (1 - eps) * nll + eps / (num_classes - 1) * others
-        return weighted_mean(loss, targets, class_weight)
+        return weighted_mean(loss, targets, class_weight, inputs.sample_weight)
 
     def extra_repr(self) -> str:
         return f"shape={self.shape}"

@@ -60,6 +60,7 @@ class SupConTerm(BaseLossTerm):
 
     name = "supcon"
     uses_class_weights = False
+    takes_sample_weight = False  # no per-sample label term for Remix to weight: its positives come from the labels
     needs_two_views = True
 
     def __init__(self, cfg: SupConLoss, class_counts: tuple[int, ...]):

@@ -17,13 +17,17 @@ from ..registry import BACKBONES
 from .heads import CosineHead, LinearHead, build_head
 from .pretrained import InputSpec, convert_layout, resolve_weights
 
-__all__ = ["Network", "Output", "build_model", "input_spec", "InputSpec", "spatial_maps", "CosineHead", "LinearHead",
-           "build_head"]
+__all__ = ["Network", "Output", "build_model", "input_spec", "InputSpec", "spatial_maps", "stage_channels",
+           "stage_forward", "CosineHead", "LinearHead", "build_head"]
 
 
 class Output(NamedTuple):
     features: torch.Tensor  # [N, d] after global pooling
     logits: torch.Tensor  # [N, C]
+    # rows a training-time module generated inside the network (models/stage_modules.py): their labels
+    # (features and logits hold them after the input's rows) and its extra loss term; None: none
+    labels: torch.Tensor | None = None
+    loss: torch.Tensor | None = None
 
 
 class Network(nn.Module):
@@ -46,12 +50,14 @@ class Network(nn.Module):
             self.backbone.eval()
         return self
 
-    def forward(self, x: torch.Tensor, extra: torch.Tensor | None = None) -> Output:
+    def forward(self, x: torch.Tensor, extra: torch.Tensor | None = None, at_stage=None) -> Output:
         """Features of ``x`` and logits; ``extra`` feature rows (e.g. virtual features of a
         stage-1 feature augmenter) go through the head in the same pass, their logits after
-        those of ``x``. A frozen backbone runs without autograd."""
+        those of ``x``. ``at_stage`` = (stage, fn): ``fn`` maps the backbone's maps after that
+        stage (1-based) before the later stages run (:func:`stage_forward`). A frozen backbone
+        runs without autograd."""
         with torch.no_grad() if self.frozen else contextlib.nullcontext():
-            features = self.backbone(x)
+            features = self.backbone(x) if at_stage is None else stage_forward(self.backbone, x, *at_stage)
         if extra is None:
             return Output(features, self.head(features))
         return Output(features, self.head(torch.cat([features, extra.to(features.dtype)])))
@@ -69,6 +75,28 @@ def spatial_maps(backbone: nn.Module, x: torch.Tensor, arch: str = "") -> torch.
             "need; use a ResNet backbone (resnet32, resnet18, ...) or another retrain.augmenter"
         )
     return fn(x)
+
+
+def stage_channels(backbone: nn.Module, arch: str = "") -> tuple[int, ...]:
+    """The channels of the maps after each stage of a backbone that exposes its stages (a
+    ``stage_channels`` tuple and a ``forward_stages(x, stage, fn)`` method); a ConfigError otherwise."""
+    channels = getattr(backbone, "stage_channels", None)
+    if channels is None or not hasattr(backbone, "forward_stages"):
+        name = f"model.arch {arch}" if arch else f"the backbone {type(backbone).__name__}"
+        raise ConfigError(f"{name} exposes no stages (no stage_channels/forward_stages), which train.stage_module "
+                          "needs; use a CIFAR or torchvision ResNet backbone (resnet32, resnet18, ...) or remove "
+                          "train.stage_module")
+    return tuple(channels)
+
+
+def stage_forward(backbone: nn.Module, x: torch.Tensor, stage: int, fn) -> torch.Tensor:
+    """The pooled features of ``x`` with ``fn`` applied to the maps after ``stage`` (1-based);
+    ``fn`` may return more rows than it gets (generated samples), which the later stages carry."""
+    count = len(stage_channels(backbone))
+    if not 1 <= stage <= count:
+        raise ConfigError(f"train.stage_module sits after stage {stage}, and {type(backbone).__name__} has stages "
+                          f"1..{count}; set stage to one of them")
+    return backbone.forward_stages(x, stage, fn)
 
 
 def build_backbone(arch: str, in_channels: int, cfg: ModelConfig | None = None) -> nn.Module:

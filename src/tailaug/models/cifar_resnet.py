@@ -52,6 +52,8 @@ class CifarResNet(nn.Module):
                 in_planes = planes
         self.layers = nn.Sequential(*layers)
         self.feature_dim = 64
+        self.stage_channels = (16, 32, 64)  # the maps after each stage (models.stage_forward)
+        self.stage_ends = (n, 2 * n, 3 * n)  # the stages' last blocks (one flat Sequential keeps the weight names)
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
@@ -62,6 +64,12 @@ class CifarResNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.flatten(F.adaptive_avg_pool2d(self.spatial_maps(x), 1), 1)
+
+    def forward_stages(self, x: torch.Tensor, stage: int, fn) -> torch.Tensor:
+        """:meth:`forward` with ``fn`` applied to the maps after ``stage`` (1-based)."""
+        end = self.stage_ends[stage - 1]
+        maps = fn(self.layers[:end](F.relu(self.bn1(self.conv1(x)))))
+        return torch.flatten(F.adaptive_avg_pool2d(self.layers[end:](maps), 1), 1)
 
 
 for _depth in (20, 32, 44, 56, 110):

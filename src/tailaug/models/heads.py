@@ -1,10 +1,14 @@
-"""Classifier heads: linear and cosine (NormedLinear)."""
+"""Classifier heads: linear and cosine (NormedLinear), and the linear form of any head."""
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ..errors import ConfigError
 
 
 def cosine_matrix(features: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -26,11 +30,45 @@ def head_logits(features: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     return cosine_scale * cosine_matrix(features, weight)
 
 
+class LinearForm(NamedTuple):
+    """A head as a linear map: ``logits = weight @ phi(a) + bias`` with ``phi(a) = a / |a|``
+    when ``normalised`` (cosine heads) and ``a`` otherwise. ``weight`` [C, d] is differentiable
+    in the head's parameters (a cosine head's scale and normalised weights, LWS's class
+    scales are folded into it); ``cosine_scale`` is s of a cosine head (logits = s * cosines)."""
+
+    weight: torch.Tensor
+    normalised: bool
+    cosine_scale: float | None
+
+
+def linear_form(head: nn.Module) -> LinearForm:
+    """The :class:`LinearForm` of a head, from its ``head_state()`` (the form every trained
+    classifier states: ``class_scale * head_logits(a, weight, bias, cosine_scale)``, see
+    ``tailaug.stages.stored_head``) or, for a bare ``nn.Linear``, its weight."""
+    if hasattr(head, "head_state"):
+        state = head.head_state()
+    elif isinstance(head, nn.Linear):
+        state = {"weight": head.weight}
+    else:
+        raise ConfigError(f"the classifier {type(head).__name__} does not state its linear form (no head_state()), "
+                          "which an implicit feature augmenter needs; train a linear or cosine classifier (crt, lws)")
+    weight, scale, class_scale = state["weight"], state.get("cosine_scale"), state.get("class_scale")
+    scale = None if scale is None else float(scale)  # a Python number or a CPU scalar: no device sync
+    if scale is not None:
+        weight = scale * F.normalize(weight, dim=1)
+    if class_scale is not None:
+        weight = class_scale[:, None] * weight
+    return LinearForm(weight, scale is not None, scale)
+
+
 class LinearHead(nn.Linear):
     """A plain linear classifier; ``cosine`` is None for it."""
 
     def cosine(self, features: torch.Tensor) -> None:
         return None
+
+    def head_state(self) -> dict:  # its form (as the stage-3 classifiers state theirs)
+        return {"weight": self.weight, "bias": self.bias}
 
 
 class CosineHead(nn.Module):
@@ -47,6 +85,9 @@ class CosineHead(nn.Module):
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return self.scale * self.cosine(features)
+
+    def head_state(self) -> dict:  # its form (as the stage-3 classifiers state theirs)
+        return {"weight": self.weight, "bias": None, "cosine_scale": self.scale}
 
 
 def build_head(kind: str, in_features: int, num_classes: int, scale: float = 16.0) -> nn.Module:

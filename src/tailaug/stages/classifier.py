@@ -5,7 +5,8 @@ hands them to the decoupled classifier that ``retrain.method`` names (``tailaug.
 crt, lws, tau_norm, ncm, one file each); the result is a module ``features [N, d] -> logits
 [N, C]``. :func:`fit_trained` is the training every trained classifier shares: the
 augmenter fitted once, batches drawn by ``retrain.sampler`` (class-balanced by default) and
-augmented, cross-entropy (Eq. 5), Adam, ``retrain.epochs`` epochs of N samples each.
+augmented, cross-entropy (Eq. 5) of the logits as the augmenter adjusts them (an implicit
+augmenter such as ISDA adds its term there), Adam, ``retrain.epochs`` epochs of N samples each.
 
 Everything random (initialisation, sampling, augmentation) derives from ``seed`` through
 private generators, so the same inputs and seed give the same module on the CPU.
@@ -24,11 +25,13 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..augment.base import AugmentContext, FeatureAugmenter, SpatialMaps
+from ..augment.meta import MetaStep, meta_indices, trainable
 from ..augment.stg import head_classes as _head_classes
 from ..data.classes import check_features
 from ..data.samplers import build_sampler
 from ..engine.device import autocast
 from ..errors import ConfigError, DataError, TailaugError
+from ..losses.base import LossInputs
 from ..registry import CLASSIFIERS
 
 log = logging.getLogger(__name__)
@@ -203,6 +206,14 @@ def _cross_entropy(model, features, logits, labels):
     return F.cross_entropy(logits, labels)
 
 
+def _meta_step(model, loss_fn, lr, val_xy, rows, seed, epoch, step, device, dtype) -> MetaStep:
+    """A stage-3 :class:`MetaStep`: the classifier, its loss, and ``rows`` validation rows."""
+    pick = meta_indices(len(val_xy[1]), rows, seed, epoch, step).to(val_xy[1].device)
+    return MetaStep(module=model, params=trainable(model), lr=lr, meta_images=val_xy[0][pick],
+                    meta_labels=val_xy[1][pick], loss=lambda i: loss_fn(model, i.features, i.logits, i.targets),
+                    autocast=lambda: autocast(device, dtype))
+
+
 def _train(model, x, y, cfg, num_classes, seed, augmenter, val_xy, progress, device, dtype, *,
            loss_fn=_cross_entropy, set_epoch=None, desc: str | None = None, section: str = "retrain") -> list[dict]:
     """Train ``model`` on (x, y) with Adam at ``cfg.lr``, batches of ``cfg.batch_size`` drawn by
@@ -237,7 +248,13 @@ def _train(model, x, y, cfg, num_classes, seed, augmenter, val_xy, progress, dev
                 augment_s += time.perf_counter() - t0
             with autocast(device, dtype):
                 logits = model(xb)
-            loss = loss_fn(model, xb, logits.float(), yb)
+            logits = logits.float()
+            if augmenter is not None:  # an implicit augmenter changes the logits here
+                if rows := augmenter.meta_rows():  # a meta step on validation rows (augment/meta.py)
+                    augmenter.set_meta_step(_meta_step(model, loss_fn, cfg.lr, val_xy, rows, seed, epoch,
+                                                       start // cfg.batch_size, device, dtype))
+                logits = augmenter.adjust_loss_inputs(LossInputs(logits, yb, xb), model).logits
+            loss = loss_fn(model, xb, logits, yb)
             if not torch.isfinite(loss):
                 stage = "stage-3" if section == "retrain" else "stage-1"
                 weaker = " or the augmentation strength (e.g. retrain.augmenter.lam)" if section == "retrain" else ""

@@ -80,6 +80,10 @@ def stage1_fields(cfg: Config) -> dict[str, Any]:
     train.update(_pick(t, {"multistep": ("milestones", "gamma"), "step": ("step_size", "gamma"),
                            "cosine": ("min_lr",)}[t.schedule]))
     train["reweight"] = reweight_fields(t.reweight)
+    if t.remix is not None:  # absent otherwise: the keys of earlier runs stay valid
+        train["remix"] = t.remix.model_dump(mode="json")
+    if t.stage_module is not None:  # absent otherwise: the keys of earlier runs stay valid
+        train["stage_module"] = t.stage_module.model_dump(mode="json")
     if t.feature_augmenter.name != "none":  # absent otherwise: the keys of earlier runs stay valid
         train["feature_augmenter"] = {**t.feature_augmenter.model_dump(mode="json"), "head_set": head_set_fields(cfg)}
     return {"run": {"seed": cfg.run.seed}, "data": data, "model": model, "train": train}

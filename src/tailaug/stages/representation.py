@@ -12,7 +12,9 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from ..augment.base import AugmentContext, build_augmenter
-from ..augment.mixup import mixup
+from ..augment.meta import MetaStep, meta_indices, trainable
+from ..augment.mixup import mixed_loss, mixup
+from ..augment.remix import Remix
 from ..augment.stg import head_classes
 from ..config import Config
 from ..data.classes import SHOT_GROUPS, shot_groups
@@ -33,6 +35,7 @@ from ..evaluation.results import STAGE1, record_results, result_row
 from ..evaluation.scoring import eval_settings, score
 from ..losses import LossInputs, build_loss
 from ..models import Network
+from ..models.stage_modules import TrainingNetwork, build_stage_module
 from .keys import stage1_key
 from .stage1_model import (batch_transform, build_network, check_checkpoint, checkpoint_fix, checkpoint_path,
                            marker_path, write_classes, write_run_config)
@@ -57,6 +60,9 @@ class Trainer:
             )
         self.model: Network = build_network(cfg, self.data, self.device)
         self.loss_fn = build_loss(tc, self.data.class_counts).to(self.device)
+        self.remix = None  # Remix's label weights on mixup's images (augment/remix.py)
+        if tc.remix is not None:
+            self.remix = Remix(self.data.class_counts, tc.remix.kappa, tc.remix.tau).to(self.device)
         if self.loss_fn.needs_two_views and tc.mixup_alpha > 0:
             raise ConfigError("supcon needs two views of each image and cannot be combined with mixup; "
                               "set train.mixup_alpha=0 or drop the supcon term")
@@ -64,8 +70,15 @@ class Trainer:
             names = sorted({t.name for t in self.loss_fn.terms if t.needs_cosine})
             raise ConfigError(f"the margin loss(es) {', '.join(names)} in train.loss act on the cosines of a "
                               "cosine classifier; set model.head: cosine")
+        # train.stage_module: inside the network while training only; self.model stays the plain network
+        self.stage_module, train_net = None, self.model
+        if tc.stage_module is not None:
+            self.stage_module = build_stage_module(tc.stage_module, self.model, self.data.class_counts,
+                                                   cfg.model.arch).to(self.device)
+            train_net = TrainingNetwork(self.model, self.stage_module)
+        self.train_net = train_net
         self.optimizer = torch.optim.SGD(
-            [p for p in self.model.parameters() if p.requires_grad], lr=tc.lr, momentum=tc.momentum,
+            [p for p in train_net.parameters() if p.requires_grad], lr=tc.lr, momentum=tc.momentum,
             weight_decay=tc.weight_decay, nesterov=tc.nesterov,
         )
         self.scaler = torch.amp.GradScaler(enabled=self.dtype == torch.float16)
@@ -85,10 +98,12 @@ class Trainer:
         self.feature_aug = None
         if tc.feature_augmenter.name != "none":
             self.feature_aug = build_augmenter(tc.feature_augmenter).to(self.device)
-        self.net = self.model
+        self.net = train_net
         if self.dist.enabled:
             ids = [self.device.index] if self.device.type == "cuda" else None
-            self.net = DistributedDataParallel(self.model, device_ids=ids)
+            # a stage module may leave parameters unused in a step (before it generates, or without rare samples)
+            self.net = DistributedDataParallel(train_net, device_ids=ids,
+                                               find_unused_parameters=self.stage_module is not None)
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -97,6 +112,7 @@ class Trainer:
             "epoch": epoch, "key": stage1_key(self.cfg), "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(), "best": best,
             "feature_augmenter": None if self.feature_aug is None else self.feature_aug.state_tensors(),
+            "stage_module": None if self.stage_module is None else self.stage_module.state_dict(),
         }
 
     def restore(self) -> tuple[int, dict | None]:
@@ -104,6 +120,8 @@ class Trainer:
         ckpt = check_checkpoint(self.run_dir, self.cfg, device=self.device)
         for target, entry in ((self.model, "model"), (self.optimizer, "optimizer"), (self.scaler, "scaler")):
             load_state(target, ckpt[entry], path, checkpoint_fix(self.run_dir))
+        if self.stage_module is not None:
+            load_state(self.stage_module, ckpt.get("stage_module") or {}, path, checkpoint_fix(self.run_dir))
         self.fit_feature_augmenter(ckpt.get("feature_augmenter"))
         return ckpt["epoch"] + 1, ckpt["best"]
 
@@ -120,6 +138,7 @@ class Trainer:
             class_counts=torch.tensor(counts), num_classes=self.data.num_classes,
             head_classes=head_classes(counts, self.cfg.stg.head, many=self.cfg.data.shots.many),
             validation=None if val is None else (val["features"].to(self.device), val["labels"].to(self.device)),
+            online=True,
         ))
         if state:
             self.feature_aug.load_state_tensors(state)
@@ -172,6 +191,10 @@ class Trainer:
         self.net.train()
         self.train_batches.set_epoch(epoch)
         self.loss_fn.set_epoch(epoch)
+        if self.feature_aug is not None:
+            self.feature_aug.set_epoch(epoch, tc.epochs)
+        if self.stage_module is not None:
+            self.stage_module.set_epoch(epoch)
         rng = np.random.default_rng([self.cfg.run.seed, epoch, self.dist.rank])
         steps = len(self.train_batches)
         # loss sum, correct, seen: kept on the device (no host sync per step; NCCL reduces CUDA tensors only)
@@ -191,7 +214,7 @@ class Trainer:
             x = self.transform(raw, gen)
             if self.loss_fn.needs_two_views:
                 x, y = torch.cat([x, self.transform(raw, gen)]), torch.cat([y, y])
-            loss, logits = self.step(x, y, rng, aug_gen)
+            loss, logits = self.step(x, y, rng, aug_gen, at=(epoch, step))
             hits = logits.argmax(1) == y
             totals[0] += loss * len(y)
             totals[1] += hits.sum()
@@ -232,42 +255,71 @@ class Trainer:
                 f"{split}_per_class": [None if np.isnan(a) else float(100 * a) for a in per_class]}
 
     def step(self, x: torch.Tensor, y: torch.Tensor, rng: np.random.Generator,
-             aug_gen: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+             aug_gen: torch.Generator | None = None, at: tuple[int, int] = (0, 0)
+             ) -> tuple[torch.Tensor, torch.Tensor]:
         """One optimiser step; returns the (detached) loss and logits, still on the device.
 
         With train.feature_augmenter, its virtual rows (drawn before the batch) go through the
         head in the same forward pass; their cross-entropy joins the loss weighted by their
-        share of the rows, and the augmenter then observes the batch's features."""
+        share of the rows; the loss sees the batch's inputs as the augmenter adjusts them
+        (``adjust_loss_inputs``, e.g. an implicit augmentation term), and the augmenter then observes the
+        batch's features. An augmenter that asks for a meta step (``meta_rows``) first gets
+        :meth:`meta_step` of this step (``at``: epoch, step)."""
         tc = self.cfg.train
         lam, perm = 1.0, None
         if tc.mixup_alpha > 0:
             x, lam, perm = mixup(x, rng, tc.mixup_alpha)
         extra, extra_y = None, None
         if self.feature_aug is not None:
-            extra, extra_y = self.feature_aug.virtual(len(y), aug_gen)
-            if not len(extra_y):
+            extra, extra_y = self.feature_aug.virtual(len(y), aug_gen) or (None, None)
+            if extra_y is not None and not len(extra_y):
                 extra = None
         with autocast(self.device, self.dtype):
-            out = self.net(x) if extra is None else self.net(x, extra)
+            out = self.net(x, extra, labels=y) if self.stage_module is not None else self.net(x, extra)
         logits, features = out.logits.float(), out.features.float()
+        batch = len(y)
+        if out.labels is not None:  # rows generated inside the network (train.stage_module) join the batch
+            y = torch.cat([y, out.labels])
         virtual_logits, logits = logits[len(y):], logits[: len(y)]
         cosine = self.model.head.cosine(features)  # None for a linear head
-        loss = self.loss_fn(LossInputs(logits, y, features, cosine))
-        if perm is not None:
-            loss = lam * loss + (1 - lam) * self.loss_fn(LossInputs(logits, y[perm], features, cosine))
+        inputs = LossInputs(logits, y, features, cosine)
+        if self.feature_aug is not None:  # never with mixup (a config error): one label per feature
+            if rows := self.feature_aug.meta_rows():
+                self.feature_aug.set_meta_step(self.meta_step(rows, *at))
+            inputs = self.feature_aug.adjust_loss_inputs(inputs, self.model.head)
+        if perm is None:
+            loss = self.loss_fn(inputs)
+        else:  # mixup, or Remix's per-sample label weights
+            label_weight = None if self.remix is None else self.remix(lam, y, y[perm])
+            loss = mixed_loss(self.loss_fn, inputs, y[perm], lam, label_weight)
         if extra is not None:
             virtual_loss = torch.nn.functional.cross_entropy(virtual_logits, extra_y)
             loss = (len(y) * loss + len(extra_y) * virtual_loss) / (len(y) + len(extra_y))
+        if out.loss is not None:  # a stage module's own loss terms
+            loss = loss + out.loss
         if self.feature_aug is not None:
             self.feature_aug.observe(features, y)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         if tc.grad_clip:
             self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.grad_clip)
+            torch.nn.utils.clip_grad_norm_(self.train_net.parameters(), tc.grad_clip)
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        return loss.detach(), logits.detach()
+        return loss.detach(), logits[:batch].detach()
+
+    def meta_step(self, rows: int, epoch: int, step: int) -> MetaStep:
+        """This step's :class:`MetaStep`: the network (not a copy), its trainable parameters, the
+        loss, the lr, and ``rows`` validation images (evaluation transform) drawn by (seed, epoch, step)."""
+        val = self.data.val
+        idx = meta_indices(len(val), rows, self.cfg.run.seed, epoch, step)
+        raw = val.images[idx] if val.images is not None else \
+            torch.stack([torch.as_tensor(val.dataset[i][0]) for i in idx.tolist()])
+        return MetaStep(module=self.model, params=trainable(self.model), loss=self.loss_fn,
+                        lr=self.optimizer.param_groups[0]["lr"], meta_images=self.transform(raw.to(self.device)),
+                        meta_labels=torch.from_numpy(val.labels)[idx].to(self.device),
+                        logits_of=lambda out: out.logits, autocast=lambda: autocast(self.device, self.dtype),
+                        head_prefix="head.")
 
     # ------------------------------------------------------------------ evaluation
 

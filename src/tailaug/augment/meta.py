@@ -1,0 +1,80 @@
+"""What a trainer hands an augmenter that takes a meta step (e.g. MetaSAug) on every batch.
+
+A feature augmenter whose ``meta_rows()`` is positive for the current epoch gets, before the
+trainer calls its ``adjust_loss_inputs``, a :class:`MetaStep` through ``set_meta_step``: the
+module being trained (its trainable parameters by name, the real ones, not a copy), the
+training loss, the current learning rate, and a meta batch of that many rows drawn from the
+validation split (never the test set) by :func:`meta_indices`. The augmenter may take a
+virtual step of the parameters and evaluate the module at them with :meth:`MetaStep.meta_logits`,
+a functional call (``torch.func.functional_call``) of the same module: no copy is built, and
+the module's buffers (BatchNorm running statistics) are replaced by clones for the call, so
+the virtual pass leaves the real parameters and buffers as they were.
+
+Stage 1 (``tailaug.stages.representation``) draws the meta images from ``data.val`` (the
+evaluation transform, no augmentation); stage 3 (``tailaug.stages.classifier``) draws rows of
+the validation features. Both seed the draw by (seed, epoch, step).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from typing import Callable
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from ..engine.seed import torch_generator
+
+META_STREAM = 29  # the last key of the meta batches' generator (distinct from the other draws)
+
+
+@dataclasses.dataclass(kw_only=True)
+class MetaStep:
+    """One step's meta-learning inputs (see the module).
+
+    ``module`` the module being trained; ``params`` its trainable parameters by name (the real
+    tensors: a loss of them is differentiable in them); ``loss(inputs)`` the training loss of a
+    batch's :class:`~tailaug.losses.LossInputs`; ``lr`` the learning rate of this step;
+    ``meta_images``/``meta_labels`` the meta batch; ``logits_of(output)`` the logits in what the
+    module returns; ``autocast()`` the precision context of the trainer's forward pass;
+    ``head_prefix`` what the names of the classifier's parameters start with.
+    """
+
+    module: nn.Module
+    params: dict[str, torch.Tensor]
+    loss: Callable
+    lr: float
+    meta_images: torch.Tensor
+    meta_labels: torch.Tensor
+    logits_of: Callable = lambda out: out  # noqa: E731
+    autocast: Callable = contextlib.nullcontext
+    head_prefix: str = ""  # the names of the classifier's parameters start with it ("" : the module is one)
+
+    def head_params(self) -> dict[str, torch.Tensor]:
+        """The classifier's share of ``params``."""
+        return {n: p for n, p in self.params.items() if n.startswith(self.head_prefix)}
+
+    def meta_logits(self, params: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Logits of the meta batch (at least float32) by ``module`` with ``params`` in place of its own
+        (a functional call; its buffers are cloned for the call, so BatchNorm in training mode
+        normalises with the meta batch's statistics and updates nothing)."""
+        buffers = {name: b.clone() for name, b in self.module.named_buffers()}
+        with self.autocast():
+            out = functional_call(self.module, {**buffers, **params}, (self.meta_images,))
+        logits = self.logits_of(out)
+        return logits.to(torch.promote_types(logits.dtype, torch.float32))
+
+
+def trainable(module: nn.Module) -> dict[str, torch.Tensor]:
+    """The parameters of ``module`` that train (requires_grad), by name."""
+    return {name: p for name, p in module.named_parameters() if p.requires_grad}
+
+
+def meta_indices(size: int, rows: int, seed: int, epoch: int, step: int) -> torch.Tensor:
+    """``min(rows, size)`` distinct indices of a meta set of ``size`` rows (CPU), drawn uniformly
+    without replacement by a generator seeded by (seed, epoch, step): the same draw whether or
+    not the run was interrupted before it."""
+    gen = torch_generator(seed, epoch, step, META_STREAM)
+    return torch.randperm(size, generator=gen)[: min(rows, size)]

@@ -1,9 +1,13 @@
-"""Tiny on-disk datasets for tests, written in the real file formats."""
+"""Tiny on-disk datasets for tests, written in the real file formats; a two-process torchrun."""
 
 from __future__ import annotations
 
 import gzip
+import os
+import socket
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -61,3 +65,15 @@ def write_class_folders(root: Path, counts: dict[str, int], size: int = 16, seed
         for i, image in enumerate(class_images(np.full(n, k), rng, size=size, channels=3)):
             Image.fromarray(image.transpose(1, 2, 0)).save(folder / f"{i:03d}.png")
     return root
+
+
+def torchrun_train(args: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
+    """``tailaug train ARGS`` under torchrun with two CPU processes (one thread each) on a free
+    port, from the repository root; the completed process (stdout and stderr captured)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+           "-m", "tailaug.cli", "train", *args, "--no-progress"]
+    return subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                          timeout=timeout, cwd=Path(__file__).resolve().parents[1])

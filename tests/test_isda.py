@@ -410,3 +410,22 @@ def test_stage1_with_isda_learns_and_resumes_exactly(tmp_path, monkeypatch, one_
     again = torch.load(tmp_path / "b" / "checkpoints" / "last.pt", weights_only=True)["feature_augmenter"]
     for name in state:
         assert torch.equal(again[name], state[name]), name
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_keep_the_statistics_of_the_whole_global_batch(tmp_path):
+    """Each rank sees half of every batch of 32; the statistics merge both halves, so the
+    checkpointed counts are those of every row of every global batch (one rank's would be half)."""
+    from synthetic import torchrun_train, write_fashion_mnist
+
+    from tailaug.config import load_config
+    from tailaug.data.datasets import build_data
+
+    root = write_fashion_mnist(tmp_path / "fm", per_class_train=110)
+    args = ["configs/fmnist_lt/demo.yaml", *STAGE1, "train.epochs=2", f"data.root={root}",
+            f"run.output_dir={tmp_path}", "run.name=ddp"]
+    proc = torchrun_train(args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    state = torch.load(tmp_path / "ddp" / "checkpoints" / "last.pt", weights_only=True)["feature_augmenter"]
+    images = len(build_data(load_config(args[0], args[1:]).data).train)
+    assert state["count"].sum() == 2 * (images // 32) * 32  # 2 epochs of whole global batches (drop_last)

@@ -21,7 +21,7 @@ from tailaug.registry import LOSSES
 from tailaug.stages.keys import stage1_key
 from tailaug.stages.representation import Trainer
 
-from synthetic import write_fashion_mnist
+from synthetic import torchrun_train, write_fashion_mnist
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -293,3 +293,15 @@ def test_remix_step_keeps_to_the_process_device(data_root, tmp_path, one_thread)
     finally:
         torch.set_default_device(None)
     assert math.isfinite(record["train_loss"]) and record["train_loss"] > 0
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_train_with_remix(data_root, tmp_path):
+    """Remix keeps no state across ranks: each rank re-labels its own half of the batch; the
+    run trains to the end under DDP and rank 0 writes it."""
+    args = [str(REPO / "configs/fmnist_lt/demo.yaml"), *TINY, "train.epochs=2", f"data.root={data_root}",
+            f"run.output_dir={tmp_path}", "run.name=ddp"]
+    proc = torchrun_train(args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert torch.load(tmp_path / "ddp" / "checkpoints" / "last.pt", weights_only=True)["epoch"] == 1
+    assert "remix" in (tmp_path / "ddp" / "config.yaml").read_text()

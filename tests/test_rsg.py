@@ -5,11 +5,7 @@ model, a tiny stage-1 run with exact resume, and config errors."""
 from __future__ import annotations
 
 import math
-import os
 import re
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -28,7 +24,7 @@ from tailaug.stages.keys import stage1_key
 from tailaug.stages.representation import Trainer
 from tailaug.stages.stage1_model import build_network, load_finished
 
-from synthetic import write_fashion_mnist
+from synthetic import torchrun_train, write_fashion_mnist
 
 REPO = Path(__file__).resolve().parents[1]
 COUNTS = [100, 60, 10, 5]  # frequent_share 0.5: classes 0 and 1 are frequent, 2 and 3 rare
@@ -296,15 +292,8 @@ def test_stage1_with_rsg_learns_resumes_exactly_and_leaves_a_plain_model(data_ro
 def test_torchrun_two_processes_train_with_rsg(data_root, tmp_path):
     """Under DDP the wrapped network carries RSG (parameters unused before the switch-on epoch or
     in a batch without rare samples are allowed); rank 0 writes one plain-model run."""
-    port = socket.socket()
-    port.bind(("127.0.0.1", 0))
-    free = port.getsockname()[1]
-    port.close()
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free}",
-           "-m", "tailaug.cli", "train", *args(data_root, tmp_path, "ddp"), "train.epochs=2", "data.n_max=40",
-           "train.stage_module.start_epoch=1", "--no-progress"]
-    proc = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
-                          timeout=300, cwd=REPO)
+    proc = torchrun_train([*args(data_root, tmp_path, "ddp"), "train.epochs=2", "data.n_max=40",
+                           "train.stage_module.start_epoch=1"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     ckpt = torch.load(tmp_path / "ddp" / "checkpoints" / "last.pt", weights_only=True)
     assert ckpt["epoch"] == 1 and ckpt["stage_module"] and not any("module" in k for k in ckpt["model"])

@@ -1,4 +1,5 @@
-"""Tiny on-disk datasets for tests, written in the real file formats; a two-process torchrun."""
+"""Tiny on-disk datasets for tests, written in the real file formats; a two-process torchrun;
+a stage 1 stopped and resumed; a feature cache of three Gaussian classes."""
 
 from __future__ import annotations
 
@@ -77,3 +78,45 @@ def torchrun_train(args: list[str], timeout: int = 300) -> subprocess.CompletedP
            "-m", "tailaug.cli", "train", *args, "--no-progress"]
     return subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
                           timeout=timeout, cwd=Path(__file__).resolve().parents[1])
+
+
+def stop_and_resume(monkeypatch, train, at_epoch: int, **resume_options):
+    """``train()`` stopped by a KeyboardInterrupt as epoch ``at_epoch`` (0-based) starts, then
+    ``train(resume=True, **resume_options)``; returns what the resumed call returns."""
+    import pytest
+
+    from tailaug.stages.representation import Trainer
+
+    real_epoch = Trainer.train_epoch
+
+    def stop(self, epoch):
+        if epoch == at_epoch:
+            raise KeyboardInterrupt
+        return real_epoch(self, epoch)
+
+    monkeypatch.setattr(Trainer, "train_epoch", stop)
+    with pytest.raises(KeyboardInterrupt):
+        train()
+    monkeypatch.setattr(Trainer, "train_epoch", real_epoch)
+    return train(resume=True, **resume_options)
+
+
+def gaussian_feature_cache(val_per_class: int = 0) -> dict:
+    """A stage-3 feature cache of three 4-d Gaussian classes around 3 * e_c (train 40/10/4,
+    test 20 each, validation ``val_per_class`` each when > 0), the stage-1 head the class means."""
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    means = torch.eye(3, 4) * 3
+
+    def split(counts):
+        labels = torch.cat([torch.full((n,), c) for c, n in enumerate(counts)])
+        return means[labels] + torch.randn(len(labels), 4, generator=g), labels
+
+    train_x, train_y = split([40, 10, 4])
+    cache = {"train_features": train_x, "train_labels": train_y, "train_index": torch.arange(54),
+             "class_counts": torch.tensor([40, 10, 4]), "head_weight": means, "head_bias": torch.zeros(3)}
+    cache["test_features"], cache["test_labels"] = split([20, 20, 20])
+    if val_per_class:
+        cache["val_features"], cache["val_labels"] = split([val_per_class] * 3)
+    return cache

@@ -112,20 +112,11 @@ def test_fasa_without_a_validation_split_is_a_one_line_error_naming_the_fix():
 
 
 def test_fasa_stage3_records_its_rates_per_epoch(tmp_path):
+    from synthetic import gaussian_feature_cache
+
     from tailaug.stages import pipeline
 
-    g = torch.Generator().manual_seed(0)
-    means = torch.eye(3, 4) * 3
-
-    def split(counts):
-        labels = torch.cat([torch.full((n,), c) for c, n in enumerate(counts)])
-        return means[labels] + torch.randn(len(labels), 4, generator=g), labels
-
-    train_x, train_y = split([40, 10, 4])
-    cache = {"train_features": train_x, "train_labels": train_y, "train_index": torch.arange(54),
-             "class_counts": torch.tensor([40, 10, 4]), "head_weight": means, "head_bias": torch.zeros(3)}
-    cache["test_features"], cache["test_labels"] = split([20, 20, 20])
-    cache["val_features"], cache["val_labels"] = split([5, 5, 5])
+    cache = gaussian_feature_cache(5)
     cfg = load_config(None, ["data.val_per_class=5", "retrain.epochs=10", "retrain.lr=0.05", "retrain.augmenter={name: fasa}"])
     label, row = pipeline.retrain(cfg, tmp_path, cache, cfg.retrain.augmenter, progress=False)
     assert label == "cRT + FASA" and row["metrics"]["top1"] > 80
@@ -166,9 +157,7 @@ def _train(root, out, name, resume=False):
 
 @pytest.mark.slow
 def test_fasa_during_representation_learning_adapts_rates_and_resumes_exactly(tmp_path, monkeypatch):
-    from synthetic import write_fashion_mnist
-
-    from tailaug.stages.representation import Trainer
+    from synthetic import stop_and_resume, write_fashion_mnist
 
     root = write_fashion_mnist(tmp_path / "fm", per_class_train=110)
     first = _train(root, tmp_path, "a")
@@ -176,18 +165,7 @@ def test_fasa_during_representation_learning_adapts_rates_and_resumes_exactly(tm
     records = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
     rates = [r["fasa_rates"] for r in records]
     assert len(rates) == 6 and rates[0] == [1.0] * 10 and rates[-1] != rates[0]
-    real_epoch = Trainer.train_epoch
-
-    def crash(self, epoch):
-        if epoch == 2:
-            raise KeyboardInterrupt
-        return real_epoch(self, epoch)
-
-    monkeypatch.setattr(Trainer, "train_epoch", crash)
-    with pytest.raises(KeyboardInterrupt):
-        _train(root, tmp_path, "b")
-    monkeypatch.setattr(Trainer, "train_epoch", real_epoch)
-    resumed = _train(root, tmp_path, "b", resume=True)
+    resumed = stop_and_resume(monkeypatch, lambda resume=False: _train(root, tmp_path, "b", resume), at_epoch=2)
     assert resumed["per_class"] == first["per_class"]
     again = [json.loads(line)["fasa_rates"] for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
     assert again == rates

@@ -343,19 +343,11 @@ def test_an_over_sampler_refuses_an_implicit_augmenter():
 
 
 def test_stage3_with_isda_trains_a_classifier_that_beats_chance(tmp_path):
+    from synthetic import gaussian_feature_cache
+
     from tailaug.stages import pipeline
 
-    g = torch.Generator().manual_seed(0)
-    means = torch.eye(3, 4) * 3
-
-    def split(counts):
-        labels = torch.cat([torch.full((n,), c) for c, n in enumerate(counts)])
-        return means[labels] + torch.randn(len(labels), 4, generator=g), labels
-
-    train_x, train_y = split([40, 10, 4])
-    cache = {"train_features": train_x, "train_labels": train_y, "train_index": torch.arange(54),
-             "class_counts": torch.tensor([40, 10, 4]), "head_weight": means, "head_bias": torch.zeros(3)}
-    cache["test_features"], cache["test_labels"] = split([20, 20, 20])
+    cache = gaussian_feature_cache()
     cfg = load_config(None, ["retrain.epochs=10", "retrain.lr=0.05",
                              "retrain.augmenter={name: isda, covariance: lowrank, rank: 2}"])
     label, row = pipeline.retrain(cfg, tmp_path, cache, cfg.retrain.augmenter, progress=False)
@@ -382,9 +374,7 @@ def _train(root, out, name, resume=False):
 
 @pytest.mark.slow
 def test_stage1_with_isda_learns_and_resumes_exactly(tmp_path, monkeypatch, one_thread):
-    from synthetic import write_fashion_mnist
-
-    from tailaug.stages.representation import Trainer
+    from synthetic import stop_and_resume, write_fashion_mnist
 
     root = write_fashion_mnist(tmp_path / "fm", per_class_train=110)
     first = _train(root, tmp_path, "a")
@@ -394,18 +384,7 @@ def test_stage1_with_isda_learns_and_resumes_exactly(tmp_path, monkeypatch, one_
     state = torch.load(tmp_path / "a" / "checkpoints" / "last.pt", weights_only=True)["feature_augmenter"]
     assert sorted(state) == ["count", "mean", "scatter"] and state["scatter"].shape == (10, 64, 64)
     assert state["count"].min() > 0 and state["count"].sum() % 32 == 0  # every row of every batch of 32
-    real_epoch = Trainer.train_epoch
-
-    def crash(self, epoch):
-        if epoch == 3:
-            raise KeyboardInterrupt
-        return real_epoch(self, epoch)
-
-    monkeypatch.setattr(Trainer, "train_epoch", crash)
-    with pytest.raises(KeyboardInterrupt):
-        _train(root, tmp_path, "b")
-    monkeypatch.setattr(Trainer, "train_epoch", real_epoch)
-    resumed = _train(root, tmp_path, "b", resume=True)
+    resumed = stop_and_resume(monkeypatch, lambda resume=False: _train(root, tmp_path, "b", resume), at_epoch=3)
     assert resumed["per_class"] == first["per_class"]
     again = torch.load(tmp_path / "b" / "checkpoints" / "last.pt", weights_only=True)["feature_augmenter"]
     for name in state:

@@ -259,20 +259,11 @@ def test_two_processes_stay_in_step_under_ddp(tmp_path):
 
 
 def test_stage3_with_metasaug_trains_a_classifier_that_beats_chance(tmp_path):
+    from synthetic import gaussian_feature_cache
+
     from tailaug.stages import pipeline
 
-    g = torch.Generator().manual_seed(0)
-    means = torch.eye(3, 4) * 3
-
-    def split(counts):
-        labels = torch.cat([torch.full((n,), c) for c, n in enumerate(counts)])
-        return means[labels] + torch.randn(len(labels), 4, generator=g), labels
-
-    train_x, train_y = split([40, 10, 4])
-    cache = {"train_features": train_x, "train_labels": train_y, "train_index": torch.arange(54),
-             "class_counts": torch.tensor([40, 10, 4]), "head_weight": means, "head_bias": torch.zeros(3)}
-    cache["test_features"], cache["test_labels"] = split([20, 20, 20])
-    cache["val_features"], cache["val_labels"] = split([10, 10, 10])
+    cache = gaussian_feature_cache(10)
     cfg = load_config(None, ["retrain.epochs=8", "retrain.lr=0.05", "data.val_per_class=10",
                              "retrain.augmenter={name: metasaug, start_epoch: 2, meta_batch: 12}"])
     label, row = pipeline.retrain(cfg, tmp_path, cache, cfg.retrain.augmenter, progress=False)
@@ -320,9 +311,7 @@ def test_the_meta_set_is_the_validation_split_disjoint_from_training(tmp_path, o
 
 @pytest.mark.slow
 def test_stage1_with_metasaug_learns_and_resumes_exactly(tmp_path, monkeypatch, one_thread, capsys):
-    from synthetic import write_fashion_mnist
-
-    from tailaug.stages.representation import Trainer
+    from synthetic import stop_and_resume, write_fashion_mnist
 
     root = write_fashion_mnist(tmp_path / "fm", per_class_train=110)
     first = _train(root, tmp_path, "a")
@@ -331,18 +320,7 @@ def test_stage1_with_metasaug_learns_and_resumes_exactly(tmp_path, monkeypatch, 
     records = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
     assert ["metasaug_meta_loss" in r for r in records] == [False] * 3 + [True] * 3
     state = torch.load(tmp_path / "a" / "checkpoints" / "last.pt", weights_only=True)["feature_augmenter"]
-    real_epoch = Trainer.train_epoch
-
-    def crash(self, epoch):
-        if epoch == 4:
-            raise KeyboardInterrupt
-        return real_epoch(self, epoch)
-
-    monkeypatch.setattr(Trainer, "train_epoch", crash)
-    with pytest.raises(KeyboardInterrupt):
-        _train(root, tmp_path, "b")
-    monkeypatch.setattr(Trainer, "train_epoch", real_epoch)
-    resumed = _train(root, tmp_path, "b", resume=True)
+    resumed = stop_and_resume(monkeypatch, lambda resume=False: _train(root, tmp_path, "b", resume), at_epoch=4)
     assert resumed["per_class"] == first["per_class"]
     again = torch.load(tmp_path / "b" / "checkpoints" / "last.pt", weights_only=True)["feature_augmenter"]
     for name in state:

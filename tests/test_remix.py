@@ -21,7 +21,7 @@ from tailaug.registry import LOSSES
 from tailaug.stages.keys import stage1_key
 from tailaug.stages.representation import Trainer
 
-from synthetic import torchrun_train, write_fashion_mnist
+from synthetic import stop_and_resume, torchrun_train, write_fashion_mnist
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -265,18 +265,7 @@ def test_stage1_with_remix_learns_and_resumes_exactly(data_root, tmp_path, monke
         allowed = {lam, *([0.0] if lam < 0.5 else []), *([1.0] if 1 - lam < 0.5 else [])}
         assert set(w.tolist()) <= allowed
 
-    real_epoch = Trainer.train_epoch
-
-    def crash(self, epoch):
-        if epoch == 3:
-            raise KeyboardInterrupt
-        return real_epoch(self, epoch)
-
-    monkeypatch.setattr(Trainer, "train_epoch", crash)
-    with pytest.raises(KeyboardInterrupt):
-        train(data_root, tmp_path, "b")
-    monkeypatch.setattr(Trainer, "train_epoch", real_epoch)
-    resumed = train(data_root, tmp_path, "b", resume=True)
+    resumed = stop_and_resume(monkeypatch, lambda resume=False: train(data_root, tmp_path, "b", resume), at_epoch=3)
     assert resumed["per_class"] == first["per_class"] and resumed["ece"] == first["ece"]
 
 

@@ -21,10 +21,9 @@ from tailaug.models.heads import LinearHead
 from tailaug.models.rsg import RSG, RSGConfig, frequent_classes
 from tailaug.models.stage_modules import TrainingNetwork, build_stage_module
 from tailaug.stages.keys import stage1_key
-from tailaug.stages.representation import Trainer
 from tailaug.stages.stage1_model import build_network, load_finished
 
-from synthetic import torchrun_train, write_fashion_mnist
+from synthetic import stop_and_resume, torchrun_train, write_fashion_mnist
 
 REPO = Path(__file__).resolve().parents[1]
 COUNTS = [100, 60, 10, 5]  # frequent_share 0.5: classes 0 and 1 are frequent, 2 and 3 rare
@@ -272,18 +271,7 @@ def test_stage1_with_rsg_learns_resumes_exactly_and_leaves_a_plain_model(data_ro
     with torch.no_grad():
         torch.testing.assert_close(finished.model(x).logits, plain.eval()(x).logits, rtol=0, atol=0)
 
-    real_epoch = Trainer.train_epoch
-
-    def crash(self, epoch):
-        if epoch == 3:
-            raise KeyboardInterrupt
-        return real_epoch(self, epoch)
-
-    monkeypatch.setattr(Trainer, "train_epoch", crash)
-    with pytest.raises(KeyboardInterrupt):
-        train(data_root, tmp_path, "b")
-    monkeypatch.setattr(Trainer, "train_epoch", real_epoch)
-    resumed = train(data_root, tmp_path, "b", resume=True)
+    resumed = stop_and_resume(monkeypatch, lambda resume=False: train(data_root, tmp_path, "b", resume), at_epoch=3)
     assert resumed["per_class"] == first["per_class"] and resumed["ece"] == first["ece"]
     assert math.isfinite(resumed["top1"])
 

@@ -54,6 +54,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field, model_validator
 
+from ..engine.indexing import pick
 from ..errors import ConfigError
 from ..registry import AUGMENTERS
 from .base import AugmentContext, AugmenterOptions, FeatureAugmenter
@@ -99,7 +100,7 @@ def class_quadratic(weight: torch.Tensor, classes: torch.Tensor, cov: Covariance
     """q [K, C]: q[k, j] = (w_j - w_c)^T Sigma_k (w_j - w_c) with c = classes[k], for ``weight``
     [C, d] and the Sigma_k of ``cov`` (K of them); differentiable in both."""
     num_classes, dim = weight.shape
-    own = weight[classes]
+    own = pick(weight, classes)
     if cov.full is not None:
         step = max(1, BLOCK // (num_classes * dim))
         blocks = []
@@ -128,7 +129,7 @@ def implicit_shift(weight: torch.Tensor, labels: torch.Tensor, classes: torch.Te
     """[B, C]: (lambda / 2) (w_j - w_y)^T Sigma_y (w_j - w_y) for every row (label y) and class j,
     zero at j = y. ``classes`` [K] and ``slot`` [C] come from ``class_slots`` (row i's class is
     ``classes[slot[labels[i]]]``), ``cov`` holds Sigma of ``classes``."""
-    q = class_quadratic(weight, classes, cov)[slot[labels]]
+    q = pick(class_quadratic(weight, classes, cov), slot[labels])
     own = F.one_hot(labels, weight.shape[0]).bool()
     return torch.where(own, torch.zeros_like(q), 0.5 * lam * q)
 

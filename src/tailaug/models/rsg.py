@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
+from ..engine.indexing import pick
 from ..registry import STAGE_MODULES, Section
 from .stage_modules import StageModule
 
@@ -81,12 +82,12 @@ class RSG(StageModule):
         with torch.autocast(maps.device.type, enabled=False):
             flat = maps.flatten(1).to(dtype)
             gamma = torch.softmax(torch.einsum("nc,nck->nk", maps.mean((2, 3)).to(dtype),
-                                               self.assign[labels].to(dtype)), 1)
+                                               self.assign.index_select(0, labels).to(dtype)), 1)
             weights = (F.one_hot(labels, self.num_classes).to(dtype)[:, :, None] * gamma[:, None, :]).reshape(n, -1)
             centres = (weights.T @ flat) / weights.sum(0).clamp_min(1e-12)[:, None]
             rows = labels[:, None] * self.k + torch.arange(self.k, device=labels.device)
             cross = (flat @ centres.T).gather(1, rows)
-            dist = ((flat ** 2).sum(1, keepdim=True) - 2 * cross + (centres ** 2).sum(1)[rows]).clamp_min(0)
+            dist = ((flat ** 2).sum(1, keepdim=True) - 2 * cross + pick((centres ** 2).sum(1), rows)).clamp_min(0)
         return gamma, centres, dist, rows
 
     def cesc_loss(self, maps, labels, gamma, dist) -> torch.Tensor:
@@ -102,9 +103,10 @@ class RSG(StageModule):
         if not len(rare_idx) or not len(freq_idx):  # the one host sync: the count sets the shapes
             return None
         partner = freq_idx[torch.arange(len(rare_idx), device=maps.device) % len(freq_idx)]
-        d_freq = displacement[partner].view(-1, *maps.shape[1:])
+        d_freq = displacement.index_select(0, partner).view(-1, *maps.shape[1:])
         moved = self.transform(d_freq)
-        return maps[rare_idx] + moved, labels[rare_idx], moved, d_freq, displacement[rare_idx]
+        return (maps.index_select(0, rare_idx) + moved, labels[rare_idx], moved, d_freq,
+                displacement.index_select(0, rare_idx))
 
     @staticmethod
     def mv_loss(moved, d_freq, d_rare) -> torch.Tensor:
@@ -118,7 +120,7 @@ class RSG(StageModule):
         loss = self.cfg.cesc_weight * self.cesc_loss(maps, labels, gamma, dist)
         if self.epoch < self.cfg.start_epoch:
             return maps, None, loss
-        nearest = centres[rows.gather(1, dist.argmin(1, keepdim=True)).squeeze(1)]
+        nearest = centres.index_select(0, rows.gather(1, dist.argmin(1, keepdim=True)).squeeze(1))
         made = self.generate(maps, labels, (maps.flatten(1) - nearest).to(maps.dtype))
         if made is None:
             return maps, None, loss

@@ -401,10 +401,12 @@ def test_torchrun_two_processes_keep_the_statistics_of_the_whole_global_batch(tm
     from tailaug.data.datasets import build_data
 
     root = write_fashion_mnist(tmp_path / "fm", per_class_train=110)
-    args = ["configs/fmnist_lt/demo.yaml", *STAGE1, "train.epochs=2", f"data.root={root}",
+    args = ["configs/fmnist_lt/demo.yaml", *STAGE1, "train.epochs=2", "data.val_per_class=0", f"data.root={root}",
             f"run.output_dir={tmp_path}", "run.name=ddp"]
     proc = torchrun_train(args)
     assert proc.returncode == 0, proc.stderr[-3000:]
     state = torch.load(tmp_path / "ddp" / "checkpoints" / "last.pt", weights_only=True)["feature_augmenter"]
     images = len(build_data(load_config(args[0], args[1:]).data).train)
     assert state["count"].sum() == 2 * (images // 32) * 32  # 2 epochs of whole global batches (drop_last)
+    records = [json.loads(line) for line in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["isda_lambda"] for r in records] == [0.0, 0.25]  # logged without a validation split too

@@ -158,17 +158,17 @@ class Trainer:
         try:
             for epoch in range(start, tc.epochs):
                 record = self.train_epoch(epoch)
-                new_best = False
+                new_best, validation = False, None
                 if self.data.val is not None:
                     out = self.outputs(self.data.val)
                     val = score(out["logits"], self.data.val.labels, self.data.class_counts, self.cfg)
                     record.update({"val_top1": val["top1"], **{f"val_{g}": val[g] for g in SHOT_GROUPS},
                                    "val_per_class": val["per_class"]})
-                    if self.feature_aug is not None:
-                        record.update(self.feature_aug.after_epoch(self.model.head, epoch,
-                                                                   validation=(out["features"], out["labels"])))
+                    validation = (out["features"], out["labels"])
                     if best is None or val["top1"] > best["val_top1"]:
                         best, new_best = {"epoch": epoch, "val_top1": val["top1"]}, True
+                if self.feature_aug is not None:  # with or without a validation split (ISDA logs its lambda)
+                    record.update(self.feature_aug.after_epoch(self.model.head, epoch, validation=validation))
                 if main:
                     if logger is None:
                         write_run_config(self.cfg, self.run_dir)

@@ -120,3 +120,17 @@ def gaussian_feature_cache(val_per_class: int = 0) -> dict:
     if val_per_class:
         cache["val_features"], cache["val_labels"] = split([val_per_class] * 3)
     return cache
+
+
+# a ResNet-20 stage 1 of 6 short epochs on write_fashion_mnist's data (the stage-1 augmenter tests)
+TINY_STAGE1 = ["data.n_max=100", "data.imbalance_factor=10", "data.num_workers=0", "model.arch=resnet20",
+               "train.epochs=6", "train.batch_size=32", "train.warmup_epochs=1", "train.lr=0.05",
+               "train.mixup_alpha=0", "train.schedule=cosine", "train.precision=fp32"]
+
+
+def train_tiny(overrides: list[str], root, out, name: str, resume: bool = False) -> dict:
+    """``tailaug train`` of the demo config with ``overrides`` into ``out/name`` (its stage-1 row)."""
+    from tailaug import commands
+
+    args = [*overrides, f"data.root={root}", f"run.output_dir={out}", f"run.name={name}"]
+    return commands.train("configs/fmnist_lt/demo.yaml", args, resume=resume, progress=False)

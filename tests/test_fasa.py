@@ -11,6 +11,8 @@ from tailaug.augment.fasa import adapt_rates, momentum_update, per_class_loss
 from tailaug.config import load_config
 from tailaug.errors import ConfigError
 
+from synthetic import TINY_STAGE1, train_tiny
+
 
 def _context(with_val=True):
     g = torch.Generator().manual_seed(0)
@@ -142,17 +144,12 @@ def test_analyze_fasa_without_a_fasa_run_names_the_fix(tmp_path, capsys):
 
 # ---------------------------------------------------------------------------- during representation learning
 
-STAGE1 = ["data.n_max=100", "data.imbalance_factor=10", "data.num_workers=0", "data.val_per_class=5",
-          "model.arch=resnet20", "train.epochs=6", "train.batch_size=32", "train.warmup_epochs=1",
-          "train.lr=0.05", "train.mixup_alpha=0", "train.schedule=cosine", "train.precision=fp32",
+STAGE1 = [*TINY_STAGE1, "data.val_per_class=5",
           "train.feature_augmenter={name: fasa, ratio: 0.5}"]
 
 
 def _train(root, out, name, resume=False):
-    from tailaug import commands
-
-    args = ["configs/fmnist_lt/demo.yaml", *STAGE1, f"data.root={root}", f"run.output_dir={out}", f"run.name={name}"]
-    return commands.train(args[0], args[1:], resume=resume, progress=False)
+    return train_tiny(STAGE1, root, out, name, resume)
 
 
 @pytest.mark.slow

@@ -18,6 +18,8 @@ from tailaug.errors import ConfigError
 from tailaug.losses import LossInputs
 from tailaug.models.heads import CosineHead, LinearHead, linear_form
 
+from synthetic import TINY_STAGE1, train_tiny
+
 KINDS = ["full", "diagonal", "lowrank"]
 
 
@@ -359,17 +361,12 @@ def test_stage3_with_isda_trains_a_classifier_that_beats_chance(tmp_path):
 
 # ---------------------------------------------------------------------------- stage 1
 
-STAGE1 = ["data.n_max=100", "data.imbalance_factor=10", "data.num_workers=0", "data.val_per_class=5",
-          "model.arch=resnet20", "train.epochs=6", "train.batch_size=32", "train.warmup_epochs=1",
-          "train.lr=0.05", "train.mixup_alpha=0", "train.schedule=cosine", "train.precision=fp32",
+STAGE1 = [*TINY_STAGE1, "data.val_per_class=5",
           "train.feature_augmenter={name: isda, lambda0: 0.5, covariance: full}"]
 
 
 def _train(root, out, name, resume=False):
-    from tailaug import commands
-
-    args = ["configs/fmnist_lt/demo.yaml", *STAGE1, f"data.root={root}", f"run.output_dir={out}", f"run.name={name}"]
-    return commands.train(args[0], args[1:], resume=resume, progress=False)
+    return train_tiny(STAGE1, root, out, name, resume)
 
 
 @pytest.mark.slow

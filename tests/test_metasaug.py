@@ -21,6 +21,8 @@ from tailaug.losses import LossInputs
 from tailaug.models import Network
 from tailaug.models.heads import LinearHead
 
+from synthetic import TINY_STAGE1, train_tiny
+
 
 def _tiny(dtype=torch.float64):
     """A network with a BatchNorm layer: 3-d inputs, 4-d features, 3 classes."""
@@ -276,17 +278,12 @@ def test_stage3_with_metasaug_trains_a_classifier_that_beats_chance(tmp_path):
 
 # ---------------------------------------------------------------------------- stage 1
 
-STAGE1 = ["data.n_max=100", "data.imbalance_factor=10", "data.num_workers=0", "data.val_per_class=10",
-          "model.arch=resnet20", "train.epochs=6", "train.batch_size=32", "train.warmup_epochs=1",
-          "train.lr=0.05", "train.mixup_alpha=0", "train.schedule=cosine", "train.precision=fp32",
+STAGE1 = [*TINY_STAGE1, "data.val_per_class=10",
           "train.feature_augmenter={name: metasaug, lambda0: 0.5, start_epoch: 3, meta_batch: 20}"]
 
 
 def _train(root, out, name, resume=False):
-    from tailaug import commands
-
-    args = ["configs/fmnist_lt/demo.yaml", *STAGE1, f"data.root={root}", f"run.output_dir={out}", f"run.name={name}"]
-    return commands.train(args[0], args[1:], resume=resume, progress=False)
+    return train_tiny(STAGE1, root, out, name, resume)
 
 
 def test_the_meta_set_is_the_validation_split_disjoint_from_training(tmp_path, one_thread):

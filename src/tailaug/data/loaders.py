@@ -12,8 +12,18 @@ import numpy as np
 import torch
 
 from ..engine.seed import torch_generator
+from ..errors import TailaugError
 from .datasets import Split
 from .transforms import BatchTransform
+
+
+class _Failed:
+    """A user-fixable error (e.g. a corrupt image) raised in a DataLoader worker, carried to
+    the main process as a value: raised there, torch would wrap its one-line message in the
+    worker's traceback."""
+
+    def __init__(self, error: TailaugError):
+        self.kind, self.message = type(error), str(error)
 
 
 class _Indexed(torch.utils.data.Dataset):
@@ -24,8 +34,16 @@ class _Indexed(torch.utils.data.Dataset):
         return len(self.dataset)
 
     def __getitem__(self, i):
-        image, label = self.dataset[i]
+        try:
+            image, label = self.dataset[i]
+        except TailaugError as exc:
+            return _Failed(exc)
         return image, label, i
+
+
+def _collate(items: list):
+    failed = next((item for item in items if isinstance(item, _Failed)), None)
+    return failed if failed is not None else torch.utils.data.default_collate(items)
 
 
 class Batches:
@@ -69,9 +87,12 @@ class Batches:
         batches = list(self._index_batches())
         loader = torch.utils.data.DataLoader(
             _Indexed(self.split.dataset), batch_sampler=batches, num_workers=self.num_workers,
-            pin_memory=self.device.type == "cuda", persistent_workers=False,
+            pin_memory=self.device.type == "cuda", persistent_workers=False, collate_fn=_collate,
         )
-        for images, y, idx in loader:
+        for batch in loader:
+            if isinstance(batch, _Failed):
+                raise batch.kind(batch.message)
+            images, y, idx = batch
             yield images.to(self.device, non_blocking=True), y.to(self.device), idx
 
     def generator(self) -> torch.Generator | None:

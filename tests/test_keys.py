@@ -8,6 +8,7 @@ from tailaug.stages.keys import NOT_IN_STAGE1, features_key, generator_key, retr
 FOLDER = ("data.dataset=image_folder", "data.root=/data", "data.train_split=train.txt",
           "data.test_split=test.txt")
 LAYOUT = ("data.dataset=image_folder", "data.root=/data")  # root/<class>/*.jpg
+PUBLISHED_SET = ("data.dataset=imagenet_lt", "data.root=/data")  # the published split files
 COSINE = ("model.head=cosine",)
 EMB = ("data.dataset=embeddings", "data.embeddings={train: a.npz}")
 EMB_TEST = ("data.dataset=embeddings", "data.embeddings={train: a.npz, test: t.npz}")
@@ -44,6 +45,12 @@ STAGE1_CASES = [
     ("data.test_per_class=5", (*LAYOUT, "data.test_root=/test"), False),
     ("data.image_size=32", LAYOUT, True),
     ("data.train_split=other.txt", (), False),
+    ("data.dataset=places_lt", PUBLISHED_SET, True),
+    ("data.train_split=mine.txt", PUBLISHED_SET, True),  # instead of ImageNet_LT_train.txt
+    ("data.val_split=mine.txt", PUBLISHED_SET, True),
+    ("data.image_size=160", PUBLISHED_SET, True),
+    ("data.test_split=mine.txt", PUBLISHED_SET, False),
+    ("data.count_check=warn", PUBLISHED_SET, False),  # only accepts or refuses the files
     ("data.root=/elsewhere", (), False),
     ("data.download=true", (), False),
     ("data.num_workers=0", (), False),
@@ -164,6 +171,7 @@ NOISE = "retrain.augmenter={name: noise}"
 LATER_CASES = [
     ("data.test_per_class=5", (), {"features", "retrain"}),
     ("data.test_split=other.txt", FOLDER, {"features", "retrain"}),
+    ("data.test_split=mine.txt", PUBLISHED_SET, {"features", "retrain"}),
     ("features.views=1", (), {"features", "generator", "retrain"}),
     ("features.batch_size=64", (), set()),
     ("stg.lr=0.01", (), {"generator"}),

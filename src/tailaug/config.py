@@ -20,9 +20,11 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError, model_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
+from .data import published
+from .data.published import PUBLISHED
 from .errors import ConfigError
 from .registry import AUGMENTERS, BACKBONES, CLASSIFIERS, LOSSES, SAMPLERS, STAGE_MODULES, Registry, Section
 from .strict_scalars import ERROR_TYPE as STRICT_SCALAR
@@ -97,7 +99,9 @@ class EmbeddingsConfig(Section):
 
 
 class DataConfig(Section):
-    dataset: Literal["cifar10", "cifar100", "fashion_mnist", "mnist", "image_folder", "embeddings"] = "fashion_mnist"
+    # imagenet_lt, places_lt, inat2018 (tailaug.data.published): the published split files
+    dataset: Literal[("cifar10", "cifar100", "fashion_mnist", "mnist", "image_folder", "embeddings",
+                      *PUBLISHED)] = "fashion_mnist"
     root: str | None = None  # directory holding the data; None: look in the usual places
     download: bool = False  # let torchvision download when the data is not on disk
     # as_is: an image folder's own counts (its default; refused for the balanced built-in sets)
@@ -125,6 +129,8 @@ class DataConfig(Section):
     flip: bool = True
     num_workers: int = Field(2, ge=0)
     embeddings: EmbeddingsConfig | None = None  # dataset embeddings: the files (see EmbeddingsConfig)
+    # published sets: split sizes and classes must be the published ones; warn: a variant, said in the notes
+    count_check: Literal["strict", "warn"] = "strict"
 
     @model_validator(mode="after")
     def _embeddings(self):
@@ -135,8 +141,27 @@ class DataConfig(Section):
             raise field_error(*problem)
         return self
 
+    @field_validator("dataset", mode="before")
+    @classmethod
+    def _known_dataset(cls, value):
+        names = typing.get_args(cls.model_fields["dataset"].annotation)
+        if isinstance(value, str) and value not in names:
+            close = difflib.get_close_matches(value.lower().replace("-", "_"), names, n=1, cutoff=0.6)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ValueError(f"unknown dataset{hint} (choose one of {', '.join(names)})")
+        return value
+
+    @model_validator(mode="after")
+    def _published(self):
+        problem = published.data_config_problem(self)
+        if problem:
+            raise field_error(*problem)
+        return self
+
     @model_validator(mode="after")
     def _image_folder_needs_splits(self):
+        if self.dataset in PUBLISHED:  # checked by _published
+            return self
         if self.dataset != "image_folder":
             if self.num_classes is not None:
                 raise ValueError(
@@ -513,6 +538,8 @@ class Config(Section):
     def _no_validation_fix(self) -> str | None:
         """None when the config has a validation split, else how to give it one."""
         d = self.data
+        if d.dataset in PUBLISHED:
+            return None if published.has_validation(d) else published.no_validation_fix(d)
         split_files = d.dataset == "image_folder" and d.train_split is not None
         if (d.val_split if split_files else d.val_per_class) not in (None, 0):
             return None

@@ -161,7 +161,7 @@ def load(run_dir: str | Path, classifier: str = "final",
     """The finished run in ``run_dir`` as a :class:`Predictor` (an :class:`EmbeddingsPredictor`
     for a run of ``data.dataset: embeddings``), in eval mode on ``device``."""
     from .commands import load_run_config
-    from .data.datasets import MEAN_STD, class_names_of
+    from .data.datasets import NUM_CLASSES, class_names_of, normalisation
     from .data.sources import dataset_spec
     from .engine.checkpoint import load_state
     from .models import build_model, input_spec
@@ -181,7 +181,7 @@ def load(run_dir: str | Path, classifier: str = "final",
     ckpt = load_stage1_checkpoint(run_dir)
     num_classes = int(ckpt["model"]["head.weight"].shape[0])
     d = cfg.data
-    builtin = d.dataset != "image_folder"
+    builtin = d.dataset in NUM_CLASSES  # else images from files: RGB at data.image_size
     classes = _classes(run_dir)
     names = classes.get("names") or class_names_of(d) or [str(c) for c in range(num_classes)]
     in_channels = int(classes.get("in_channels") or (dataset_spec(d.dataset)[1] if builtin else 3))
@@ -189,7 +189,7 @@ def load(run_dir: str | Path, classifier: str = "final",
     model = build_model(cfg.model.model_copy(update={"weights": None}), num_classes, in_channels)
     load_state(model, ckpt["model"], checkpoint_path(run_dir), checkpoint_fix(run_dir))
     head, label = _classifier(cfg, run_dir, classifier, model.head)
-    mean, std = MEAN_STD[d.dataset]
+    mean, std = normalisation(d.dataset)
     transform = preprocessing(cfg, mean, std, input_spec(model))
     return Predictor(model.backbone, head, transform, names, label, image_size, in_channels).to(device).eval()
 

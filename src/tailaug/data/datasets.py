@@ -2,7 +2,8 @@
 
 Balanced sources (CIFAR, Fashion-MNIST, MNIST) are cut to a class-count profile with the
 protocol of methods.md section 1; image folders come long-tailed already through their
-split files.
+split files, and so do the published benchmarks (``published.py``: ImageNet-LT, Places-LT,
+iNaturalist 2018).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch
 from ..config import DataConfig
 from ..errors import DataError
 from .profiles import long_tail_indices, ordered_counts, profile_counts
+from .published import PUBLISHED
 from .transforms import MEAN_STD
 
 # Per-class size of the balanced training set (n_max of the profile). MNIST's smallest
@@ -56,6 +58,11 @@ class LTData:
     notes: list[str] = field(default_factory=list)  # decisions taken on the data, to print
 
 
+def normalisation(dataset: str) -> tuple[tuple, tuple]:
+    """(mean, std) per channel of the images of ``dataset``."""
+    return PUBLISHED[dataset].mean_std if dataset in PUBLISHED else MEAN_STD[dataset]
+
+
 def class_names_of(cfg: DataConfig) -> list[str] | None:
     """The names of the classes of a built-in dataset (None when it has none)."""
     names = CLASS_NAMES.get(cfg.dataset)
@@ -69,6 +76,9 @@ def planned_counts(cfg: DataConfig) -> list[int]:
 
 def planned_classes(cfg: DataConfig) -> tuple[list[int], list[str] | None, list[str]]:
     """(training-set class counts, class names or None, notes), without decoding any image."""
+    if cfg.dataset in PUBLISHED:  # from the split files: no image is opened
+        data = build_data(cfg)
+        return list(data.class_counts), data.class_names, data.notes
     if cfg.dataset == "embeddings":
         from .embeddings import load_embeddings
 
@@ -106,6 +116,11 @@ def long_tail_counts(cfg: DataConfig) -> list[int]:
 def build_data(cfg: DataConfig) -> LTData:
     if cfg.dataset == "image_folder":
         return _image_folder(cfg)
+    if cfg.dataset in PUBLISHED:
+        from .published import read_published
+
+        parts, num_classes, notes, train_file = read_published(cfg)
+        return _split_files_data(cfg, parts, num_classes, train_file, notes)
     from .sources import load_cifar, load_idx
 
     if cfg.dataset.startswith("cifar"):
@@ -213,25 +228,34 @@ def _folder_layout(cfg: DataConfig) -> LTData:
 def _image_folder(cfg: DataConfig) -> LTData:
     if cfg.train_split is None:
         return _folder_layout(cfg)
-    from .sources import ImageFolderDataset, read_split_file
+    from .sources import read_split_file
 
-    def split(path):
-        if path is None:
+    parts = {split: None if path is None else read_split_file(cfg.root, path, cfg.num_classes)
+             for split, path in (("train", cfg.train_split), ("val", cfg.val_split), ("test", cfg.test_split))}
+    num_classes = cfg.num_classes or int(parts["train"][1].max()) + 1
+    return _split_files_data(cfg, parts, num_classes, cfg.train_split)
+
+
+def _split_files_data(cfg: DataConfig, parts: dict, num_classes: int, train_file, notes: list[str] = ()) -> LTData:
+    """The LTData of splits read from split files: ``parts`` maps train, val, test to
+    (image paths, labels) or None; the classes are 0..num_classes-1 as listed."""
+    from .sources import ImageFolderDataset
+
+    def split(part):
+        if part is None:
             return None
-        paths, labels = read_split_file(cfg.root, path, cfg.num_classes)
+        paths, labels = part
         return Split(labels, dataset=ImageFolderDataset(paths, labels, cfg.image_size))
 
-    train = split(cfg.train_split)
-    num_classes = cfg.num_classes or int(train.labels.max()) + 1
-    counts = np.bincount(train.labels, minlength=num_classes)
+    counts = np.bincount(parts["train"][1], minlength=num_classes)
     empty = np.where(counts == 0)[0]
     if len(empty):
-        raise DataError(
-            f"classes {empty[:10].tolist()} have no training images in {cfg.train_split}; "
-            "every class needs at least one (or set data.num_classes to the number of classes present)"
-        )
-    mean, std = MEAN_STD["image_folder"]
+        fix = "every class needs at least one" + (" (or set data.num_classes to the number of classes present)"
+                                                  if cfg.dataset == "image_folder" else "")
+        raise DataError(f"classes {empty[:10].tolist()} have no training images in {train_file}; {fix}")
+    mean, std = normalisation(cfg.dataset)
     return LTData(
-        name="image_folder", num_classes=num_classes, in_channels=3, class_counts=counts.tolist(),
-        train=train, test=split(cfg.test_split), val=split(cfg.val_split), mean=mean, std=std,
+        name=cfg.dataset, num_classes=num_classes, in_channels=3, class_counts=counts.tolist(),
+        train=split(parts["train"]), test=split(parts["test"]), val=split(parts["val"]), mean=mean, std=std,
+        notes=list(notes),
     )

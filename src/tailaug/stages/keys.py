@@ -35,6 +35,7 @@ from typing import Any
 
 from ..config import Config, RetrainConfig, short_hash
 from ..data.image_folders import HELD_OUT_TEST
+from ..data.published import PUBLISHED
 from ..registry import CLASSIFIERS
 
 # Fields of the sections stage 1 reads that never change the stage-1 model (see above).
@@ -57,6 +58,8 @@ def stage1_fields(cfg: Config) -> dict[str, Any]:
     data = _pick(d, ("dataset", "crop_padding", "flip"))
     if d.dataset == "image_folder" and d.train_split is not None:
         data.update(_pick(d, ("train_split", "val_split", "num_classes", "image_size")))
+    elif d.dataset in PUBLISHED:  # the split files (None: the published file); count_check only accepts them
+        data.update(_pick(d, ("train_split", "val_split", "image_size")))
     elif d.dataset == "image_folder":  # the folder layout: the splits are drawn from data.root
         data.update(_pick(d, ("image_size", "profile", "lt_seed", "val_per_class")))
         if d.profile != "as_is":
@@ -139,7 +142,9 @@ def features_key(cfg: Config) -> str:
     augmented views) and its validation and test features. ``features.batch_size`` only
     sets the inference batch."""
     d = cfg.data
-    if d.dataset != "image_folder":
+    if d.dataset in PUBLISHED:
+        test = _pick(d, ("test_split",))
+    elif d.dataset != "image_folder":
         test = _pick(d, ("test_per_class",))
     elif d.train_split is not None:
         test = _pick(d, ("test_split",))

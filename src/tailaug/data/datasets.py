@@ -188,9 +188,20 @@ def _hold_out_validation(labels: np.ndarray, keep: np.ndarray, per_class: int, s
     return kept, np.array(val, dtype=np.int64)
 
 
+def image_files_dataset(cfg: DataConfig, paths, labels, fix: str | None = None):
+    """The Dataset of image files ``paths`` with the config's pipeline (``data.transforms``):
+    natural views (``natural.NaturalTransform``, optionally decoded on the GPU) or small ones."""
+    from .natural import NaturalTransform, pipeline
+    from .sources import ImageFolderDataset
+
+    natural = NaturalTransform.from_config(cfg) if pipeline(cfg) == "natural" else None
+    kw = {} if fix is None else {"fix": fix}
+    return ImageFolderDataset(paths, labels, cfg.image_size, natural=natural,
+                              gpu_decode=cfg.gpu_decode and natural is not None, **kw)
+
+
 def _folder_layout(cfg: DataConfig) -> LTData:
     from .image_folders import folder_splits
-    from .sources import ImageFolderDataset
 
     splits = folder_splits(cfg)
     fix = "remove it from its class folder or replace it with an intact image"
@@ -199,7 +210,7 @@ def _folder_layout(cfg: DataConfig) -> LTData:
         if part is None:
             return None
         paths, labels = part
-        return Split(labels, dataset=ImageFolderDataset(paths, labels, cfg.image_size, fix))
+        return Split(labels, dataset=image_files_dataset(cfg, paths, labels, fix))
 
     mean, std = MEAN_STD["image_folder"]
     counts = np.bincount(splits.train[1], minlength=len(splits.class_names))
@@ -213,13 +224,13 @@ def _folder_layout(cfg: DataConfig) -> LTData:
 def _image_folder(cfg: DataConfig) -> LTData:
     if cfg.train_split is None:
         return _folder_layout(cfg)
-    from .sources import ImageFolderDataset, read_split_file
+    from .sources import read_split_file
 
     def split(path):
         if path is None:
             return None
         paths, labels = read_split_file(cfg.root, path, cfg.num_classes)
-        return Split(labels, dataset=ImageFolderDataset(paths, labels, cfg.image_size))
+        return Split(labels, dataset=image_files_dataset(cfg, paths, labels))
 
     train = split(cfg.train_split)
     num_classes = cfg.num_classes or int(train.labels.max()) + 1

@@ -44,6 +44,22 @@ STAGE1_CASES = [
     ("data.test_root=/other", (*LAYOUT, "data.test_root=/test"), False),
     ("data.test_per_class=5", (*LAYOUT, "data.test_root=/test"), False),
     ("data.image_size=32", LAYOUT, True),
+    # data.transforms: auto is natural for image files, small for the built-in sets
+    ("data.transforms=natural", LAYOUT, False),
+    ("data.transforms=small", LAYOUT, True),
+    ("data.transforms=small", (), False),
+    ("data.crop_padding=2", LAYOUT, False),  # natural views are not padded
+    ("data.crop_padding=2", (*LAYOUT, "data.transforms=small"), True),
+    ("data.flip=false", FOLDER, True),
+    ("data.crop_scale=[0.35, 1.0]", FOLDER, True),
+    ("data.crop_scale=[0.35, 1.0]", (), False),
+    ("data.crop_scale=[0.35, 1.0]", (*FOLDER, "data.transforms=small"), False),
+    ("data.color_jitter=0", LAYOUT, True),
+    ("data.color_jitter=0", (), False),
+    ("data.eval_crop_ratio=1.0", FOLDER, True),  # the evaluation view: the cached features
+    ("data.eval_crop_ratio=1.0", (), False),
+    ("data.prefetch_factor=2", FOLDER, False),
+    ("data.gpu_decode=true", FOLDER, False),  # the same draws, another decoder
     ("data.train_split=other.txt", (), False),
     ("data.dataset=places_lt", PUBLISHED_SET, True),
     ("data.train_split=mine.txt", PUBLISHED_SET, True),  # instead of ImageNet_LT_train.txt

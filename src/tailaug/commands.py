@@ -353,7 +353,8 @@ def embed(config: str, overrides: list[str], *, out: str, progress: bool = True)
                                     ("test", data.test, target.with_name(f"{target.stem}_test.npz"))):
         if split is None:
             continue
-        batches = Batches(split, cfg.features.batch_size, transform, device, num_workers=cfg.data.num_workers)
+        batches = Batches(split, cfg.features.batch_size, transform, device, num_workers=cfg.data.num_workers,
+                          prefetch_factor=cfg.data.prefetch_factor)
         feats, labels = [], []
         with torch.no_grad():
             for x, y, _ in tqdm(batches, desc=f"embed {split_name}", disable=not progress, leave=False):

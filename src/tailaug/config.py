@@ -124,10 +124,18 @@ class DataConfig(Section):
     test_split: str | None = None
     num_classes: int | None = Field(None, ge=2)
     image_size: int = Field(224, ge=8)
-    # batch augmentation
-    crop_padding: int = Field(4, ge=0)
+    # augmentation: small (the built-in sets: pad-crop + flip of the batch on the device) or natural
+    # (image files: RandomResizedCrop, flip, colour jitter per image in the loader workers; evaluation:
+    # shorter side to image_size / eval_crop_ratio, centre crop); auto: natural unless a built-in set
+    transforms: Literal["auto", "small", "natural"] = "auto"
+    crop_padding: int = Field(4, ge=0)  # small
     flip: bool = True
+    crop_scale: list[float] = [0.08, 1.0]  # natural: [min, max] fraction of the image area a crop covers
+    color_jitter: float = Field(0.4, ge=0)  # natural: brightness, contrast, saturation strength (hue 0); 0: off
+    eval_crop_ratio: float = Field(0.875, gt=0, le=1)  # natural: centre crop / resized shorter side
     num_workers: int = Field(2, ge=0)
+    prefetch_factor: int = Field(4, ge=1)  # batches each loader worker prepares ahead (with workers)
+    gpu_decode: bool = False  # natural on CUDA: JPEGs decoded (nvjpeg) and augmented on the GPU
     embeddings: EmbeddingsConfig | None = None  # dataset embeddings: the files (see EmbeddingsConfig)
     # published sets: split sizes and classes must be the published ones; warn: a variant, said in the notes
     count_check: Literal["strict", "warn"] = "strict"
@@ -156,6 +164,24 @@ class DataConfig(Section):
         problem = published.data_config_problem(self)
         if problem:
             raise field_error(*problem)
+        return self
+
+    @model_validator(mode="after")
+    def _transforms(self):
+        from .data.natural import pipeline
+        from .data.sources import BUILT_IN
+
+        scale = self.crop_scale
+        if len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1:
+            raise field_error("crop_scale", scale, "must be [min, max] with 0 < min <= max <= 1 (fractions of the "
+                              "image area a training crop covers; the published recipe: [0.08, 1.0])")
+        if self.transforms == "natural" and self.dataset in BUILT_IN:
+            raise field_error("transforms", self.transforms, f"is the pipeline of image files; {self.dataset} is "
+                              "a built-in set of small images held in memory: use small (or auto)")
+        if self.gpu_decode and pipeline(self) != "natural":
+            raise field_error("gpu_decode", self.gpu_decode, "decodes image files for data.transforms natural, "
+                              f"and this config's pipeline is {pipeline(self) or 'none (embeddings)'}: "
+                              "remove data.gpu_decode")
         return self
 
     @model_validator(mode="after")
@@ -484,6 +510,19 @@ class Config(Section):
             problem = config_problem(self)
             if problem:
                 raise ValueError(problem)
+        return self
+
+    @model_validator(mode="after")
+    def _natural_images(self):
+        """What the natural pipeline (data.transforms) cannot do: decode on a CPU, give two views."""
+        if self.data.gpu_decode and self.run.device == "cpu":
+            raise ValueError("data.gpu_decode decodes the JPEGs on a CUDA device, and run.device is cpu: set "
+                             "data.gpu_decode: false (or run.device: cuda)")
+        from .data.natural import pipeline
+
+        if pipeline(self.data) == "natural" and any(LOSSES.get(t.name).obj.needs_two_views for t in self.train.loss):
+            raise ValueError("supcon pairs two augmented views of each image, and the natural pipeline's loader "
+                             "makes one per image: drop supcon from train.loss, or use data.transforms: small")
         return self
 
     @model_validator(mode="after")

@@ -47,13 +47,14 @@ class Predictor(nn.Module):
     """
 
     def __init__(self, backbone: nn.Module, head: nn.Module, transform, class_names: Sequence[str],
-                 classifier: str, image_size: int, in_channels: int):
+                 classifier: str, image_size: int, in_channels: int, resize: int | None = None):
         super().__init__()
         self.backbone, self.head = backbone, head
         self.transform = transform
         self.class_names = list(class_names)
         self.classifier = classifier
         self.image_size, self.in_channels = image_size, in_channels
+        self.resize = resize  # the shorter side before the centre crop (None: image_size)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if images.ndim != 4:
@@ -66,14 +67,16 @@ class Predictor(nn.Module):
         return self.head(features)
 
     def read(self, paths: Sequence[str | Path]) -> torch.Tensor:
-        """uint8 [N, C, S, S] of image files, as the run's data was read (size, channels)."""
+        """uint8 [N, C, S, S] of image files, as the run's test images were read (size, channels, the
+        natural pipeline's evaluation resize)."""
         from .data.sources import read_image
 
         fix = "give image files (jpg, png, ...) or folders of them"
         for path in map(Path, paths):
             if path.suffix.lower() in EMBEDDING_SUFFIXES:
                 raise DataError(_embeddings_to_image_run(path))
-        return torch.stack([read_image(Path(p), self.image_size, self.in_channels, fix=fix) for p in paths])
+        return torch.stack([read_image(Path(p), self.image_size, self.in_channels, fix=fix, resize=self.resize)
+                            for p in paths])
 
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
         """A uint8 batch -> the backbone's input (resized and normalised like the test images)."""
@@ -162,6 +165,7 @@ def load(run_dir: str | Path, classifier: str = "final",
     for a run of ``data.dataset: embeddings``), in eval mode on ``device``."""
     from .commands import load_run_config
     from .data.datasets import NUM_CLASSES, class_names_of, normalisation
+    from .data.natural import NaturalTransform, pipeline
     from .data.sources import dataset_spec
     from .engine.checkpoint import load_state
     from .models import build_model, input_spec
@@ -191,7 +195,9 @@ def load(run_dir: str | Path, classifier: str = "final",
     head, label = _classifier(cfg, run_dir, classifier, model.head)
     mean, std = normalisation(d.dataset)
     transform = preprocessing(cfg, mean, std, input_spec(model))
-    return Predictor(model.backbone, head, transform, names, label, image_size, in_channels).to(device).eval()
+    resize = NaturalTransform.from_config(d).eval_resize if pipeline(d) == "natural" else None  # the test view
+    return Predictor(model.backbone, head, transform, names, label, image_size, in_channels,
+                     resize).to(device).eval()
 
 
 def _classes(run_dir: Path) -> dict:

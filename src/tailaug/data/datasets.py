@@ -203,9 +203,20 @@ def _hold_out_validation(labels: np.ndarray, keep: np.ndarray, per_class: int, s
     return kept, np.array(val, dtype=np.int64)
 
 
+def image_files_dataset(cfg: DataConfig, paths, labels, fix: str | None = None):
+    """The Dataset of image files ``paths`` with the config's pipeline (``data.transforms``):
+    natural views (``natural.NaturalTransform``, optionally decoded on the GPU) or small ones."""
+    from .natural import NaturalTransform, pipeline
+    from .sources import ImageFolderDataset
+
+    natural = NaturalTransform.from_config(cfg) if pipeline(cfg) == "natural" else None
+    kw = {} if fix is None else {"fix": fix}
+    return ImageFolderDataset(paths, labels, cfg.image_size, natural=natural,
+                              gpu_decode=cfg.gpu_decode and natural is not None, **kw)
+
+
 def _folder_layout(cfg: DataConfig) -> LTData:
     from .image_folders import folder_splits
-    from .sources import ImageFolderDataset
 
     splits = folder_splits(cfg)
     fix = "remove it from its class folder or replace it with an intact image"
@@ -214,7 +225,7 @@ def _folder_layout(cfg: DataConfig) -> LTData:
         if part is None:
             return None
         paths, labels = part
-        return Split(labels, dataset=ImageFolderDataset(paths, labels, cfg.image_size, fix))
+        return Split(labels, dataset=image_files_dataset(cfg, paths, labels, fix))
 
     mean, std = MEAN_STD["image_folder"]
     counts = np.bincount(splits.train[1], minlength=len(splits.class_names))
@@ -239,13 +250,12 @@ def _image_folder(cfg: DataConfig) -> LTData:
 def _split_files_data(cfg: DataConfig, parts: dict, num_classes: int, train_file, notes: list[str] = ()) -> LTData:
     """The LTData of splits read from split files: ``parts`` maps train, val, test to
     (image paths, labels) or None; the classes are 0..num_classes-1 as listed."""
-    from .sources import ImageFolderDataset
 
     def split(part):
         if part is None:
             return None
         paths, labels = part
-        return Split(labels, dataset=ImageFolderDataset(paths, labels, cfg.image_size))
+        return Split(labels, dataset=image_files_dataset(cfg, paths, labels))
 
     counts = np.bincount(parts["train"][1], minlength=num_classes)
     empty = np.where(counts == 0)[0]

@@ -1,7 +1,12 @@
 """Batches for training and inference: (normalised images, labels, dataset indices).
 
-In-memory splits are indexed and augmented a whole batch at a time on the device; image
-folders go through a DataLoader with workers and the same batch transform.
+In-memory splits are indexed and augmented a whole batch at a time on the device. Image
+files go through one DataLoader per :class:`Batches` (persistent workers, prefetching,
+pinned memory on CUDA) that decodes them in its workers: small views at a fixed size (the
+batch transform then augments them like the in-memory sets), or natural views
+(``data.natural``) augmented per image in the workers by draws of (seed, epoch, rank, index)
+and only normalised by the batch transform. With ``data.gpu_decode`` the workers read the
+JPEG bytes and the batch is decoded and augmented on the device.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import torch
 from ..engine.seed import torch_generator
 from ..errors import TailaugError
 from .datasets import Split
+from .natural import DrawKey, NaturalTransform, check_gpu_decode, collate_encoded, decode_on_device
 from .transforms import BatchTransform
 
 
@@ -26,55 +32,113 @@ class _Failed:
         self.kind, self.message = type(error), str(error)
 
 
-class _Indexed(torch.utils.data.Dataset):
-    def __init__(self, dataset):
-        self.dataset = dataset
+class _Items(torch.utils.data.Dataset):
+    """What the loader's workers run: (index, draw key or None) -> (image, label, index).
+    The key makes a natural training view; the small views ignore it."""
+
+    def __init__(self, dataset, encoded: bool):
+        self.dataset, self.encoded = dataset, encoded
 
     def __len__(self):
         return len(self.dataset)
 
-    def __getitem__(self, i):
+    def __getitem__(self, item):
         try:
-            image, label = self.dataset[i]
+            return self._item(*item)
         except TailaugError as exc:
             return _Failed(exc)
-        return image, label, i
+
+    def _item(self, index, key):
+        d = self.dataset
+        if self.encoded:
+            return d.encoded(index, key), int(d.labels[index]), index
+        if hasattr(d, "view"):
+            return d.view(index, key), int(d.labels[index]), index
+        image, label = d[index]
+        return image, label, index
 
 
-def _collate(items: list):
-    failed = next((item for item in items if isinstance(item, _Failed)), None)
-    return failed if failed is not None else torch.utils.data.default_collate(items)
+class _Plan:
+    """The loader's batch sampler: the index batches of the current epoch, each index with
+    the draw key of its natural training view. Holds what it reads itself (not the
+    :class:`Batches`), so a Batches and its loader's workers go away with their last reference."""
+
+    def __init__(self, n: int, batch_size: int, order, drop_last: bool, key: DrawKey | None):
+        self.n, self.batch_size, self.order, self.drop_last, self.key = n, batch_size, order, drop_last, key
+
+    def __len__(self) -> int:
+        n = len(self.order) if self.order is not None else self.n
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def index_batches(self) -> Iterator[np.ndarray]:
+        order = np.fromiter(self.order, dtype=np.int64) if self.order is not None else np.arange(self.n)
+        stop = len(order) - (len(order) % self.batch_size if self.drop_last else 0)
+        for start in range(0, stop, self.batch_size):
+            yield order[start : start + self.batch_size]
+
+    def __iter__(self) -> Iterator[list[tuple[int, DrawKey | None]]]:
+        key = self.key
+        for idx in self.index_batches():
+            yield [(i, key) for i in idx.tolist()]
+
+
+def _collate(collate):
+    """``collate`` of the batch's items, or the first item that failed in a worker."""
+    def run(items: list):
+        failed = next((item for item in items if isinstance(item, _Failed)), None)
+        return failed if failed is not None else collate(items)
+    return run
 
 
 class Batches:
     """Iterate a split in batches of ``batch_size`` from ``order`` (an iterable of indices).
 
-    With ``augment`` the crop/flip draws come from a generator seeded by (seed, epoch, rank),
-    so an epoch is the same whether or not the run was interrupted before it.
+    With ``augment`` the crop/flip draws come from (seed, epoch, rank) (and each natural
+    view's from its index too), so an epoch is the same whether or not the run was
+    interrupted before it, and with any number of loader workers.
     """
 
     def __init__(self, split: Split, batch_size: int, transform: BatchTransform, device: torch.device,
                  *, order: Iterable[int] | None = None, augment: bool = False, seed: int = 0,
-                 rank: int = 0, num_workers: int = 0, drop_last: bool = False):
+                 rank: int = 0, num_workers: int = 0, drop_last: bool = False, prefetch_factor: int = 4):
         self.split, self.batch_size, self.transform = split, batch_size, transform
         self.device, self.order, self.augment = device, order, augment
         self.seed, self.rank, self.num_workers, self.drop_last = seed, rank, num_workers, drop_last
+        self.prefetch_factor = prefetch_factor
         self.epoch = 0
+        self.natural: NaturalTransform | None = getattr(split.dataset, "natural", None)
+        self.gpu_decode = bool(getattr(split.dataset, "gpu_decode", False))
+        check_gpu_decode(self.gpu_decode, device)
+        self.plan = _Plan(len(split), batch_size, order, drop_last, self._key())
+        self._loader = None
+
+    def _key(self) -> DrawKey | None:
+        return DrawKey(self.seed, self.epoch, self.rank) if self.augment and self.natural is not None else None
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+        self.plan.key = self._key()
         if hasattr(self.order, "set_epoch"):
             self.order.set_epoch(epoch)
 
     def __len__(self) -> int:
-        n = len(self.order) if self.order is not None else len(self.split)
-        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+        return len(self.plan)
 
     def _index_batches(self) -> Iterator[np.ndarray]:
-        order = np.fromiter(self.order, dtype=np.int64) if self.order is not None else np.arange(len(self.split))
-        stop = len(order) - (len(order) % self.batch_size if self.drop_last else 0)
-        for start in range(0, stop, self.batch_size):
-            yield order[start : start + self.batch_size]
+        return self.plan.index_batches()
+
+    def loader(self) -> torch.utils.data.DataLoader:
+        """The split's DataLoader, made once: its workers persist across epochs."""
+        if self._loader is None:
+            workers = self.num_workers
+            self._loader = torch.utils.data.DataLoader(
+                _Items(self.split.dataset, self.gpu_decode), batch_sampler=self.plan, num_workers=workers,
+                collate_fn=_collate(collate_encoded if self.gpu_decode else torch.utils.data.default_collate),
+                pin_memory=torch.device(self.device).type == "cuda", persistent_workers=workers > 0,
+                prefetch_factor=self.prefetch_factor if workers > 0 else None,
+                generator=torch.Generator().manual_seed(0),  # the workers' seeds; no draw of the global RNG
+            )
+        return self._loader
 
     def raw(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """uint8 images (on the device), labels and indices, before the transform."""
@@ -84,16 +148,15 @@ class Batches:
                 t = torch.from_numpy(idx)
                 yield self.split.images[t].to(self.device, non_blocking=True), labels[t].to(self.device), t
             return
-        batches = list(self._index_batches())
-        loader = torch.utils.data.DataLoader(
-            _Indexed(self.split.dataset), batch_sampler=batches, num_workers=self.num_workers,
-            pin_memory=self.device.type == "cuda", persistent_workers=False, collate_fn=_collate,
-        )
-        for batch in loader:
+        for batch in self.loader():
             if isinstance(batch, _Failed):
                 raise batch.kind(batch.message)
             images, y, idx = batch
-            yield images.to(self.device, non_blocking=True), y.to(self.device), idx
+            if self.gpu_decode:
+                images = decode_on_device(images, self.natural, torch.device(self.device))
+            else:
+                images = images.to(self.device, non_blocking=True)
+            yield images, y.to(self.device, non_blocking=True), idx
 
     def generator(self) -> torch.Generator | None:
         return torch_generator(self.seed, self.epoch, self.rank) if self.augment else None

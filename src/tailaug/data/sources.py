@@ -9,6 +9,7 @@ from __future__ import annotations
 import codecs
 import gzip
 import importlib.util
+import io
 import json
 import os
 import pickle
@@ -23,6 +24,7 @@ from PIL import Image
 from ..errors import DataError
 
 _SPECS = {"cifar10": (10, 3, 32), "cifar100": (100, 3, 32), "fashion_mnist": (10, 1, 28), "mnist": (10, 1, 28)}
+BUILT_IN = tuple(_SPECS)  # the built-in sets: small images, held in memory
 
 
 def dataset_spec(name: str) -> tuple[int, int, int]:
@@ -416,17 +418,25 @@ def read_split_file(root, split_file, num_classes: int | None) -> tuple[list[Pat
     return [Path(p) for p in paths], labels
 
 
-def read_image(path: str | Path, size: int, channels: int = 3, *, fix: str = "replace it with an intact image") -> torch.Tensor:
-    """The image at ``path`` as uint8 [channels, size, size]: RGB (or grayscale for 1 channel),
-    shorter side resized to ``size``, then centre-cropped; a DataError naming it and ``fix``."""
+def open_image(path: str | Path, channels: int = 3, *, fix: str = "replace it with an intact image") -> Image.Image:
+    """The image at ``path`` decoded as RGB (or grayscale for 1 channel); a DataError naming it and ``fix``."""
     try:
         with Image.open(path) as img:
-            img = img.convert("L" if channels == 1 else "RGB")
+            return img.convert("L" if channels == 1 else "RGB")
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         raise DataError(f"cannot decode image {path} ({type(exc).__name__}: {exc}); {fix}") from None
+
+
+def read_image(path: str | Path, size: int, channels: int = 3, *, fix: str = "replace it with an intact image",
+               resize: int | None = None) -> torch.Tensor:
+    """The image at ``path`` as uint8 [channels, size, size]: RGB (or grayscale for 1 channel),
+    shorter side resized to ``resize`` (default ``size``), then the centre ``size`` square
+    cropped; a DataError naming it and ``fix``."""
+    img = open_image(path, channels, fix=fix)
+    resize = size if resize is None else resize
     w, h = img.size
-    scale = size / min(w, h)
-    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+    scale = resize / min(w, h)
+    nw, nh = max(resize, round(w * scale)), max(resize, round(h * scale))
     img = img.resize((nw, nh), Image.BILINEAR)
     left, top = (nw - size) // 2, (nh - size) // 2
     img = img.crop((left, top, left + size, top + size))
@@ -435,19 +445,54 @@ def read_image(path: str | Path, size: int, channels: int = 3, *, fix: str = "re
 
 
 class ImageFolderDataset(torch.utils.data.Dataset):
-    """(uint8 [3, S, S] image, label): RGB, shorter side resized to S, then centre-cropped."""
+    """(uint8 [3, S, S] image, label) of image files.
+
+    Without ``natural`` (data.transforms small) every view is the shorter side resized to S
+    and the centre crop (the batch transform augments it on the device). With a
+    :class:`~tailaug.data.natural.NaturalTransform`, ``dataset[i]`` and ``view(i)`` are the
+    evaluation view and ``view(i, key)`` the training view drawn by (key, i); with
+    ``gpu_decode`` the loader asks for :meth:`encoded` items instead.
+    """
 
     def __init__(self, paths, labels, image_size: int = 224,
-                 fix: str = "remove it from the split file or replace it with an intact image"):
+                 fix: str = "remove it from the split file or replace it with an intact image", *,
+                 natural=None, gpu_decode: bool = False):
         self.paths = [os.fspath(p) for p in paths]  # str: a Path per image costs seconds and memory at 437k
         self.labels = np.asarray(labels, dtype=np.int64)
         if len(self.paths) != len(self.labels):
             raise DataError(f"{len(self.paths)} image paths but {len(self.labels)} labels")
         self.image_size = int(image_size)
         self.fix = fix
+        self.natural, self.gpu_decode = natural, gpu_decode
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        return read_image(self.paths[index], self.image_size, 3, fix=self.fix), int(self.labels[index])
+        return self.view(index), int(self.labels[index])
+
+    def view(self, index: int, key=None) -> torch.Tensor:
+        """uint8 [3, S, S]: the evaluation view, or with a ``natural.DrawKey`` the training view."""
+        t = self.natural
+        if t is None or key is None:
+            resize = None if t is None else t.eval_resize
+            return read_image(self.paths[index], self.image_size, 3, fix=self.fix, resize=resize)
+        img = open_image(self.paths[index], 3, fix=self.fix)
+        return t.train_view(img, t.draw(img.height, img.width, key, index))
+
+    def encoded(self, index: int, key=None):
+        """A ``natural.Encoded`` item: the file's bytes and the view's draws for a JPEG that the
+        GPU can decode (RGB or grayscale), else the view made here."""
+        from .natural import Encoded
+
+        path = self.paths[index]
+        try:
+            data = path.read_bytes()
+            with Image.open(io.BytesIO(data)) as img:
+                w, h, mode, kind = img.width, img.height, img.mode, img.format
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+            raise DataError(f"cannot decode image {path} ({type(exc).__name__}: {exc}); {self.fix}") from None
+        if kind != "JPEG" or mode not in ("RGB", "L"):
+            return Encoded(self.view(index, key), None)
+        draws = None if key is None else self.natural.draw(h, w, key, index).as_tensor()
+        return Encoded(torch.frombuffer(bytearray(data), dtype=torch.uint8), draws)

@@ -13,15 +13,18 @@ under a cosine schedule, ``data.profile`` for an image folder, ...).
 Decisions where a field could go either way:
 
 - Not in the stage-1 key: where the data lives (``data.root``, ``data.download``), how
-  fast it is read or scored (``data.num_workers``, ``train.eval_batch_size``,
+  fast it is read or scored (``data.num_workers``, ``data.prefetch_factor``,
+  ``data.gpu_decode`` (the same draws; only the decoder's and resampler's rounding differ,
+  as with ``run.device``), ``train.eval_batch_size``,
   ``train.channels_last``, ``run.device``) and everything that only changes the report (``data.shots``, ``data.test_per_class``,
   ``data.test_split``, ``eval.*``). The test split is in the cache key instead.
 - ``data.class_order`` is in the stage-1 key unless it is the identity order 0..C-1 or the
   profile is ``none`` (every class gets n_max): both give the protocol's subset, and the
   keys of runs made before the option existed stay valid.
-- In the stage-1 key: the validation split (it picks ``best.pt``), ``train.precision``
-  as written (``auto`` is not resolved: the key of a config is the same on every machine)
-  and ``model.weights`` (the path of the initial weights).
+- In the stage-1 key: the natural pipeline's ``data.crop_scale``, ``data.color_jitter`` and
+  ``data.eval_crop_ratio`` (the evaluation view: the cached features depend on it), the
+  validation split (it picks ``best.pt``), ``train.precision`` as written (``auto`` is not
+  resolved: the key of a config is the same on every machine) and ``model.weights`` (the path of the initial weights).
 - Stage 3 is keyed without ``eval.*`` and ``data.shots``: its test logits are stored and
   scored again on every run, so a new ECE bin count or shot threshold costs no training.
   With ``retrain.select`` its key holds the grid and the metric (and ``data.shots`` for the
@@ -36,12 +39,13 @@ from typing import Any
 from ..config import Config, RetrainConfig, short_hash
 from ..data.image_folders import HELD_OUT_TEST
 from ..data.published import PUBLISHED
+from ..data.natural import pipeline
 from ..registry import CLASSIFIERS
 
 # Fields of the sections stage 1 reads that never change the stage-1 model (see above).
 NOT_IN_STAGE1 = (
-    "data.root", "data.download", "data.num_workers", "data.shots", "data.test_per_class",
-    "data.test_split", "data.test_root", "train.eval_batch_size", "train.channels_last",
+    "data.root", "data.download", "data.num_workers", "data.prefetch_factor", "data.gpu_decode", "data.shots",
+    "data.test_per_class", "data.test_split", "data.test_root", "train.eval_batch_size", "train.channels_last",
 )
 
 
@@ -55,7 +59,11 @@ def stage1_fields(cfg: Config) -> dict[str, Any]:
     d, m, t = cfg.data, cfg.model, cfg.train
     if d.dataset == "embeddings":
         return embeddings_stage1_fields(cfg)
-    data = _pick(d, ("dataset", "crop_padding", "flip"))
+    if pipeline(d) == "natural":  # image files (data.transforms): no padding; the crop, jitter and test view
+        data = _pick(d, ("dataset", "flip", "crop_scale", "color_jitter", "eval_crop_ratio"))
+        data["transforms"] = "natural"
+    else:  # absent: the keys of runs made before data.transforms existed stay valid
+        data = _pick(d, ("dataset", "crop_padding", "flip"))
     if d.dataset == "image_folder" and d.train_split is not None:
         data.update(_pick(d, ("train_split", "val_split", "num_classes", "image_size")))
     elif d.dataset in PUBLISHED:  # the split files (None: the published file); count_check only accepts them

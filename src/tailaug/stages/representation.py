@@ -20,6 +20,7 @@ from ..config import Config
 from ..data.classes import SHOT_GROUPS, shot_groups
 from ..data.datasets import LTData, build_data
 from ..data.loaders import Batches
+from ..data.natural import check_gpu_decode
 from ..data.samplers import build_sampler
 from ..engine import distributed
 from ..engine.checkpoint import load_state, save_checkpoint
@@ -47,6 +48,7 @@ class Trainer:
         self.dist = distributed.init_distributed(cfg.run.device)
         self.device = resolve_device(cfg.run.device, self.dist.local_rank)
         self.dtype = resolve_precision(cfg.train.precision, self.device)
+        check_gpu_decode(cfg.data.gpu_decode, self.device)  # before the data is read
         seed_everything(cfg.run.seed)
         self.data = data or build_data(cfg.data)
         if self.dist.is_main:
@@ -89,7 +91,7 @@ class Trainer:
         self.train_batches = Batches(
             self.data.train, tc.batch_size // self.dist.world_size, self.transform, self.device,
             order=sampler, augment=True, seed=cfg.run.seed, rank=self.dist.rank,
-            num_workers=cfg.data.num_workers, drop_last=True,
+            num_workers=cfg.data.num_workers, drop_last=True, prefetch_factor=cfg.data.prefetch_factor,
         )
         if len(self.train_batches) == 0:
             raise ConfigError(f"the training set ({len(self.data.train)} images) is smaller than one batch; "
@@ -325,7 +327,7 @@ class Trainer:
 
     def batches(self, split, order=None) -> Batches:
         return Batches(split, self.cfg.train.eval_batch_size, self.transform, self.device, order=order,
-                       num_workers=self.cfg.data.num_workers)
+                       num_workers=self.cfg.data.num_workers, prefetch_factor=self.cfg.data.prefetch_factor)
 
     def outputs(self, split) -> dict[str, torch.Tensor]:
         """Features, logits, labels and indices of ``split`` in its order (on the CPU).

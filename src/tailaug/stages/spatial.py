@@ -39,7 +39,7 @@ def backbone_maps(stage1: Stage1Model, split: Split, index, batch_size: int, dty
     order = torch.as_tensor(index).long().cpu().numpy()
     out = []
     for x, _, _ in Batches(split, batch_size, stage1.transform, stage1.device, order=order,
-                           num_workers=stage1.cfg.data.num_workers):
+                           num_workers=stage1.cfg.data.num_workers, prefetch_factor=stage1.cfg.data.prefetch_factor):
         with autocast(stage1.device, stage1.dtype):
             maps = spatial_maps(stage1.model.backbone, x, stage1.cfg.model.arch)
         out.append(maps.float().to(dtype).contiguous(memory_format=torch.contiguous_format))

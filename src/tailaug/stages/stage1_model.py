@@ -15,6 +15,7 @@ import torch
 from ..config import Config
 from ..data.datasets import LTData, Split, build_data
 from ..data.loaders import Batches
+from ..data.natural import pipeline
 from ..data.transforms import BatchTransform
 from ..engine.checkpoint import atomic_write_text, load_checkpoint, load_state
 from ..engine.device import resolve_device, resolve_precision
@@ -136,9 +137,13 @@ def batch_transform(cfg: Config, data: LTData, model: Network | None = None) -> 
 
 
 def preprocessing(cfg: Config, mean, std, spec=None) -> BatchTransform:
+    """The batch transform: normalisation (a pretrained backbone's, else ``mean``/``std``), with
+    the small pipeline's crop and flip; natural views arrive augmented from the loader."""
+    small = pipeline(cfg.data) != "natural"
+    padding, flip = (cfg.data.crop_padding, cfg.data.flip) if small else (0, False)
     if spec is None:
-        return BatchTransform(mean, std, cfg.data.crop_padding, cfg.data.flip, cfg.train.channels_last)
-    return BatchTransform(spec.mean, spec.std, cfg.data.crop_padding, cfg.data.flip, cfg.train.channels_last,
+        return BatchTransform(mean, std, padding, flip, cfg.train.channels_last)
+    return BatchTransform(spec.mean, spec.std, padding, flip, cfg.train.channels_last,
                           size=spec.size, channels=spec.channels)
 
 
@@ -154,7 +159,7 @@ class Stage1Model:
     def outputs(self, split: Split, batch_size: int, *, augment: bool = False, seed: int = 0) -> dict:
         """Features, logits, labels and indices of ``split`` (eval mode, no gradients)."""
         batches = Batches(split, batch_size, self.transform, self.device, augment=augment, seed=seed,
-                          num_workers=self.cfg.data.num_workers)
+                          num_workers=self.cfg.data.num_workers, prefetch_factor=self.cfg.data.prefetch_factor)
         return collect_outputs(self.model, batches, self.device, self.dtype)
 
 

@@ -32,7 +32,9 @@ class Batches:
     """Iterate a split in batches of ``batch_size`` from ``order`` (an iterable of indices).
 
     With ``augment`` the crop/flip draws come from a generator seeded by (seed, epoch, rank),
-    so an epoch is the same whether or not the run was interrupted before it.
+    so an epoch is the same whether or not the run was interrupted before it. ``raw(start=k)``
+    begins at the epoch's batch k (a run resumed within the epoch; the skipped batches are not
+    read), so whatever a DataLoader worker draws must not depend on the batches before.
     """
 
     def __init__(self, split: Split, batch_size: int, transform: BatchTransform, device: torch.device,
@@ -52,21 +54,22 @@ class Batches:
         n = len(self.order) if self.order is not None else len(self.split)
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
-    def _index_batches(self) -> Iterator[np.ndarray]:
+    def _index_batches(self, first: int = 0) -> Iterator[np.ndarray]:
         order = np.fromiter(self.order, dtype=np.int64) if self.order is not None else np.arange(len(self.split))
         stop = len(order) - (len(order) % self.batch_size if self.drop_last else 0)
-        for start in range(0, stop, self.batch_size):
+        for start in range(first * self.batch_size, stop, self.batch_size):
             yield order[start : start + self.batch_size]
 
-    def raw(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """uint8 images (on the device), labels and indices, before the transform."""
+    def raw(self, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """uint8 images (on the device), labels and indices, before the transform, from the
+        epoch's batch ``start`` (0-based) on."""
         labels = torch.from_numpy(self.split.labels)
         if self.split.images is not None:
-            for idx in self._index_batches():
+            for idx in self._index_batches(start):
                 t = torch.from_numpy(idx)
                 yield self.split.images[t].to(self.device, non_blocking=True), labels[t].to(self.device), t
             return
-        batches = list(self._index_batches())
+        batches = list(self._index_batches(start))
         loader = torch.utils.data.DataLoader(
             _Indexed(self.split.dataset), batch_sampler=batches, num_workers=self.num_workers,
             pin_memory=self.device.type == "cuda", persistent_workers=False,

@@ -68,14 +68,16 @@ def write_class_folders(root: Path, counts: dict[str, int], size: int = 16, seed
     return root
 
 
-def torchrun_train(args: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
-    """``tailaug train ARGS`` under torchrun with two CPU processes (one thread each) on a free
-    port, from the repository root; the completed process (stdout and stderr captured)."""
+def torchrun_train(args: list[str], timeout: int = 300, script: Path | None = None) -> subprocess.CompletedProcess:
+    """``tailaug train ARGS`` (or the Python file ``script`` with ARGS) under torchrun with two CPU
+    processes (one thread each) on a free port, from the repository root; the completed process
+    (stdout and stderr captured)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    entry = [str(script)] if script is not None else ["-m", "tailaug.cli", "train"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
-           "-m", "tailaug.cli", "train", *args, "--no-progress"]
+           *entry, *args, "--no-progress"]
     return subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
                           timeout=timeout, cwd=Path(__file__).resolve().parents[1])
 

@@ -177,8 +177,9 @@ def test_a_failed_command_on_a_new_name_leaves_no_directory(capsys, out, tmp_pat
 
 
 @pytest.mark.parametrize("command, message", [
-    ("train", "tailaug: interrupted; the last finished epoch's checkpoint is kept: add --resume"),
-    ("run", "tailaug: interrupted; finished stages and the last finished epoch are kept: run the same "
+    ("train", "tailaug: interrupted; the last checkpoint (an epoch's end, or train.checkpoint_every_steps "
+              "within one) is kept: add --resume"),
+    ("run", "tailaug: interrupted; finished stages and the last stage-1 checkpoint are kept: run the same "
             "command again"),
     ("evaluate", "tailaug: interrupted\n"),
     ("analyze", "tailaug: interrupted\n"),

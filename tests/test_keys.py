@@ -121,6 +121,7 @@ STAGE1_CASES = [
     ("train.feature_augmenter={name: none}", (), False),
     ("train.eval_batch_size=64", (), False),
     ("train.channels_last=false", (), False),
+    ("train.checkpoint_every_steps=50", (), False),
     ("run.device=cpu", (), False),
     ("run.name=other", (), False),
     ("run.output_dir=elsewhere", (), False),

@@ -134,8 +134,9 @@ def main(argv: list[str] | None = None) -> int:
 
 # What an interrupted command keeps, and how to go on from there.
 INTERRUPTED = {
-    "train": "; the last finished epoch's checkpoint is kept: add --resume to the same command to continue",
-    "run": "; finished stages and the last finished epoch are kept: run the same command again to continue",
+    "train": "; the last checkpoint (an epoch's end, or train.checkpoint_every_steps within one) is kept: add "
+             "--resume to the same command to continue",
+    "run": "; finished stages and the last stage-1 checkpoint are kept: run the same command again to continue",
 }
 
 

@@ -37,7 +37,7 @@ def _is_main(cfg: Config) -> bool:
 def train(config: str, overrides: list[str], *, resume: bool, progress: bool) -> dict:
     from .evaluation.results import read_results
     from .stages.representation import train_stage1
-    from .stages.stage1_model import check_checkpoint, checkpoint_path, is_complete
+    from .stages.stage1_model import checkpoint_path, has_checkpoint, is_complete, resume_checkpoint
 
     cfg = load_config(config, overrides)
     if cfg.data.dataset == "embeddings":
@@ -48,17 +48,17 @@ def train(config: str, overrides: list[str], *, resume: bool, progress: bool) ->
     resolve_device(cfg.run.device)
     main = _is_main(cfg)
     with open_run_dir(run_dir, create=main, lock=main):
-        has_checkpoint = checkpoint_path(run_dir).is_file()
-        if not resume and has_checkpoint:
+        found = has_checkpoint(run_dir)  # last.pt or mid_epoch.pt
+        if not resume and found:
             raise TailaugError(
                 f"{run_dir} already holds a training run; add --resume to continue it, or choose another "
                 f"directory with run.name=NAME (nothing was changed)"
             )
-        if resume and not has_checkpoint:
+        if resume and not found:
             raise TailaugError(f"{run_dir} holds no checkpoint to resume ({checkpoint_path(run_dir)} does not "
                                "exist); start the run without --resume (nothing was changed)")
         if resume:
-            check_checkpoint(run_dir, cfg)
+            resume_checkpoint(run_dir, cfg)
             if is_complete(run_dir, cfg):
                 raise TailaugError(
                     f"stage 1 in {run_dir} has finished all {cfg.train.epochs} epochs: nothing to resume; its "

@@ -340,6 +340,8 @@ class TrainConfig(Section):
     feature_augmenter: AugmenterSection = Field(default_factory=lambda: AUGMENTERS.get("none").config())
     # a training-time module after a backbone stage, removed at inference (e.g. {name: rsg, stage: 2}); None: off
     stage_module: StageModuleSection = None
+    # also checkpoint every N optimiser steps within an epoch (checkpoints/mid_epoch.pt); 0: at epoch ends only
+    checkpoint_every_steps: int = Field(0, ge=0)
 
     @model_validator(mode="after")
     def _milestones(self):

@@ -141,6 +141,19 @@ class MetaSAugAugmenter(ISDAAugmenter):
             record["metasaug_meta_loss"] = float(self.meta_loss_sum) / self.meta_steps
         return record
 
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """ISDA's statistics and the epoch's running meta loss (a mid-epoch checkpoint resumes it)."""
+        state = super().state_tensors()
+        if self.meta_steps:
+            state.update(meta_loss_sum=self.meta_loss_sum.detach().cpu(), meta_steps=torch.tensor(self.meta_steps))
+        return state
+
+    def load_state_tensors(self, state: dict[str, torch.Tensor]) -> None:
+        super().load_state_tensors(state)
+        if "meta_steps" in state:
+            self.meta_loss_sum = state["meta_loss_sum"].to(self.moments.count.device)
+            self.meta_steps = int(state["meta_steps"])
+
     def meta_rows(self) -> int:
         return self.meta_batch if self.epoch >= self.start_epoch else 0
 

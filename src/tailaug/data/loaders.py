@@ -65,20 +65,21 @@ class _Plan:
 
     def __init__(self, n: int, batch_size: int, order, drop_last: bool, key: DrawKey | None):
         self.n, self.batch_size, self.order, self.drop_last, self.key = n, batch_size, order, drop_last, key
+        self.first = 0  # the batch an iteration starts at (a run resumed within an epoch)
 
     def __len__(self) -> int:
         n = len(self.order) if self.order is not None else self.n
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
-    def index_batches(self) -> Iterator[np.ndarray]:
+    def index_batches(self, first: int = 0) -> Iterator[np.ndarray]:
         order = np.fromiter(self.order, dtype=np.int64) if self.order is not None else np.arange(self.n)
         stop = len(order) - (len(order) % self.batch_size if self.drop_last else 0)
-        for start in range(0, stop, self.batch_size):
+        for start in range(first * self.batch_size, stop, self.batch_size):
             yield order[start : start + self.batch_size]
 
     def __iter__(self) -> Iterator[list[tuple[int, DrawKey | None]]]:
         key = self.key
-        for idx in self.index_batches():
+        for idx in self.index_batches(self.first):
             yield [(i, key) for i in idx.tolist()]
 
 
@@ -95,7 +96,9 @@ class Batches:
 
     With ``augment`` the crop/flip draws come from (seed, epoch, rank) (and each natural
     view's from its index too), so an epoch is the same whether or not the run was
-    interrupted before it, and with any number of loader workers.
+    interrupted before it, and with any number of loader workers. ``raw(start=k)`` begins at
+    the epoch's batch k (a run resumed within the epoch; the skipped batches are not read),
+    so whatever a DataLoader worker draws must not depend on the batches before.
     """
 
     def __init__(self, split: Split, batch_size: int, transform: BatchTransform, device: torch.device,
@@ -124,8 +127,8 @@ class Batches:
     def __len__(self) -> int:
         return len(self.plan)
 
-    def _index_batches(self) -> Iterator[np.ndarray]:
-        return self.plan.index_batches()
+    def _index_batches(self, first: int = 0) -> Iterator[np.ndarray]:
+        return self.plan.index_batches(first)
 
     def loader(self) -> torch.utils.data.DataLoader:
         """The split's DataLoader, made once: its workers persist across epochs."""
@@ -140,14 +143,16 @@ class Batches:
             )
         return self._loader
 
-    def raw(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """uint8 images (on the device), labels and indices, before the transform."""
+    def raw(self, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """uint8 images (on the device), labels and indices, before the transform, from the
+        epoch's batch ``start`` (0-based) on."""
         labels = torch.from_numpy(self.split.labels)
         if self.split.images is not None:
-            for idx in self._index_batches():
+            for idx in self._index_batches(start):
                 t = torch.from_numpy(idx)
                 yield self.split.images[t].to(self.device, non_blocking=True), labels[t].to(self.device), t
             return
+        self.plan.first = start  # read by the plan when the loader's iterator starts
         for batch in self.loader():
             if isinstance(batch, _Failed):
                 raise batch.kind(batch.message)

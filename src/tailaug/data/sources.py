@@ -487,7 +487,8 @@ class ImageFolderDataset(torch.utils.data.Dataset):
 
         path = self.paths[index]
         try:
-            data = path.read_bytes()
+            with open(path, "rb") as f:
+                data = f.read()
             with Image.open(io.BytesIO(data)) as img:
                 w, h, mode, kind = img.width, img.height, img.mode, img.format
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:

@@ -15,8 +15,9 @@ Decisions where a field could go either way:
 - Not in the stage-1 key: where the data lives (``data.root``, ``data.download``), how
   fast it is read or scored (``data.num_workers``, ``data.prefetch_factor``,
   ``data.gpu_decode`` (the same draws; only the decoder's and resampler's rounding differ,
-  as with ``run.device``), ``train.eval_batch_size``,
-  ``train.channels_last``, ``run.device``) and everything that only changes the report (``data.shots``, ``data.test_per_class``,
+  as with ``run.device``), ``train.eval_batch_size``, ``train.channels_last``,
+  ``run.device``), how often it is checkpointed (``train.checkpoint_every_steps``) and
+  everything that only changes the report (``data.shots``, ``data.test_per_class``,
   ``data.test_split``, ``eval.*``). The test split is in the cache key instead.
 - ``data.class_order`` is in the stage-1 key unless it is the identity order 0..C-1 or the
   profile is ``none`` (every class gets n_max): both give the protocol's subset, and the
@@ -46,6 +47,7 @@ from ..registry import CLASSIFIERS
 NOT_IN_STAGE1 = (
     "data.root", "data.download", "data.num_workers", "data.prefetch_factor", "data.gpu_decode", "data.shots",
     "data.test_per_class", "data.test_split", "data.test_root", "train.eval_batch_size", "train.channels_last",
+    "train.checkpoint_every_steps",
 )
 
 

@@ -38,7 +38,7 @@ from .representation import stage1_row, train_stage1
 from .spatial import spatial_source
 from .select import row_label, row_select, select_on_validation
 from .stored_head import head_tensors
-from .stage1_model import (check_checkpoint, checkpoint_path, finished_key, is_complete, other_model_error,
+from .stage1_model import (finished_key, has_checkpoint, is_complete, other_model_error, resume_checkpoint,
                            write_run_config)
 
 CPU = torch.device("cpu")
@@ -53,9 +53,9 @@ def stage1_state(cfg: Config, run_dir: Path) -> str:
         if finished_key(run_dir) is not None:
             raise other_model_error(f"stage 1 in {run_dir}", run_dir, cfg)
         return "new"
-    if not checkpoint_path(run_dir).is_file():
+    if not has_checkpoint(run_dir):
         return "new"
-    check_checkpoint(run_dir, cfg)
+    resume_checkpoint(run_dir, cfg)
     return "resume"
 
 

@@ -28,8 +28,8 @@ from ..engine.device import autocast, precision_name, resolve_device, resolve_pr
 from ..engine.inference import collect_outputs
 from ..engine.logging import MetricsLogger
 from ..engine.schedule import lr_at
-from ..engine.seed import seed_everything, torch_generator
-from ..errors import ConfigError, TailaugError
+from ..engine.seed import seed_everything, set_stream_state, stream_state, torch_generator
+from ..errors import CheckpointError, ConfigError, TailaugError
 from ..evaluation.metrics import group_accuracies
 from ..evaluation.report import format_table, write_json
 from ..evaluation.results import STAGE1, record_results, result_row
@@ -38,8 +38,8 @@ from ..losses import LossInputs, build_loss
 from ..models import Network
 from ..models.stage_modules import TrainingNetwork, build_stage_module
 from .keys import stage1_key
-from .stage1_model import (batch_transform, build_network, check_checkpoint, checkpoint_fix, checkpoint_path,
-                           marker_path, write_classes, write_run_config)
+from .stage1_model import (batch_transform, build_network, checkpoint_fix, checkpoint_path, config_path, marker_path,
+                           mid_epoch_fix, mid_epoch_path, resume_checkpoint, write_classes, write_run_config)
 
 
 class Trainer:
@@ -100,6 +100,8 @@ class Trainer:
         self.feature_aug = None
         if tc.feature_augmenter.name != "none":
             self.feature_aug = build_augmenter(tc.feature_augmenter).to(self.device)
+        self.best: dict | None = None  # the best validation epoch so far (a mid-epoch checkpoint keeps it)
+        self.resume_at: dict | None = None  # where restore() found a mid-epoch checkpoint (train_epoch continues it)
         self.net = train_net
         if self.dist.enabled:
             ids = [self.device.index] if self.device.type == "cuda" else None
@@ -118,14 +120,27 @@ class Trainer:
         }
 
     def restore(self) -> tuple[int, dict | None]:
-        path = checkpoint_path(self.run_dir)
-        ckpt = check_checkpoint(self.run_dir, self.cfg, device=self.device)
+        """Load the checkpoint to continue from (:func:`resume_checkpoint`); the epoch to start.
+        A mid-epoch checkpoint also sets :attr:`resume_at`, which :meth:`train_epoch` continues."""
+        path, ckpt = resume_checkpoint(self.run_dir, self.cfg)
+        mid = path == mid_epoch_path(self.run_dir)
+        fix = mid_epoch_fix(self.run_dir) if mid else checkpoint_fix(self.run_dir)
         for target, entry in ((self.model, "model"), (self.optimizer, "optimizer"), (self.scaler, "scaler")):
-            load_state(target, ckpt[entry], path, checkpoint_fix(self.run_dir))
+            load_state(target, ckpt[entry], path, fix)
         if self.stage_module is not None:
-            load_state(self.stage_module, ckpt.get("stage_module") or {}, path, checkpoint_fix(self.run_dir))
+            load_state(self.stage_module, ckpt.get("stage_module") or {}, path, fix)
         self.fit_feature_augmenter(ckpt.get("feature_augmenter"))
-        return ckpt["epoch"] + 1, ckpt["best"]
+        if not mid:
+            return ckpt["epoch"] + 1, ckpt["best"]
+        if ckpt["world_size"] != self.dist.world_size:
+            raise CheckpointError(f"{path} was written in epoch {ckpt['epoch'] + 1} by {ckpt['world_size']} "
+                                  f"process(es), and this run has {self.dist.world_size}: resume with "
+                                  f"{ckpt['world_size']}, or {fix}")
+        rank = self.dist.rank
+        self.resume_at = {"epoch": ckpt["epoch"], "step": ckpt["step"], "elapsed": ckpt["elapsed"],
+                          "streams": ckpt["streams"][rank], "totals": ckpt["totals"][rank],
+                          "feature_augmenter": ckpt.get("feature_augmenter"), "path": path, "fix": fix}
+        return ckpt["epoch"], ckpt["best"]
 
     def fit_feature_augmenter(self, state: dict | None = None) -> None:
         """Fit train.feature_augmenter on the current network's features of the training and
@@ -148,8 +163,9 @@ class Trainer:
     # ------------------------------------------------------------------ training
 
     def fit(self, resume: bool = False) -> dict:
-        """Train from epoch 0 or the last checkpoint. Nothing is written before the first epoch
-        of this call has finished: then config.yaml, metrics and checkpoints."""
+        """Train from epoch 0 or the last checkpoint (an epoch's end or a mid-epoch one). Nothing
+        is written before the first epoch of this call has finished (then config.yaml, metrics and
+        checkpoints), or before its first mid-epoch checkpoint (config.yaml, classes.json and it)."""
         tc, main = self.cfg.train, self.dist.is_main
         if resume:
             start, best = self.restore()
@@ -159,6 +175,7 @@ class Trainer:
         logger = None
         try:
             for epoch in range(start, tc.epochs):
+                self.best = best
                 record = self.train_epoch(epoch)
                 new_best, validation = False, None
                 if self.data.val is not None:
@@ -180,6 +197,7 @@ class Trainer:
                         save_checkpoint(self.run_dir / "checkpoints" / "best.pt", self.state(epoch, best))
                     logger.log(record, step=epoch)
                     save_checkpoint(checkpoint_path(self.run_dir), self.state(epoch, best))
+                    mid_epoch_path(self.run_dir).unlink(missing_ok=True)  # last.pt is further on
                 distributed.barrier()
             if main and resume and logger is None:  # nothing left to train: still mend the metrics
                 logger = MetricsLogger(self.run_dir, resume_epoch=start)
@@ -189,12 +207,23 @@ class Trainer:
         return self.finish()
 
     def train_epoch(self, epoch: int) -> dict:
+        """One epoch (from the step of :attr:`resume_at` when it holds this epoch); its record.
+
+        Every random draw of a step comes from three streams seeded by (seed, epoch, rank): the
+        crop/flip generator, ``rng`` (mixup, Remix) and ``aug_gen`` (the feature augmenter). With
+        ``train.checkpoint_every_steps`` they are saved with the running sums, so a run resumed
+        from the mid-epoch checkpoint makes the draws and logs the metrics of an uninterrupted one."""
         tc = self.cfg.train
+        resume, self.resume_at = self.resume_at, None
+        if resume is not None and resume["epoch"] != epoch:
+            resume = None
         self.net.train()
         self.train_batches.set_epoch(epoch)
         self.loss_fn.set_epoch(epoch)
         if self.feature_aug is not None:
             self.feature_aug.set_epoch(epoch, tc.epochs)
+            if resume is not None and resume["feature_augmenter"]:  # with the sums of the epoch so far
+                self.feature_aug.load_state_tensors(resume["feature_augmenter"])
         if self.stage_module is not None:
             self.stage_module.set_epoch(epoch)
         rng = np.random.default_rng([self.cfg.run.seed, epoch, self.dist.rank])
@@ -204,12 +233,24 @@ class Trainer:
         num_classes = self.data.num_classes
         totals = torch.zeros(3 + 2 * num_classes, dtype=torch.float64, device=self.device)
         by_class = totals[3:].view(2, num_classes)
-        t0 = time.perf_counter()
-        bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{tc.epochs}", leave=False,
-                   disable=not (self.show_progress and self.dist.is_main), dynamic_ncols=True)
         gen = self.train_batches.generator()
         aug_gen = torch_generator(self.cfg.run.seed, epoch, self.dist.rank, 23, device=self.device)
-        for step, (raw, y, _) in enumerate(self.train_batches.raw()):
+        streams = [g for g in (gen, aug_gen) if g is not None]
+        first, before = 0, 0.0  # steps done and seconds spent in this epoch before this call
+        if resume is not None:
+            first, before = resume["step"], resume["elapsed"]
+            try:
+                set_stream_state(resume["streams"], streams, rng)
+            except ValueError:
+                raise CheckpointError(f"the random streams in {resume['path']} were saved on another kind of "
+                                      f"device than {self.device.type}: resume on that device, or "
+                                      f"{resume['fix']}") from None
+            totals.copy_(resume["totals"])
+        every = tc.checkpoint_every_steps
+        t0 = time.perf_counter()
+        bar = tqdm(total=steps, initial=first, desc=f"epoch {epoch + 1}/{tc.epochs}", leave=False,
+                   disable=not (self.show_progress and self.dist.is_main), dynamic_ncols=True)
+        for step, (raw, y, _) in enumerate(self.train_batches.raw(first), start=first):
             lr = lr_at(tc, epoch, step, steps)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
@@ -224,20 +265,17 @@ class Trainer:
             by_class[0].index_add_(0, y, hits.to(torch.float64))
             by_class[1].index_add_(0, y, torch.ones_like(y, dtype=torch.float64))
             bar.update()
-            if step % 10 == 0 or step == steps - 1:  # the only host reads of the epoch
+            if step % 10 == 0 or step == steps - 1:  # the only host reads of the epoch (but checkpoints)
                 loss_sum, _, seen = totals[:3].tolist()
-                if not math.isfinite(loss_sum):
-                    raise TailaugError(
-                        f"the training loss became {loss.item()} (not finite) by step {step + 1} of epoch "
-                        f"{epoch + 1}; lower train.lr, enable train.grad_clip, or use train.precision=fp32; "
-                        "the last good checkpoint is kept"
-                    )
-                ips = seen * self.dist.world_size / (time.perf_counter() - t0)
+                check_finite(loss_sum, loss, epoch, step)
+                ips = seen * self.dist.world_size / (before + time.perf_counter() - t0)
                 bar.set_postfix(loss=f"{loss_sum / seen:.3f}", lr=f"{lr:.4f}", img_s=f"{ips:.0f}")
+            if every and (step + 1) % every == 0 and step + 1 < steps:
+                self.save_mid_epoch(epoch, step + 1, streams, rng, totals, loss, before + time.perf_counter() - t0)
         bar.close()
         distributed.all_reduce_sum(totals)
         loss_sum, correct, seen = totals[:3].tolist()
-        elapsed = time.perf_counter() - t0
+        elapsed = before + time.perf_counter() - t0
         record = {
             "epoch": epoch, "train_loss": loss_sum / seen, "train_acc": 100 * correct / seen, "lr": lr,
             "images_per_s": seen / elapsed, "epoch_s": elapsed, **self.class_accuracies("train", *by_class.tolist()),
@@ -246,6 +284,24 @@ class Trainer:
             tqdm.write(f"epoch {epoch + 1}/{tc.epochs}  loss {record['train_loss']:.4f}  "
                        f"train acc {record['train_acc']:.2f}  lr {lr:.4f}  {record['images_per_s']:.0f} img/s")
         return record
+
+    def save_mid_epoch(self, epoch: int, step: int, streams: list[torch.Generator], rng: np.random.Generator,
+                       totals: torch.Tensor, loss: torch.Tensor, elapsed: float) -> None:
+        """Write ``checkpoints/mid_epoch.pt`` after ``step`` steps of ``epoch`` (rank 0 writes;
+        every rank calls this): :meth:`state` with every process's random streams and running
+        sums, gathered on the device (one host sync per checkpoint)."""
+        rows = [distributed.all_gather_cat(t[None].to(self.device)).cpu()
+                for t in (stream_state(streams, rng), totals)]
+        check_finite(float(rows[1][:, 0].sum()), loss, epoch, step - 1)  # never checkpoint a diverged model
+        if not self.dist.is_main:
+            return
+        if not config_path(self.run_dir).is_file():  # the checkpoint's run files, before the first epoch ends
+            write_run_config(self.cfg, self.run_dir)
+            write_classes(self.data, self.run_dir)
+        save_checkpoint(mid_epoch_path(self.run_dir), {
+            **self.state(epoch, self.best), "step": step, "world_size": self.dist.world_size,
+            "streams": rows[0], "totals": rows[1], "elapsed": elapsed,
+        })
 
     def class_accuracies(self, split: str, correct: list[float], seen: list[float]) -> dict:
         """Shot-group and per-class accuracy (%) from per-class counts of correct and seen
@@ -359,6 +415,16 @@ class Trainer:
             print(format_table([("stage 1 (last epoch)", results)]))
         distributed.barrier()
         return results
+
+
+def check_finite(loss_sum: float, loss: torch.Tensor, epoch: int, step: int) -> None:
+    """Raise when the running loss sum of an epoch is no longer finite (``step``: 0-based)."""
+    if not math.isfinite(loss_sum):
+        raise TailaugError(
+            f"the training loss became {loss.item()} (not finite) by step {step + 1} of epoch "
+            f"{epoch + 1}; lower train.lr, enable train.grad_clip, or use train.precision=fp32; "
+            "the last good checkpoint is kept"
+        )
 
 
 def stage1_row(cfg: Config, metrics: dict, **choices) -> dict:

@@ -30,6 +30,17 @@ def checkpoint_path(run_dir: Path) -> Path:
     return Path(run_dir) / "checkpoints" / "last.pt"
 
 
+def mid_epoch_path(run_dir: Path) -> Path:
+    """``checkpoints/mid_epoch.pt``: the last of the checkpoints ``train.checkpoint_every_steps``
+    writes within an epoch; deleted once that epoch's ``last.pt`` is written."""
+    return Path(run_dir) / "checkpoints" / "mid_epoch.pt"
+
+
+def has_checkpoint(run_dir: Path) -> bool:
+    """True when ``run_dir`` holds a stage-1 checkpoint to resume (an epoch's end or a mid-epoch one)."""
+    return checkpoint_path(run_dir).is_file() or mid_epoch_path(run_dir).is_file()
+
+
 def marker_path(run_dir: Path) -> Path:
     """``stage1.json``: written when stage 1 finished, with the key of its config."""
     return Path(run_dir) / "stage1.json"
@@ -91,6 +102,8 @@ def other_model_error(what: str, run_dir: Path, cfg: Config) -> CheckpointError:
 
 
 CHECKPOINT_ENTRIES = ("epoch", "key", "model", "optimizer", "scaler", "best")  # what Trainer.state saves
+# what a mid-epoch checkpoint adds (Trainer.save_mid_epoch): "epoch" is then the epoch in progress
+MID_EPOCH_ENTRIES = ("step", "world_size", "streams", "totals", "elapsed")
 
 
 def checkpoint_fix(run_dir: Path) -> str:
@@ -99,12 +112,22 @@ def checkpoint_fix(run_dir: Path) -> str:
             f"evaluate from: train stage 1 again under another run.name, or delete {run_dir} and rerun")
 
 
-def load_stage1_checkpoint(run_dir: Path, device: str | torch.device = "cpu") -> dict:
-    """checkpoints/last.pt of ``run_dir`` holding every entry of ``Trainer.state``; a
-    CheckpointError that says what to do when it is unreadable or holds something else."""
-    path, fix = checkpoint_path(run_dir), checkpoint_fix(run_dir)
+def mid_epoch_fix(run_dir: Path) -> str:
+    """What to do about a mid-epoch checkpoint that cannot be resumed."""
+    return (f"delete {mid_epoch_path(run_dir)} to resume from the end of the last finished epoch "
+            "(checkpoints/last.pt, if any), or start again under another run.name")
+
+
+def load_stage1_checkpoint(run_dir: Path, device: str | torch.device = "cpu", *, mid_epoch: bool = False) -> dict:
+    """checkpoints/last.pt of ``run_dir`` (``mid_epoch``: checkpoints/mid_epoch.pt) holding every
+    entry of ``Trainer.state`` (and of a mid-epoch checkpoint); a CheckpointError that says what
+    to do when it is unreadable or holds something else."""
+    if mid_epoch:
+        path, fix, entries = mid_epoch_path(run_dir), mid_epoch_fix(run_dir), CHECKPOINT_ENTRIES + MID_EPOCH_ENTRIES
+    else:
+        path, fix, entries = checkpoint_path(run_dir), checkpoint_fix(run_dir), CHECKPOINT_ENTRIES
     ckpt = load_checkpoint(path, device, fix=fix)
-    missing = [k for k in CHECKPOINT_ENTRIES if k not in ckpt] if isinstance(ckpt, dict) else CHECKPOINT_ENTRIES
+    missing = [k for k in entries if k not in ckpt] if isinstance(ckpt, dict) else entries
     if missing or not isinstance(ckpt["epoch"], int) or not isinstance(ckpt["model"], dict):
         what = f"without {', '.join(missing)}" if missing else "with a malformed epoch or model entry"
         raise CheckpointError(f"checkpoint {path} is not a tailaug stage-1 checkpoint (a {type(ckpt).__name__} "
@@ -112,12 +135,25 @@ def load_stage1_checkpoint(run_dir: Path, device: str | torch.device = "cpu") ->
     return ckpt
 
 
-def check_checkpoint(run_dir: Path, cfg: Config, *, device: str | torch.device = "cpu") -> dict:
-    """The run's last checkpoint; raises unless it was trained with this config's stage-1 fields."""
-    ckpt = load_stage1_checkpoint(run_dir, device)
+def check_checkpoint(run_dir: Path, cfg: Config, *, device: str | torch.device = "cpu",
+                     mid_epoch: bool = False) -> dict:
+    """The run's last checkpoint (``mid_epoch``: its mid-epoch one); raises unless it was trained
+    with this config's stage-1 fields."""
+    ckpt = load_stage1_checkpoint(run_dir, device, mid_epoch=mid_epoch)
     if ckpt["key"] != stage1_key(cfg):
-        raise other_model_error(str(checkpoint_path(run_dir)), run_dir, cfg)
+        raise other_model_error(str(mid_epoch_path(run_dir) if mid_epoch else checkpoint_path(run_dir)), run_dir, cfg)
     return ckpt
+
+
+def resume_checkpoint(run_dir: Path, cfg: Config) -> tuple[Path, dict]:
+    """The checkpoint a resumed stage 1 continues from, loaded on the CPU and checked as
+    :func:`check_checkpoint` does: ``mid_epoch.pt`` when it lies beyond ``last.pt`` (written
+    in an epoch after the last finished one), else ``last.pt``."""
+    mid = check_checkpoint(run_dir, cfg, mid_epoch=True) if mid_epoch_path(run_dir).is_file() else None
+    last = check_checkpoint(run_dir, cfg) if checkpoint_path(run_dir).is_file() or mid is None else None
+    if mid is not None and (last is None or mid["epoch"] > last["epoch"]):
+        return mid_epoch_path(run_dir), mid
+    return checkpoint_path(run_dir), last
 
 
 def build_network(cfg: Config, data: LTData, device: torch.device, *, initial_weights: bool = True) -> Network:

@@ -145,6 +145,21 @@ def test_a_damaged_shard_is_one_error_naming_the_file_and_the_fix(tmp_path, how,
     assert "\n" not in str(info.value)
 
 
+def test_rows_by_index_come_the_same_through_the_map_and_a_shard_cut_later_is_an_error(tmp_path, monkeypatch):
+    from tailaug.engine import shards
+
+    cache, loaded = written(tmp_path, shard_rows=7)
+    x, rows = cache["train_features"], torch.tensor([53, 0, 6, 7, 7, 20, 13, 14, 1, 48])
+    with monkeypatch.context() as m:
+        m.delattr(shards.os, "preadv")  # as on Windows
+        assert torch.equal(loaded["train_features"][rows], x[rows])
+    shard = loaded["train_features"].files[2]
+    shard.write_bytes(shard.read_bytes()[:-16])  # after it was opened and checked
+    with pytest.raises(CheckpointError, match=rf"shard {shard} ended early \(truncated since it was opened\); delete "
+                                              "the directory"):
+        loaded["train_features"][rows]
+
+
 def test_loading_maps_the_shards_and_reads_nothing(tmp_path):
     x = torch.randn(20_000, 64)
     cache = {"train_features": x, "train_labels": torch.zeros(20_000, dtype=torch.long),

@@ -100,7 +100,11 @@ def check_features(features, labels, num_classes: int, what: str = "training") -
     if features.shape[0] == 0:
         raise DataError(f"{what} features are empty")
     check_labels(labels, num_classes, f"{what} labels")
-    finite = features.all_finite() if isinstance(features, ShardedArray) else bool(torch.isfinite(features).all())
+    if isinstance(features, ShardedArray):
+        finite = features.all_finite()
+    else:  # in chunks: torch.isfinite of the whole matrix would hold about twice its size at once
+        finite = all(bool(torch.isfinite(features[s : s + CHUNK_ROWS]).all())
+                     for s in range(0, features.shape[0], CHUNK_ROWS))
     if not finite:
         raise DataError(f"{what} features contain NaN or inf; re-extract them")
     return features, labels

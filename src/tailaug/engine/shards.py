@@ -8,15 +8,18 @@ entry of its owner's JSON index, ``{"shape": [N, d], "dtype": "float16", "shards
 - :class:`ShardWriter` takes rows batch by batch and holds at most one shard in memory.
 - :class:`ShardedArray` maps the shards read-only (``mmap``) and hands out float32 rows as
   torch tensors on its ``device``: ``a[start:stop]``, ``a[index]`` (an integer tensor or
-  array, or a boolean mask of the rows), :meth:`ShardedArray.tensor` (all of it, in memory). Nothing is read until asked
-  for; the mapped pages it has read are handed back to the kernel every ``RELEASE_BYTES`` of
-  rows, so the resident memory stays bounded on any number of rows.
+  array, or a boolean mask of the rows), :meth:`ShardedArray.tensor` (all of it, in memory).
+  Nothing is read until asked for. Row ranges are read through the map, whose pages are
+  handed back to the kernel (``madvise``) every ``RELEASE_BYTES`` (they stay in the page
+  cache); rows by index are read with positional reads (``os.preadv``), which map nothing.
+  So the process's resident set stays bounded on any number of rows.
 - :func:`dense`: a tensor as it is, a :class:`ShardedArray` in memory.
 """
 
 from __future__ import annotations
 
 import mmap
+import os
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +31,7 @@ from .checkpoint import atomic_write, exception_summary
 # rows per pass of a streaming statistic (class means, ISDA's moments, test logits), and the
 # default features.shard_rows: a 2,048-d float32 chunk is 512 MiB
 CHUNK_ROWS = 65536
-RELEASE_BYTES = 256 * 2**20  # mapped rows read between two releases of the mapped pages
+RELEASE_BYTES = 64 * 2**20  # mapped bytes read between two releases of the mapped pages
 DTYPES = {"float32": np.float32, "float16": np.float16}
 FLOAT16_MAX = float(np.finfo(np.float16).max)
 
@@ -94,8 +97,9 @@ class ShardWriter:
         return {"shape": [self.rows, self.width or 0], "dtype": self.dtype, "shards": self.shards}
 
 
-def _map_shard(path: Path, rows: int, width: int, dtype: str, size: int, fix: str) -> tuple[mmap.mmap | None, np.ndarray]:
-    """The shard at ``path`` mapped read-only, checked against its index entry."""
+def _map_shard(path: Path, rows: int, width: int, dtype: str, size: int, fix: str) -> tuple:
+    """(mmap or None, the rows as an array on it, the data's offset in the file) of the shard at
+    ``path``, mapped read-only and checked against its index entry."""
     what = f"feature cache shard {path}"
     if not path.is_file():
         raise CheckpointError(f"{what} is missing; {fix}")
@@ -115,13 +119,13 @@ def _map_shard(path: Path, rows: int, width: int, dtype: str, size: int, fix: st
             if offset + rows * width * stored.itemsize != found:
                 raise CheckpointError(f"{what} is truncated (its header promises {rows} rows); {fix}")
             if rows * width == 0:
-                return None, np.zeros((rows, width), dtype=stored)
+                return None, np.zeros((rows, width), dtype=stored), offset
             mapped = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
     except CheckpointError:
         raise
     except Exception as exc:  # a damaged header
         raise CheckpointError(f"{what} is not a readable .npy file ({exception_summary(exc)}); {fix}") from None
-    return mapped, np.ndarray((rows, width), dtype=stored, buffer=mapped, offset=offset)
+    return mapped, np.ndarray((rows, width), dtype=stored, buffer=mapped, offset=offset), offset
 
 
 class _Store:
@@ -140,8 +144,11 @@ class _Store:
             raise CheckpointError(f"the index entry of {name} in {directory} is inconsistent (dtype {dtype!r}, "
                                   f"{sum(counts)} rows in shards for {rows}); {fix}")
         mapped = [_map_shard(path, n, width, dtype, size, fix) for (path, size), n in zip(files, counts)]
-        self.mmaps = [m for m, _ in mapped if m is not None]
-        self.arrays = [a for _, a in mapped]
+        self.mmaps = [m for m, _, _ in mapped if m is not None]
+        self.arrays = [a for _, a, _ in mapped]
+        self.offsets = np.array([o for _, _, o in mapped], dtype=np.int64)
+        self.handles: list | None = None  # the shard files, opened for positional reads when first needed
+        self.fix = fix
         self.starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         self.shape, self.dtype, self.files = (rows, width), dtype, [p for p, _ in files]
         self.row_bytes = width * np.dtype(DTYPES[dtype]).itemsize
@@ -152,6 +159,13 @@ class _Store:
         self.read_bytes += rows * self.row_bytes
         if self.read_bytes >= RELEASE_BYTES:
             self.release()
+
+    def pread(self, shard: int, into: memoryview, position: int) -> None:
+        if self.handles is None:
+            self.handles = [open(path, "rb", buffering=0) for path in self.files]  # noqa: SIM115 (kept open)
+        if os.preadv(self.handles[shard].fileno(), [into], position) != len(into):
+            raise CheckpointError(f"feature cache shard {self.files[shard]} ended early (truncated since it was "
+                                  f"opened); {self.fix}")
 
     def release(self) -> None:
         """Hand the mapped pages back to the kernel (they stay in the page cache, and are read
@@ -219,7 +233,6 @@ class ShardedArray:
                         f"its rows, not {type(key).__name__}")
 
     def _out(self, rows: np.ndarray) -> torch.Tensor:
-        self._store.account(len(rows))
         return torch.from_numpy(rows).to(self.device)
 
     def _range(self, start: int, stop: int) -> np.ndarray:
@@ -231,25 +244,37 @@ class ShardedArray:
             if lo >= hi:
                 break
             out[lo - start : hi - start] = s.arrays[k][lo - s.starts[k] : hi - s.starts[k]]
+            s.account(hi - lo)
         return out
 
     def _gather(self, index: np.ndarray) -> np.ndarray:
+        """Rows ``index`` (any order, repeats allowed), read in ascending order with positional
+        reads, a run of consecutive rows at a time: unlike reads through the map, they add
+        nothing to the resident set (a fault on a mapped file maps a whole large folio, up to
+        2 MiB, per scattered row on Linux 6)."""
         s = self._store
-        if index.size and (index.min() < -len(self) or index.max() >= len(self)):
-            raise IndexError(f"row index out of range for {len(self)} rows")
-        index = np.where(index < 0, index + len(self), index)
-        out = np.empty((index.size, s.shape[1]), dtype=np.float32)
-        if len(s.arrays) == 1:
-            out[:] = s.arrays[0][index]
-            return out
-        order = np.argsort(index, kind="stable")  # ascending rows: each shard's rows together, read in order
+        n = len(self)
+        if index.size and (index.min() < -n or index.max() >= n):
+            raise IndexError(f"row index out of range for {n} rows")
+        index = np.where(index < 0, index + n, index)
+        order = np.argsort(index, kind="stable")
         rows = index[order]
-        shard = np.searchsorted(s.starts, rows, side="right") - 1
-        cuts = np.flatnonzero(np.diff(shard)) + 1
-        for part in np.split(np.arange(rows.size), cuts):
-            if part.size:
-                k = int(shard[part[0]])
-                out[order[part]] = s.arrays[k][rows[part] - s.starts[k]]
+        stored = np.empty((rows.size, s.shape[1]), dtype=DTYPES[s.dtype])
+        if rows.size and s.row_bytes:
+            if not hasattr(os, "preadv"):  # no positional reads (Windows): through the map
+                for k, array in enumerate(s.arrays):
+                    inside = (rows >= s.starts[k]) & (rows < s.starts[k + 1])
+                    stored[inside] = array[rows[inside] - s.starts[k]]
+            else:
+                shard = np.searchsorted(s.starts, rows, side="right") - 1
+                position = s.offsets[shard] + (rows - s.starts[shard]) * s.row_bytes
+                cuts = np.flatnonzero((np.diff(rows) != 1) | (np.diff(shard) != 0)) + 1
+                first, last = np.concatenate([[0], cuts]).tolist(), np.concatenate([cuts, [rows.size]]).tolist()
+                raw = memoryview(stored).cast("B")
+                for a, b in zip(first, last):
+                    s.pread(int(shard[a]), raw[a * s.row_bytes : b * s.row_bytes], int(position[a]))
+        out = np.empty((index.size, s.shape[1]), dtype=np.float32)
+        out[order] = stored
         return out
 
     def chunks(self, rows: int = CHUNK_ROWS):
@@ -270,11 +295,9 @@ class ShardedArray:
             s.finite = True
             for array in s.arrays:
                 for start in range(0, len(array), CHUNK_ROWS):
-                    if not np.isfinite(array[start : start + CHUNK_ROWS]).all():
-                        s.finite = False
-                        break
-                if not s.finite:
-                    break
+                    part = array[start : start + CHUNK_ROWS]
+                    s.finite = s.finite and bool(np.isfinite(part).all())
+                    s.account(len(part))
             self.release()
         return s.finite
 

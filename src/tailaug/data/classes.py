@@ -126,7 +126,7 @@ def shot_groups(class_counts: Sequence[int], many: int = 100, few: int = 20) -> 
 def class_means(features, labels: torch.Tensor, num_classes: int, *, normalize: bool = False) -> torch.Tensor:
     """[C, d] mean feature of each class (a zero row for a class without rows), of the
     L2-normalised features with ``normalize``. ``features``: a tensor or a ShardedArray, summed
-    ``CHUNK_ROWS`` rows at a time (the same sums as at once: index_add_ adds rows in order)."""
+    ``CHUNK_ROWS`` rows at a time (on the CPU the same sums as at once: index_add_ adds rows in order)."""
     dtype = torch.promote_types(features.dtype, torch.float32)
     sums = torch.zeros(num_classes, features.shape[1], dtype=dtype, device=features.device)
     for start in range(0, features.shape[0], CHUNK_ROWS):

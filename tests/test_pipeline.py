@@ -44,15 +44,16 @@ def test_run_prints_three_rows_and_saves_them(finished_run):
     assert all(r["top1"] > 15 for r in results.values())
     assert saved["cRT"]["choices"] == {"seed": 0}
     assert saved["stage 1"]["key"] == json.loads((run_dir / "stage1.json").read_text())["key"]
-    assert len(list((run_dir / "features").glob("*.safetensors"))) == 1
+    assert len(list((run_dir / "features").glob("*/index.json"))) == 1
     assert len(list((run_dir / "generator").glob("*.safetensors"))) == 1
 
 
 def test_every_atomically_written_output_is_0644(finished_run):
     # atomic_write promises 0644; safetensors' save_file used to leave the caches 0600
     run_dir = finished_run[0]
-    written = [p for p in run_dir.rglob("*") if p.suffix in (".pt", ".safetensors", ".json", ".yaml")]
-    assert {p.parent.name for p in written} >= {"checkpoints", "features", "generator", "retrain", "pipe"}
+    written = [p for p in run_dir.rglob("*") if p.suffix in (".pt", ".safetensors", ".json", ".yaml", ".npy")]
+    where = {p.relative_to(run_dir).parts[0] if p.parent != run_dir else "pipe" for p in written}
+    assert where >= {"checkpoints", "features", "generator", "retrain", "pipe"}
     assert {str(p.relative_to(run_dir)): oct(p.stat().st_mode & 0o777) for p in written} == \
         {str(p.relative_to(run_dir)): oct(0o644) for p in written}
 
@@ -265,18 +266,17 @@ def test_evaluate_refuses_a_saved_config_that_no_longer_matches_the_model(finish
 def test_stage1_is_loaded_without_building_a_trainer(finished_run, monkeypatch, tmp_path):
     """The feature cache and evaluate load the finished model: no Trainer, no global reseed,
     and the same features as before."""
-    from safetensors.torch import load_file
-
     from tailaug.stages import representation
+    from tailaug.stages.feature_cache import dense_cache, load_cache
 
     run_dir, args, _ = finished_run
     monkeypatch.setattr(representation.Trainer, "__init__", lambda *a, **k: pytest.fail("built a Trainer"))
     monkeypatch.setattr(representation, "seed_everything", lambda *a: pytest.fail("reseeded"))
     forbid_training(monkeypatch)
-    [cache] = (run_dir / "features").glob("*.safetensors")
-    moved = cache.rename(tmp_path / cache.name)
+    [cache] = (run_dir / "features").glob("*/index.json")
+    moved = cache.parent.rename(tmp_path / cache.parent.name)
     again = commands.run(args[0], args[1:], progress=False)
-    old, new = load_file(moved), load_file(cache)
+    old, new = dense_cache(load_cache(moved)), dense_cache(load_cache(cache.parent))
     assert old.keys() == new.keys() and all(torch.equal(old[k], new[k]) for k in old)
     assert commands.evaluate(run_dir)["top1"] == again["stage 1"]["top1"]
 

@@ -16,7 +16,7 @@ from tailaug.data.image_folders import folder_splits
 from tailaug.engine.checkpoint import load_tensors
 from tailaug.errors import CheckpointError, DataError, TailaugError
 from tailaug.stages.classifier import retrain_classifier
-from tailaug.stages.features import cache_path
+from tailaug.stages.features import cache_path, load_cache
 from tailaug.stages.stored_head import head_tensors, load_head
 
 from synthetic import write_class_folders
@@ -84,7 +84,7 @@ def test_load_gives_the_logits_the_run_scored(finished, choice, label):
         from_features = model.features_to_logits(model.backbone(model.preprocess(model.read(paths))))
     torch.testing.assert_close(from_features, logits)
     if choice == "stage1":
-        stored = load_tensors(cache_path(run_dir, cfg))["test_logits"]
+        stored = load_cache(cache_path(run_dir, cfg))["test_logits"].tensor()
     else:
         suffix = "crt-none-" if choice == "crt" else "crt-stg-"
         (path,) = (run_dir / "retrain").glob(f"{suffix}*.safetensors")

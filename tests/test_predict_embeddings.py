@@ -14,7 +14,7 @@ from tailaug.cli import main
 from tailaug.config import load_config
 from tailaug.engine.checkpoint import load_tensors
 from tailaug.errors import DataError
-from tailaug.stages.features import cache_path
+from tailaug.stages.features import cache_path, load_cache
 
 from synthetic import long_tail_embeddings
 from test_embeddings import write
@@ -46,7 +46,7 @@ def finished(tmp_path_factory):
 
 def stored_logits(run_dir, choice):
     if STORED[choice] is None:
-        return load_tensors(cache_path(run_dir, load_config(run_dir / "config.yaml")))["test_logits"]
+        return load_cache(cache_path(run_dir, load_config(run_dir / "config.yaml")))["test_logits"].tensor()
     (path,) = (run_dir / "retrain").glob(f"{STORED[choice]}*.safetensors")
     return load_tensors(path)["test_logits"]
 
@@ -173,12 +173,12 @@ def test_a_run_without_its_feature_cache_says_to_rerun(finished, tmp_path):
 
     run_dir = tmp_path / "nocache"
     shutil.copytree(finished[0], run_dir)
-    (path,) = (run_dir / "features").glob("*.safetensors")
+    (path,) = (run_dir / "features").glob("*/entries.safetensors")
     path.write_bytes(b"not safetensors")
-    with pytest.raises(CheckpointError, match=r"holds no readable stage-1 head \(.*\); delete it and rerun 'tailaug "
-                                              r"run .*config.yaml' \(stage 1 trains its linear head again"):
+    with pytest.raises(CheckpointError, match=r"holds no readable stage-1 head \(.*\); delete .*features/\w+-\w+ and "
+                                              r"rerun 'tailaug run .*config.yaml' \(stage 1 trains its linear head again"):
         tailaug.load(run_dir)
-    path.unlink()
+    shutil.rmtree(path.parent)
     with pytest.raises(CheckpointError, match=r"the feature cache .* with the run's stage-1 head is missing; rerun "
                                               "'tailaug run"):
         tailaug.load(run_dir)

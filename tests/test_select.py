@@ -10,7 +10,7 @@ from tailaug.config import load_config
 from tailaug.errors import ConfigError, TailaugError
 from tailaug.evaluation.scoring import validation_score
 from tailaug.stages import pipeline
-from tailaug.stages.features import cache_path
+from tailaug.stages.feature_cache import legacy_cache_path
 from tailaug.stages.keys import retrain_key
 from tailaug.stages.select import row_label, row_select, select_on_validation
 
@@ -278,7 +278,7 @@ def test_run_selects_every_row_on_validation_and_records_it(tmp_path, monkeypatc
                  "retrain.select={grid: {augmenter.lam: [0.5, 1.5], lr: [0.01, 0.3]}}"]
     cfg = load_config(None, overrides)
     run_dir = tmp_path / "run"
-    path = cache_path(run_dir, cfg)
+    path = legacy_cache_path(run_dir, cfg)  # a single-file cache of earlier versions: still read
     path.parent.mkdir(parents=True)
     save_file({k: v.contiguous() for k, v in tail_cache().items()}, path)
     monkeypatch.setattr(pipeline, "ensure_stage1", lambda *a, **k: None)

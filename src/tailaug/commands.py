@@ -100,10 +100,11 @@ def evaluate(run_dir: Path, overrides: list[str] = ()) -> dict:
     with open_run_dir(run_dir, create=False):
         read_results(run_dir)
         if cfg.data.dataset == "embeddings":  # the linear head's test logits are in the feature cache
+            from .engine.shards import dense
             from .stages.features import extract_features
 
             cache = extract_features(cfg, run_dir, progress=False)
-            logits, labels, counts, choices = cache["test_logits"], cache["test_labels"], \
+            logits, labels, counts, choices = dense(cache["test_logits"]), cache["test_labels"], \
                 cache["class_counts"].tolist(), {}
         else:
             stage1 = load_finished(cfg, run_dir)
@@ -172,6 +173,7 @@ def run(config: str, overrides: list[str], *, resume: bool = False, progress: bo
 def finished_run(run_dir: Path):
     """(run dir, its config, its feature cache, its head classes) for an analysis, with the
     run's thread setting and the run directory held."""
+    from .stages.feature_cache import dense_cache
     from .stages.features import extract_features
     from .stages.pipeline import head_set
 
@@ -179,7 +181,7 @@ def finished_run(run_dir: Path):
     cfg = load_run_config(run_dir)
     apply_threads(cfg.run.threads)
     with open_run_dir(run_dir, create=False):
-        cache = extract_features(cfg, run_dir, progress=False)
+        cache = dense_cache(extract_features(cfg, run_dir, progress=False))  # analyses read it whole
         yield run_dir, cfg, cache, head_set(cfg, cache["class_counts"].tolist())
 
 

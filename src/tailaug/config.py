@@ -356,6 +356,10 @@ class TrainConfig(Section):
 class FeaturesConfig(Section):
     views: int = Field(0, ge=0)  # extra randomly augmented views per training image
     batch_size: int = Field(512, ge=1)
+    # rows per .npy shard of the cache (not in its key); stage 3 streams the training rows from
+    # the memory-mapped shards when there are more of them, and holds them in memory otherwise
+    shard_rows: int = Field(65536, ge=1)
+    dtype: Literal["float32", "float16"] = "float32"  # storage dtype of the cached features (in the cache key)
 
 
 class HeadSetConfig(Section):

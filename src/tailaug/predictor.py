@@ -211,22 +211,12 @@ def _classes(run_dir: Path) -> dict:
 
 def _load_embeddings(cfg, run_dir: Path, classifier: str) -> EmbeddingsPredictor:
     """The predictor of an embeddings run: the stage-1 linear head is read from the feature cache."""
-    from safetensors import safe_open
-
-    from .errors import CheckpointError
-    from .stages.features import cache_path, stage1_classifier
+    from .stages.feature_cache import stage1_head_tensors
+    from .stages.features import stage1_classifier
     from .stages.stored_head import StoredHead
 
-    path = cache_path(run_dir, cfg)
     fix = f"rerun 'tailaug run {run_dir / 'config.yaml'}' (stage 1 trains its linear head again in seconds)"
-    if not path.is_file():
-        raise CheckpointError(f"the feature cache {path} with the run's stage-1 head is missing; {fix}")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            cache = {k: f.get_tensor(k) for k in ("head_weight", "head_bias")}
-    except Exception as exc:
-        raise CheckpointError(f"{path} holds no readable stage-1 head ({type(exc).__name__}: {exc}); delete it "
-                              f"and {fix}") from None
+    cache = stage1_head_tensors(run_dir, cfg, fix)
     stage1 = StoredHead(*stage1_classifier(cache, cfg)).eval()
     head, label = _classifier(cfg, run_dir, classifier, stage1)
     num_classes = int(cache["head_weight"].shape[0])

@@ -61,6 +61,7 @@ from pydantic import ValidationError
 from torch import nn
 
 from ..data.classes import check_labels, class_means
+from ..engine.shards import CHUNK_ROWS, ShardedArray, dense
 from ..errors import ConfigError
 from ..registry import AUGMENTERS, Section
 
@@ -136,6 +137,11 @@ class AugmentContext:
     ``online`` is True during representation learning (``train.feature_augmenter``): the
     features change with every step, so statistics are kept from the batches rather than
     fitted once on ``features`` (which then only give the sizes and a starting point).
+
+    In stage 3 ``features`` may be a :class:`~tailaug.engine.shards.ShardedArray` (the
+    memory-mapped cache, float32 rows on ``device`` by slice or index): statistics go through
+    :meth:`class_means` and :meth:`row_mean`, which read it ``CHUNK_ROWS`` rows at a time;
+    :meth:`dense_features` holds it in memory.
     """
 
     features: torch.Tensor
@@ -152,7 +158,8 @@ class AugmentContext:
     online: bool = False  # stage 1: the features change every step
 
     def __post_init__(self):
-        self.features = torch.as_tensor(self.features)
+        if not isinstance(self.features, ShardedArray):
+            self.features = torch.as_tensor(self.features)
         if self.features.ndim != 2:
             raise ValueError(f"features must be [N, d], got shape {tuple(self.features.shape)}")
         self.labels = torch.as_tensor(self.labels, device=self.features.device).long()
@@ -208,6 +215,21 @@ class AugmentContext:
         if classes is None:
             return means
         return means[torch.tensor([int(c) for c in classes], dtype=torch.long, device=means.device)]
+
+    def row_mean(self, fn) -> torch.Tensor:
+        """The mean over all rows of ``fn(features [n, d] float32, labels [n])`` ([n, ...] per row):
+        at once up to ``CHUNK_ROWS`` rows, else the sum of per-chunk sums over N (the same for a
+        tensor and a ShardedArray)."""
+        n = self.features.shape[0]
+        if n <= CHUNK_ROWS:
+            return fn(self.features[0:n].float(), self.labels).mean(0)
+        total = sum(fn(self.features[s : s + CHUNK_ROWS].float(), self.labels[s : s + CHUNK_ROWS]).sum(0)
+                    for s in range(0, n, CHUNK_ROWS))
+        return total / n
+
+    def dense_features(self) -> torch.Tensor:
+        """All training features in memory (float32), for an augmenter that needs them at once."""
+        return dense(self.features).float()
 
 
 @AUGMENTERS.register("none", config=NoAugmenter)

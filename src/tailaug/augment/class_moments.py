@@ -38,6 +38,7 @@ from __future__ import annotations
 import dataclasses
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..engine import distributed
@@ -191,10 +192,12 @@ class ClassMoments(nn.Module):
         self.count.index_copy_(0, classes, n)
 
     @torch.no_grad()
-    def fit(self, features: torch.Tensor, labels: torch.Tensor, rows: int = 4096) -> None:
-        """The statistics of all rows of (features, labels) (merged ``rows`` at a time)."""
+    def fit(self, features, labels: torch.Tensor, rows: int = 4096, *, normalize: bool = False) -> None:
+        """The statistics of all rows of (features, labels) (merged ``rows`` at a time; of the
+        L2-normalised rows with ``normalize``). ``features``: a tensor or a ShardedArray."""
         for start in range(0, features.shape[0], rows):
-            self.update(features[start : start + rows], labels[start : start + rows])
+            chunk = features[start : start + rows].float()
+            self.update(F.normalize(chunk, dim=1) if normalize else chunk, labels[start : start + rows])
 
     @torch.no_grad()
     def covariance(self, classes: torch.Tensor | None = None) -> Covariance:

@@ -110,7 +110,7 @@ class FASAAugmenter(FeatureAugmenter):
         super().fit(ctx)
         self.val_x, self.val_y = ctx.validation[0].float(), ctx.validation[1].long()
         self.means = ctx.class_means()
-        self.variance = (ctx.features.float() - self.means[ctx.labels]).square().mean(0)
+        self.variance = ctx.row_mean(lambda x, y: (x - self.means[y]).square())
         self.rates = self.target_classes.float()
         self.last_loss = None
         self.active = bool(self.target_classes.any())  # rates never reach 0 once positive: no sync per batch

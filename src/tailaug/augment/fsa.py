@@ -147,7 +147,7 @@ class FSAAugmenter(FeatureAugmenter):
         self.fitted = True
         self.tail = tail
         self.weight = ctx.classifier_weight.float()
-        scores = head_logits(ctx.features.float(), self.weight,
+        scores = head_logits(ctx.dense_features(), self.weight,  # [N, C]: FSA holds the features in memory
                              None if ctx.classifier_bias is None else ctx.classifier_bias.float(),
                              ctx.classifier_cosine_scale)
         self.confusers = confusing_classes(scores, ctx.labels, tail, self.confusing)

@@ -218,7 +218,7 @@ class ISDAAugmenter(FeatureAugmenter):
         if self.fixed is None or self.fixed[0] != normalised:
             x, y = self.source
             self.moments.reset(self.moments.num_classes, x.shape[1], x.device)
-            self.moments.fit(F.normalize(x.float(), dim=1) if normalised else x.float(), y)
+            self.moments.fit(x, y, normalize=normalised)
             self.fixed = (normalised, self.moments.covariance())
         return self.fixed[1]
 

@@ -43,4 +43,4 @@ def fit_ncm(inp: Stage3Inputs) -> nn.Module:
     if not bool(present.all()):
         log.warning("ncm: class(es) %s have no training sample and are never predicted",
                     (~present).nonzero().flatten().tolist())
-    return NCMClassifier(class_means(F.normalize(x, dim=1), y, num_classes), present).to(x.device)
+    return NCMClassifier(class_means(x, y, num_classes, normalize=True), present).to(x.device)

@@ -17,7 +17,9 @@ from typing import Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
+from ..engine.shards import CHUNK_ROWS, ShardedArray
 from ..errors import DataError
 
 SHOT_GROUPS = ("many", "medium", "few")
@@ -84,10 +86,12 @@ def check_counts(class_counts: Sequence[int] | torch.Tensor, what: str = "class_
     return tuple(counts)
 
 
-def check_features(features, labels, num_classes: int, what: str = "training") -> tuple[torch.Tensor, torch.Tensor]:
+def check_features(features, labels, num_classes: int, what: str = "training") -> tuple:
     """(float32 [N, d] features, int64 [N] labels) on the features' device; a DataError when
-    the shapes disagree, there are no rows, a label is out of range or a value is not finite."""
-    features = torch.as_tensor(features).float()
+    the shapes disagree, there are no rows, a label is out of range or a value is not finite.
+    A :class:`~tailaug.engine.shards.ShardedArray` stays mapped (checked in one pass)."""
+    if not isinstance(features, ShardedArray):
+        features = torch.as_tensor(features).float()
     labels = torch.as_tensor(labels, device=features.device).long().reshape(-1)
     if features.ndim != 2:
         raise DataError(f"{what} features must be [N, d], got shape {tuple(features.shape)}")
@@ -96,7 +100,12 @@ def check_features(features, labels, num_classes: int, what: str = "training") -
     if features.shape[0] == 0:
         raise DataError(f"{what} features are empty")
     check_labels(labels, num_classes, f"{what} labels")
-    if not torch.isfinite(features).all():
+    if isinstance(features, ShardedArray):
+        finite = features.all_finite()
+    else:  # in chunks: torch.isfinite of the whole matrix would hold about twice its size at once
+        finite = all(bool(torch.isfinite(features[s : s + CHUNK_ROWS]).all())
+                     for s in range(0, features.shape[0], CHUNK_ROWS))
+    if not finite:
         raise DataError(f"{what} features contain NaN or inf; re-extract them")
     return features, labels
 
@@ -114,12 +123,16 @@ def shot_groups(class_counts: Sequence[int], many: int = 100, few: int = 20) -> 
     return groups
 
 
-def class_means(features: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """[C, d] mean feature of each class (a zero row for a class without rows)."""
-    feats = features.float()
-    sums = torch.zeros(num_classes, feats.shape[1], dtype=feats.dtype, device=feats.device)
-    sums.index_add_(0, labels, feats)
-    counts = torch.bincount(labels, minlength=num_classes).clamp_min(1).to(feats.dtype)
+def class_means(features, labels: torch.Tensor, num_classes: int, *, normalize: bool = False) -> torch.Tensor:
+    """[C, d] mean feature of each class (a zero row for a class without rows), of the
+    L2-normalised features with ``normalize``. ``features``: a tensor or a ShardedArray, summed
+    ``CHUNK_ROWS`` rows at a time (on the CPU the same sums as at once: index_add_ adds rows in order)."""
+    dtype = torch.promote_types(features.dtype, torch.float32)
+    sums = torch.zeros(num_classes, features.shape[1], dtype=dtype, device=features.device)
+    for start in range(0, features.shape[0], CHUNK_ROWS):
+        chunk = features[start : start + CHUNK_ROWS].to(dtype)
+        sums.index_add_(0, labels[start : start + CHUNK_ROWS], F.normalize(chunk, dim=1) if normalize else chunk)
+    counts = torch.bincount(labels, minlength=num_classes).clamp_min(1).to(sums.dtype)
     return sums / counts[:, None]
 
 

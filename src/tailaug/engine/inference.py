@@ -8,19 +8,20 @@ from .device import autocast
 
 
 @torch.no_grad()
-def collect_outputs(model, batches, device, dtype=None) -> dict[str, torch.Tensor]:
+def iter_outputs(model, batches, device, dtype=None):
+    """Per batch: {"features", "logits", "labels", "index"} on the CPU (features and logits float32)."""
     was_training = model.training
     model.eval()
-    feats, logits, labels, index = [], [], [], []
-    for x, y, idx in batches:
-        with autocast(device, dtype):
-            out = model(x)
-        feats.append(out.features.float().cpu())
-        logits.append(out.logits.float().cpu())
-        labels.append(y.cpu())
-        index.append(idx.cpu())
-    model.train(was_training)
-    return {
-        "features": torch.cat(feats), "logits": torch.cat(logits),
-        "labels": torch.cat(labels), "index": torch.cat(index),
-    }
+    try:
+        for x, y, idx in batches:
+            with autocast(device, dtype):
+                out = model(x)
+            yield {"features": out.features.float().cpu(), "logits": out.logits.float().cpu(),
+                   "labels": y.cpu(), "index": idx.cpu()}
+    finally:
+        model.train(was_training)
+
+
+def collect_outputs(model, batches, device, dtype=None) -> dict[str, torch.Tensor]:
+    parts = list(iter_outputs(model, batches, device, dtype))
+    return {k: torch.cat([p[k] for p in parts]) for k in ("features", "logits", "labels", "index")}

@@ -43,7 +43,7 @@ from .results import STAGE1, read_results, results_path
 NOT_SETTINGS = (
     "run.seed", "run.name", "run.output_dir", "run.device", "run.threads", "retrain.seed",
     "data.root", "data.download", "data.num_workers", "train.eval_batch_size", "train.channels_last",
-    "features.batch_size",
+    "features.batch_size", "features.shard_rows",
 )
 STAGE3_SECTIONS = ("features", "stg", "retrain")
 MISSING = "–"  # a key the row does not depend on or the config does not set

@@ -10,6 +10,11 @@ augmenter such as ISDA adds its term there), Adam, ``retrain.epochs`` epochs of 
 
 Everything random (initialisation, sampling, augmentation) derives from ``seed`` through
 private generators, so the same inputs and seed give the same module on the CPU.
+
+The training features may be a :class:`~tailaug.engine.shards.ShardedArray`, the
+memory-mapped cache: every batch is then read by its row numbers (the sampler's order, on
+the host) and moved to the device, and the augmenter's statistics are taken in passes of
+``CHUNK_ROWS`` rows; the rows, and so the classifier, are the same as from a tensor.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from ..augment.stg import head_classes as _head_classes
 from ..data.classes import check_features
 from ..data.samplers import build_sampler
 from ..engine.device import autocast
+from ..engine.shards import CHUNK_ROWS, ShardedArray
 from ..errors import ConfigError, DataError, TailaugError
 from ..losses.base import LossInputs
 from ..registry import CLASSIFIERS
@@ -49,7 +55,17 @@ def accuracy(model: nn.Module, features: torch.Tensor, labels: torch.Tensor, bat
     return correct / max(1, features.shape[0])
 
 
-def _as_inputs(features, labels, num_classes: int, what: str, device) -> tuple[torch.Tensor, torch.Tensor]:
+def predict(model: nn.Module, features, device, rows: int = CHUNK_ROWS) -> torch.Tensor:
+    """float32 logits of ``model`` on ``features`` (a tensor or a ShardedArray), on the CPU,
+    ``rows`` rows at a time (at once when there are no more)."""
+    out = []
+    with torch.no_grad():
+        for start in range(0, features.shape[0], rows):
+            out.append(model(features[start : start + rows].to(device)).float().cpu())
+    return torch.cat(out).contiguous()
+
+
+def _as_inputs(features, labels, num_classes: int, what: str, device) -> tuple:
     x, y = check_features(features, labels, num_classes, what)
     return x.to(device), y.to(device)
 
@@ -95,7 +111,7 @@ def retrain_classifier(
 ) -> nn.Module:
     """Stage 3 on cached features; returns a module (eval mode) mapping [N, d] -> [N, C].
 
-    ``cfg`` is a :class:`~tailaug.config.RetrainConfig`. ``class_counts`` [C] are the
+    ``train_features``: [N, d] (tensor or array) or a ShardedArray, which stays mapped. ``cfg`` is a :class:`~tailaug.config.RetrainConfig`. ``class_counts`` [C] are the
     training-image counts (beta_y and the head set of the augmenter). ``augmenter`` is used
     by ``crt`` and ``lws``; when it has not been fitted yet it is fitted here, with head
     classes ``head_classes`` (default: the many-shot rule n_c > 100) and the stage-1
@@ -139,7 +155,7 @@ def retrain_classifier(
 class Stage3Inputs:
     """What a decoupled classifier's fit function receives (all tensors on ``device``)."""
 
-    x: torch.Tensor
+    x: torch.Tensor | ShardedArray  # a ShardedArray: the memory-mapped cache, read batch by batch
     y: torch.Tensor
     counts: torch.Tensor
     cfg: Any  # RetrainConfig
@@ -222,6 +238,7 @@ def _train(model, x, y, cfg, num_classes, seed, augmenter, val_xy, progress, dev
     ``train.loss``), ``set_epoch(epoch)`` is called at the start of every epoch; ``section``
     names the config section of ``cfg`` in messages."""
     params = [p for p in model.parameters() if p.requires_grad]
+    streamed = isinstance(x, ShardedArray)
     if augmenter is not None:
         augmenter.to(device).train()
     optimiser = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -237,11 +254,14 @@ def _train(model, x, y, cfg, num_classes, seed, augmenter, val_xy, progress, dev
             set_epoch(epoch)
         if augmenter is not None:
             augmenter.set_epoch(epoch, cfg.epochs)
-        order = torch.as_tensor(list(sampler), dtype=torch.long, device=device)
+        host_order = torch.as_tensor(list(sampler), dtype=torch.long)
+        order = host_order.to(device)
         total, seen, augment_s = 0.0, 0, 0.0
         for start in range(0, order.numel(), cfg.batch_size):
             b = order[start : start + cfg.batch_size]
-            xb, yb = x[b], y[b]
+            # mapped rows are read by host row numbers (no device sync), then moved to the device
+            xb = x[host_order[start : start + cfg.batch_size]] if streamed else x[b]
+            yb = y[b]
             if augmenter is not None:
                 t0 = time.perf_counter()
                 xb, yb = augmenter(xb, yb, generator=aug_rng)

@@ -44,7 +44,8 @@ def train_generator(
     device: str | torch.device = "cpu",
     dtype: torch.dtype | None = None,
 ) -> tuple[SemanticTransformationGenerator, list[float]]:
-    """Train the STG on the head-class rows of ``features`` (an :class:`~tailaug.config.STGConfig`).
+    """Train the STG on the head-class rows of ``features`` (an :class:`~tailaug.config.STGConfig`);
+    ``features`` may be a mapped ShardedArray, of which only those rows are read into memory.
 
     ``index`` [N] is the dataset index of each row (views of one image share it; None:
     every row its own image). ``class_counts`` [C] counts training images per class and

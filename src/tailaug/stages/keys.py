@@ -5,7 +5,7 @@ inside it always does. Fields a setting makes inert are left out too (``train.mi
 under a cosine schedule, ``data.profile`` for an image folder, ...).
 
     stage 1    backbone + classifier      stage1_key
-    cache      cached features            features_key   (stage 1 + views + test split)
+    cache      cached features            features_key   (stage 1 + views + test split + dtype)
     maps       cached spatial maps        spatial_key    (stage 1 + dtype)
     stage 2    generator                  generator_key  (stage 1 + views + stg + head set + seed)
     stage 3    re-trained classifier      retrain_key    (cache + the fields of its method)
@@ -149,8 +149,9 @@ def _views_key(cfg: Config) -> dict[str, Any]:
 
 def features_key(cfg: Config) -> str:
     """The feature cache: the stage-1 model's training features (with ``features.views``
-    augmented views) and its validation and test features. ``features.batch_size`` only
-    sets the inference batch."""
+    augmented views) and its validation and test features, stored in ``features.dtype``.
+    ``features.batch_size`` only sets the inference batch, ``features.shard_rows`` only the
+    files' layout."""
     d = cfg.data
     if d.dataset in PUBLISHED:
         test = _pick(d, ("test_split",))
@@ -162,7 +163,10 @@ def features_key(cfg: Config) -> str:
         test = _pick(d, ("test_root", "test_per_class"))
     if d.dataset == "embeddings" and d.embeddings.test is not None:
         test.update(_pick(d.embeddings, ("test", "test_labels")))
-    return f"{stage1_key(cfg)}-{short_hash({'views': cfg.features.views, 'test': test})}"
+    fields = {"views": cfg.features.views, "test": test}
+    if cfg.features.dtype != "float32":  # absent otherwise: the keys of earlier runs stay valid
+        fields["dtype"] = cfg.features.dtype
+    return f"{stage1_key(cfg)}-{short_hash(fields)}"
 
 
 def spatial_key(cfg: Config, dtype: str) -> str:

@@ -64,23 +64,21 @@ def head_parameters(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     return weight, torch.zeros(weight.shape[0]) if bias is None else bias.detach().float().cpu()
 
 
-def embeddings_stage1(cfg, run_dir: Path, *, progress: bool = True) -> dict[str, torch.Tensor]:
+def embeddings_stage1(cfg, run_dir: Path, *, progress: bool = True) -> dict:
     """The feature cache of an embeddings run: loaded when stage 1 finished with this config,
-    else the embeddings read, the head trained and the cache and ``stage1.json`` written."""
-    from safetensors.torch import save_file
-
+    else the embeddings read, the head trained and the cache (written in shards as extracted
+    features are, then loaded: mapped) and ``stage1.json`` written."""
     from ..data.embeddings import as_tensor, load_embeddings
-    from ..engine.checkpoint import atomic_write
     from ..engine.device import resolve_device
     from ..evaluation.report import write_json
-    from .features import cache_path, load_cache
+    from .feature_cache import cache_path, find_cache, load_cache, write_cache
     from .keys import stage1_key
     from .stage1_model import finished_key, is_complete, marker_path, other_model_error
 
     run_dir = Path(run_dir)
-    path = cache_path(run_dir, cfg)
-    if is_complete(run_dir, cfg) and path.is_file():
-        return load_cache(path)
+    found = find_cache(run_dir, cfg)
+    if is_complete(run_dir, cfg) and found is not None:
+        return load_cache(found)
     done = finished_key(run_dir)
     if done is not None and done != stage1_key(cfg):
         raise other_model_error(f"stage 1 in {run_dir}", run_dir, cfg)
@@ -107,11 +105,10 @@ def embeddings_stage1(cfg, run_dir: Path, *, progress: bool = True) -> dict[str,
         with torch.no_grad():
             logits = head(features.to(device)).float().cpu()
         cache.update({f"{name}_features": features, f"{name}_labels": torch.from_numpy(y), f"{name}_logits": logits})
-    tensors = {k: v.contiguous() for k, v in cache.items()}
-    if not tensors["test_labels"].numel():
+    if not cache["test_labels"].numel():
         raise DataError("the test set is empty; give data.embeddings.test or more rows per class")
-    atomic_write(path, lambda tmp: save_file(tensors, tmp))
+    path = write_cache(cache_path(run_dir, cfg), cache, cfg.features.shard_rows, cfg.features.dtype)
     if data.class_names:
         write_json(run_dir / "classes.json", {"names": data.class_names})  # as stage1_model.write_classes
     write_json(marker_path(run_dir), {"key": stage1_key(cfg), "epochs": cfg.train.epochs, "history": head.history})
-    return cache
+    return load_cache(path)

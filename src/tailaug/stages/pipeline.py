@@ -1,7 +1,7 @@
 """The three-stage pipeline of ``tailaug run``, each stage reused when its output exists.
 
     stage 1   backbone + classifier         run_dir/checkpoints, stage1.json
-    stage 2a  feature cache                 run_dir/features/<key>.safetensors
+    stage 2a  feature cache                 run_dir/features/<key>/ (index.json, .npy shards)
     stage 2b  semantic transformation gen.  run_dir/generator/<key>.safetensors (+ .json)
               spatial maps (augmenters that    run_dir/spatial/<key>.safetensors
               read them, offline)
@@ -26,11 +26,13 @@ from ..config import Config
 from ..engine import distributed
 from ..engine.checkpoint import atomic_write, load_tensors
 from ..engine.device import resolve_device, resolve_precision
+from ..engine.shards import dense
 from ..evaluation.report import format_table, read_json, write_json
 from ..evaluation.results import STAGE1, record_results, result_row
 from ..evaluation.scoring import eval_settings, score
 from ..errors import ConfigError
-from .classifier import retrain_classifier
+from .classifier import predict, retrain_classifier
+from .feature_cache import training_features
 from .features import extract_features, stage1_classifier
 from .generator import load_generator, save_generator, train_generator
 from .keys import features_key, generator_key, retrain_fields, retrain_key, retrain_seed
@@ -118,12 +120,14 @@ def retrain(cfg: Config, run_dir: Path, cache: dict, augmenter_cfg, generator=No
                             keys=("choices",))["choices"]
         logits = load_tensors(logits_path)["test_logits"]
     else:
-        val = (cache["val_features"], cache["val_labels"]) if "val_features" in cache else None
+        # the validation features in memory; the training features streamed from a large cache
+        val = (dense(cache["val_features"]), cache["val_labels"]) if "val_features" in cache else None
         head1 = stage1_classifier(cache, cfg)
+        train_x = training_features(cache, cfg)
 
         def fit(point):  # the classifier of one setting (a fresh augmenter each time)
             return retrain_classifier(
-                cache["train_features"], cache["train_labels"], counts, point,
+                train_x, cache["train_labels"], counts, point,
                 num_classes=len(counts), seed=retrain_seed(cfg, point),
                 augmenter=build_augmenter(point.augmenter, generator_module=generator),
                 init_weight=head1.weight, init_bias=head1.bias, init_cosine_scale=head1.cosine_scale,
@@ -144,8 +148,7 @@ def retrain(cfg: Config, run_dir: Path, cache: dict, augmenter_cfg, generator=No
             values = ", ".join(f"{k}={v}" for k, v in chosen["chosen"].items())
             print(f"stage 3: {label}: {values} chosen on validation ({chosen['metric']} {chosen['score']:.2f}, "
                   f"best of {len(chosen['scores'])})")
-        with torch.no_grad():
-            logits = head(cache["test_features"].to(device)).float().cpu().contiguous()
+        logits = predict(head, cache["test_features"], device)
         choices = head.choices
         from safetensors.torch import save_file
 
@@ -172,7 +175,7 @@ def run_pipeline(cfg: Config, run_dir: Path, *, progress: bool = True) -> dict:
         return {}
     cache = extract_features(cfg, run_dir, progress=progress)
     counts = cache["class_counts"].tolist()
-    stage1 = score(cache["test_logits"], cache["test_labels"], counts, cfg)
+    stage1 = score(dense(cache["test_logits"]), cache["test_labels"], counts, cfg)
     rows = {STAGE1: stage1_row(cfg, stage1, features=features_key(cfg))}
     device, dtype = run_device(cfg)
     rows.update([retrain(cfg, run_dir, cache, NoAugmenter(), progress=progress, device=device, dtype=dtype)])

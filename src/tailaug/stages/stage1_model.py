@@ -19,7 +19,7 @@ from ..data.natural import pipeline
 from ..data.transforms import BatchTransform
 from ..engine.checkpoint import atomic_write_text, load_checkpoint, load_state
 from ..engine.device import resolve_device, resolve_precision
-from ..engine.inference import collect_outputs
+from ..engine.inference import collect_outputs, iter_outputs
 from ..errors import CheckpointError, TailaugError
 from ..evaluation.report import read_json, write_json
 from ..models import Network, build_model, input_spec
@@ -194,9 +194,15 @@ class Stage1Model:
 
     def outputs(self, split: Split, batch_size: int, *, augment: bool = False, seed: int = 0) -> dict:
         """Features, logits, labels and indices of ``split`` (eval mode, no gradients)."""
-        batches = Batches(split, batch_size, self.transform, self.device, augment=augment, seed=seed,
-                          num_workers=self.cfg.data.num_workers, prefetch_factor=self.cfg.data.prefetch_factor)
-        return collect_outputs(self.model, batches, self.device, self.dtype)
+        return collect_outputs(self.model, self._batches(split, batch_size, augment, seed), self.device, self.dtype)
+
+    def batches_out(self, split: Split, batch_size: int, *, augment: bool = False, seed: int = 0):
+        """:meth:`outputs` a batch at a time (dicts of CPU tensors)."""
+        return iter_outputs(self.model, self._batches(split, batch_size, augment, seed), self.device, self.dtype)
+
+    def _batches(self, split: Split, batch_size: int, augment: bool, seed: int) -> Batches:
+        return Batches(split, batch_size, self.transform, self.device, augment=augment, seed=seed,
+                       num_workers=self.cfg.data.num_workers, prefetch_factor=self.cfg.data.prefetch_factor)
 
 
 def load_finished(cfg: Config, run_dir: Path) -> Stage1Model:

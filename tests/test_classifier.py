@@ -274,3 +274,35 @@ def test_a_non_finite_stage3_loss_is_a_clear_error():
     with pytest.raises(TailaugError, match="stage-3 loss became"):
         retrain_classifier(x, y, [20, 20], RetrainConfig(epochs=1), num_classes=2, seed=0, progress=False,
                            augmenter=GaussianNoiseAugmenter(std=float("inf"), targets="all"), head_classes=[0])
+
+
+@pytest.mark.parametrize("schedule", ["constant", "cosine"])
+def test_stage3_learning_rate_schedule(monkeypatch, schedule):
+    import math
+
+    seen = []
+    step = torch.optim.Adam.step
+
+    def record(self, *args, **kwargs):
+        seen.append(self.param_groups[0]["lr"])
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", record)
+    x, y, _, _, counts, _ = clusters(4)
+    cfg = RetrainConfig(method="crt", epochs=3, batch_size=64, lr=0.01, schedule=schedule)
+    retrain_classifier(x, y, counts, cfg, num_classes=5, seed=0, progress=False)
+    total = 3 * -(-len(y) // 64)
+    assert len(seen) == total
+    want = [0.01 * (0.5 * (1 + math.cos(math.pi * t / total)) if schedule == "cosine" else 1.0) for t in range(total)]
+    assert seen == pytest.approx(want, rel=1e-12)
+
+
+def test_stage3_schedule_is_in_the_retrain_key_only_when_not_constant():
+    from tailaug.stages.keys import retrain_fields
+
+    cfg = load_config(None)
+    assert "schedule" not in retrain_fields(cfg, cfg.retrain)
+    cosine = cfg.retrain.model_copy(update={"schedule": "cosine"})
+    assert retrain_fields(cfg, cosine)["schedule"] == "cosine"
+    with pytest.raises(ConfigError, match="schedule"):
+        load_config(None, ["retrain.schedule=linear"])

@@ -180,7 +180,8 @@ def test_config_errors_are_one_line_and_name_the_fix():
     with pytest.raises(ConfigError) as info:
         aug.fit(ctx)
     assert str(info.value) == ("retrain.augmenter metasaug takes its meta step on the validation split (never the "
-                               "test set), and there is none: set data.val_per_class (e.g. 10)")
+                               "test set), and there is none: set data.val_per_class (e.g. 10), or data.val_split for "
+                               "split files")
     ctx.validation = (torch.zeros(3, 4), torch.arange(3))
     aug.fit(ctx)
     with pytest.raises(ConfigError, match="start_epoch 5 is not below the 5 epochs, so no meta step would run"):

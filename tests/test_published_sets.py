@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -314,3 +315,40 @@ def test_planned_classes_agree_with_build_data(standins, standin_sizes):
     root, _ = standins[("places_lt", False)]
     counts, names, notes = planned_classes(cfg_of("places_lt", root))
     assert counts == TRAIN and names is None and notes == build_data(cfg_of("places_lt", root)).notes
+
+
+# --------------------------------------------------------------------------- the shipped configs
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+@pytest.mark.parametrize("config, name, as_json", [
+    ("imagenet_lt/base.yaml", "imagenet_lt", False), ("places_lt/base.yaml", "places_lt", False),
+    ("inat2018/base.yaml", "inat2018", True),
+], ids=["imagenet_lt", "places_lt", "inat2018-json"])
+def test_shipped_configs_describe_their_stand_in(standins, standin_sizes, capsys, config, name, as_json):
+    root, _ = standins[(name, as_json)]
+    assert main(["datasets", "describe", str(CONFIGS / config), f"data.root={root}"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == f"dataset {name}  profile as_is  classes 6"
+    assert out[8] == "total 395 training images; max 150, min 5, ratio 30.0"
+
+
+def test_shipped_imagenet_lt_recipe_runs_end_to_end_on_its_stand_in(standins, standin_sizes, tmp_path, capsys):
+    """configs/imagenet_lt/base.yaml as shipped (natural pipeline, float16 feature shards,
+    stage 3 streamed from them, cosine stage-3 schedule), shrunk only in model and sizes."""
+    root, _ = standins[("imagenet_lt", False)]
+    overrides = [f"data.root={root}", f"run.output_dir={tmp_path}", "model.arch=resnet32", "data.image_size=16",
+                 "data.num_workers=0", "train.epochs=2", "train.batch_size=64", "stg.epochs=2", "retrain.epochs=2",
+                 "features.shard_rows=100", "run.device=cpu", "retrain.batch_size=32", "retrain.epochs=10",
+                 "retrain.lr=0.01"]
+    assert main(["run", str(CONFIGS / "imagenet_lt/base.yaml"), *overrides]) == 0
+    run_dir = tmp_path / "imagenet_lt_r50"
+    rows = json.loads((run_dir / "results.json").read_text())["rows"]
+    assert {"stage 1", "cRT", "cRT + STG (lambda 1.5)"} <= set(rows)
+    cache = next((run_dir / "features").glob("*/index.json"))
+    index = json.loads(cache.read_text())
+    assert index["arrays"]["train_features"]["dtype"] == "float16"
+    assert len(index["arrays"]["train_features"]["shards"]) == 4  # 395 rows in shards of 100
+    for row in ("stage 1", "cRT"):  # one solid colour per class: above twice chance (1/6)
+        assert rows[row]["metrics"]["top1"] > 100 / 3

@@ -451,6 +451,9 @@ class RetrainConfig(Section):
     epochs: int = Field(30, ge=1)
     batch_size: int = Field(128, ge=1)
     lr: float = Field(1e-3, gt=0)
+    # constant: Adam at lr throughout; cosine: lr decays to 0 over the steps of all epochs
+    # (the central paper's stage 3 on ImageNet-LT and Places-LT)
+    schedule: Literal["constant", "cosine"] = "constant"
     weight_decay: float = Field(0.0, ge=0)
     sampler: SamplerConfig = Field(default_factory=lambda: SamplerConfig(kind="class_balanced"))
     augmenter: AugmenterSection = Field(

@@ -118,7 +118,7 @@ class MetaSAugAugmenter(ISDAAugmenter):
         where = "train.feature_augmenter" if ctx.online else "retrain.augmenter"
         if ctx.validation is None:
             raise ConfigError(f"{where} metasaug takes its meta step on the validation split (never the test set), "
-                              "and there is none: set data.val_per_class (e.g. 10)")
+                              "and there is none: set data.val_per_class (e.g. 10), or data.val_split for split files")
         super().fit(ctx)
         labels = ctx.validation[1]
         counts = torch.bincount(labels.cpu(), minlength=ctx.num_classes).tolist()

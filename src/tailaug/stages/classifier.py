@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import time
 from typing import Any, Sequence
 
@@ -232,8 +233,9 @@ def _meta_step(model, loss_fn, lr, val_xy, rows, seed, epoch, step, device, dtyp
 
 def _train(model, x, y, cfg, num_classes, seed, augmenter, val_xy, progress, device, dtype, *,
            loss_fn=_cross_entropy, set_epoch=None, desc: str | None = None, section: str = "retrain") -> list[dict]:
-    """Train ``model`` on (x, y) with Adam at ``cfg.lr``, batches of ``cfg.batch_size`` drawn by
-    ``cfg.sampler`` for ``cfg.epochs`` epochs. ``loss_fn(model, batch features, float32 logits,
+    """Train ``model`` on (x, y) with Adam at ``cfg.lr`` (constant, or on a cosine schedule to 0
+    over all steps: ``cfg.schedule``), batches of ``cfg.batch_size`` drawn by ``cfg.sampler``
+    for ``cfg.epochs`` epochs. ``loss_fn(model, batch features, float32 logits,
     labels)`` is cross-entropy unless given (the linear stage 1 on embeddings passes its
     ``train.loss``), ``set_epoch(epoch)`` is called at the start of every epoch; ``section``
     names the config section of ``cfg`` in messages."""
@@ -245,6 +247,7 @@ def _train(model, x, y, cfg, num_classes, seed, augmenter, val_xy, progress, dev
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     sampler = build_sampler(cfg.sampler, y.cpu(), num_classes, seed=seed, total_epochs=cfg.epochs)
     aug_rng = torch.Generator(device=device).manual_seed(seed + 1)
+    cosine = section == "retrain" and cfg.schedule == "cosine"  # stage 1 on embeddings: constant (linear_head)
     history: list[dict] = []
     bar = tqdm(range(cfg.epochs), desc=desc or f"stage 3 ({cfg.method})", disable=not progress, leave=False)
     for epoch in bar:
@@ -256,8 +259,13 @@ def _train(model, x, y, cfg, num_classes, seed, augmenter, val_xy, progress, dev
             augmenter.set_epoch(epoch, cfg.epochs)
         host_order = torch.as_tensor(list(sampler), dtype=torch.long)
         order = host_order.to(device)
-        total, seen, augment_s = 0.0, 0, 0.0
+        total, seen, augment_s = torch.zeros((), device=device), 0, 0.0
+        steps = -(-order.numel() // cfg.batch_size)
         for start in range(0, order.numel(), cfg.batch_size):
+            if cosine:
+                done = (epoch * steps + start // cfg.batch_size) / (cfg.epochs * steps)
+                for group in optimiser.param_groups:
+                    group["lr"] = cfg.lr * 0.5 * (1.0 + math.cos(math.pi * done))
             b = order[start : start + cfg.batch_size]
             # mapped rows are read by host row numbers (no device sync), then moved to the device
             xb = x[host_order[start : start + cfg.batch_size]] if streamed else x[b]
@@ -275,18 +283,19 @@ def _train(model, x, y, cfg, num_classes, seed, augmenter, val_xy, progress, dev
                                                        start // cfg.batch_size, device, dtype))
                 logits = augmenter.adjust_loss_inputs(LossInputs(logits, yb, xb), model).logits
             loss = loss_fn(model, xb, logits, yb)
-            if not torch.isfinite(loss):
-                stage = "stage-3" if section == "retrain" else "stage-1"
-                weaker = " or the augmentation strength (e.g. retrain.augmenter.lam)" if section == "retrain" else ""
-                raise TailaugError(f"the {stage} loss became {loss.item()} in epoch {epoch + 1}; lower "
-                                   f"{section}.lr{weaker}")
             optimiser.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimiser)
             scaler.update()
-            total += float(loss.detach()) * yb.numel()
+            total += loss.detach() * yb.numel()  # on the device: no host sync per step
             seen += yb.numel()
-        record = {"epoch": epoch, "loss": total / max(1, seen)}
+        mean_loss = float(total) / max(1, seen)  # one sync per epoch
+        if not math.isfinite(mean_loss):
+            stage = "stage-3" if section == "retrain" else "stage-1"
+            weaker = " or the augmentation strength (e.g. retrain.augmenter.lam)" if section == "retrain" else ""
+            raise TailaugError(f"the {stage} loss became {mean_loss} in epoch {epoch + 1}; lower "
+                               f"{section}.lr{weaker}")
+        record = {"epoch": epoch, "loss": mean_loss}
         if val_xy is not None:
             model.eval()
             record["val_acc"] = accuracy(model, *val_xy)

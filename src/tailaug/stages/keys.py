@@ -205,6 +205,8 @@ def retrain_fields(cfg: Config, retrain: RetrainConfig) -> dict[str, Any]:
     fields: dict[str, Any] = {"method": retrain.method, **_pick(retrain, tuple(r for r in reads if r != "seed"))}
     if "seed" in reads:
         fields["seed"] = retrain_seed(cfg, retrain)
+    if "lr" in reads and retrain.schedule != "constant":  # absent: keys made before the option stay valid
+        fields["schedule"] = retrain.schedule
     if "augmenter" in reads and retrain.augmenter.name != "none":
         fields["head_set"] = head_set_fields(cfg)
         if retrain.augmenter.uses_generator:

@@ -69,8 +69,15 @@ STAGE3 = {  # label -> (overrides of the mixup config)
         ("+ FSA (offline)", "{name: fsa, maps: offline}"),  # Chu et al., phases II-III, defaults of augment/fsa.py
         ("+ FASA", "{name: fasa}"),
     )},
+    # issue #13: the feature cache stored in float16 (half the size) against float32, same backbones
+    "cRT + mixup (val 20, float16 cache)": ["data.val_per_class=20", "features.dtype=float16",
+                                            "retrain.augmenter={name: none}"],
+    "+ STG lambda 1.5 (val 20, float16 cache)": ["data.val_per_class=20", "features.dtype=float16",
+                                                 "retrain.augmenter={name: stg, lam: 1.5}"],
 }
 VAL20 = [label for label in STAGE3 if label.endswith("(val 20)")]
+FLOAT16 = ["cRT + mixup (val 20)", "cRT + mixup (val 20, float16 cache)", "+ STG lambda 1.5 (val 20)",
+           "+ STG lambda 1.5 (val 20, float16 cache)"]
 TIME_COLUMNS = ["cache_s", "stage2_s", "synthesis_s", "retrain_s", "spatial_cache_mib"]
 
 
@@ -179,6 +186,8 @@ def write_report(results: dict, times: dict) -> None:
         table([lab for lab in STAGE3 if lab.startswith(("+ noise", "+ dropout", "+ STG lambda"))]),
         "\n## Other feature-space augmenters: FSA (Chu et al.) and FASA (on mixup models with a validation split)\n",
         table(VAL20),
+        "\n## The feature cache in float16 against float32 (the same mixup models with a validation split)\n",
+        table(FLOAT16),
         "\n## Augmentation during representation learning: ISDA, MetaSAug, RSG, Remix (stage 1, last epoch)\n",
         table(["CE", "mixup", "LDAM-DRW", *AUGMENTED_STAGE1]),
     ]

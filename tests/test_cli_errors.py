@@ -1,5 +1,6 @@
 """Each kind of bad input ends with a short error (exit 2, no traceback) and destroys nothing."""
 
+import json
 import shutil
 
 import numpy as np
@@ -362,13 +363,17 @@ def test_feature_cache_missing_a_key(capsys, damaged):
     from safetensors.torch import load_file, save_file
 
     run_dir, args = damaged
-    [cache] = (run_dir / "features").glob("*.safetensors")
+    [cache] = (run_dir / "features").glob("*/entries.safetensors")  # the cache's non-row entries
     tensors = load_file(cache)
-    del tensors["test_logits"], tensors["head_bias"]
+    del tensors["test_labels"], tensors["head_bias"]
     save_file(tensors, cache)
+    index = json.loads((cache.parent / "index.json").read_text())
+    index["tensors"]["bytes"] = cache.stat().st_size  # else the size check reports the rewrite first
+    (cache.parent / "index.json").write_text(json.dumps(index))
     err = fails_and_changes_nothing(capsys, run_dir, "run", *args)
-    assert err == (f"tailaug: error: feature cache {cache} lacks head_bias, test_logits; delete {cache} and "
-                   "rerun: the features are extracted again from the stage-1 checkpoint\n")
+    assert err == (f"tailaug: error: feature cache {cache.parent} lacks head_bias, test_labels; delete the "
+                   f"directory {cache.parent} and rerun: the features are extracted again from the stage-1 "
+                   "checkpoint\n")
 
 
 def test_resume_after_a_partial_metrics_line(capsys, damaged):

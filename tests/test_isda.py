@@ -369,6 +369,30 @@ def _train(root, out, name, resume=False):
     return train_tiny(STAGE1, root, out, name, resume)
 
 
+def test_stage1_fit_of_isda_runs_no_forward_pass_over_the_training_set(tmp_path, monkeypatch, one_thread):
+    """Online ISDA reads only N, d and the labels at fit: no features (nor logits) of the whole
+    training set are computed; FASA's fit reads them, so it still gets the forward pass."""
+    from synthetic import write_fashion_mnist
+
+    from tailaug.stages.representation import Trainer
+
+    root = write_fashion_mnist(tmp_path / "fm", per_class_train=110, per_class_test=2)
+
+    def outputs(self, split):
+        raise AssertionError("the stage-1 fit of isda ran a forward pass over a split")
+
+    monkeypatch.setattr(Trainer, "outputs", outputs)
+    cfg = load_config("configs/fmnist_lt/demo.yaml", [*STAGE1, f"data.root={root}"])
+    trainer = Trainer(cfg, tmp_path / "run", progress=False)
+    trainer.fit_feature_augmenter()
+    aug = trainer.feature_aug
+    assert aug.fitted and aug.online and aug.source is None
+    assert aug.moments.scatter.shape == (10, 64, 64) and aug.moments.count.sum() == 0
+    assert cfg.train.feature_augmenter.stage1_fit_reads_features is False
+    fasa = load_config(None, ["train.feature_augmenter={name: fasa}", "data.val_per_class=5", "train.mixup_alpha=0"])
+    assert fasa.train.feature_augmenter.stage1_fit_reads_features is True
+
+
 @pytest.mark.slow
 def test_stage1_with_isda_learns_and_resumes_exactly(tmp_path, monkeypatch, one_thread):
     from synthetic import stop_and_resume, write_fashion_mnist

@@ -87,6 +87,10 @@ class AugmenterOptions(Section):
     ``needs_validation``: it reads the validation features (``AugmentContext.validation``).
     ``stage1``: it also works on the backbone's features in stage 1 (``train.feature_augmenter``;
     such a module implements ``observe`` and ``virtual``, see :mod:`tailaug.augment.fasa`).
+    ``stage1_fit_reads_features``: its stage-1 ``fit`` reads the values of the training (and
+    validation) features; when False the trainer skips the forward pass over the training set
+    and passes :func:`sizes_only` features (an augmenter that keeps its statistics from the
+    batches, like ISDA, needs only N and d).
     ``implicit``: it acts on the loss (``adjust_loss_inputs``) and produces no feature rows.
     ``spatial_request()``: a :class:`SpatialRequest` when it reads the backbone's spatial maps.
     ``label()``: how result tables name the augmenter.
@@ -95,6 +99,7 @@ class AugmenterOptions(Section):
     uses_generator: ClassVar[bool] = False
     needs_validation: ClassVar[bool] = False
     stage1: ClassVar[bool] = False  # also usable during representation learning (train.feature_augmenter)
+    stage1_fit_reads_features: ClassVar[bool] = True  # its stage-1 fit reads the features' values
     implicit: ClassVar[bool] = False  # changes the loss's inputs instead of producing rows
 
     def spatial_request(self) -> SpatialRequest | None:
@@ -123,6 +128,12 @@ class NoAugmenter(AugmenterOptions):
     name: Literal["none"] = "none"
 
 
+def sizes_only(rows: int, dim: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """A [rows, dim] float32 placeholder of NaN holding one element (an expanded view): the
+    features of a context whose augmenter reads only their sizes (``stage1_fit_reads_features``)."""
+    return torch.full((1, 1), float("nan"), device=device).expand(rows, dim)
+
+
 @dataclasses.dataclass(kw_only=True)
 class AugmentContext:
     """What an augmenter may look at before re-training (all on one device).
@@ -136,7 +147,8 @@ class AugmentContext:
     ``scale * cos(w_c, a)``, see :func:`tailaug.models.heads.head_logits`), None for a linear one.
     ``online`` is True during representation learning (``train.feature_augmenter``): the
     features change with every step, so statistics are kept from the batches rather than
-    fitted once on ``features`` (which then only give the sizes and a starting point).
+    fitted once on ``features`` (which then only give the sizes and a starting point; with
+    ``stage1_fit_reads_features`` False in the options, :func:`sizes_only` placeholders).
 
     In stage 3 ``features`` may be a :class:`~tailaug.engine.shards.ShardedArray` (the
     memory-mapped cache, float32 rows on ``device`` by slice or index): statistics go through

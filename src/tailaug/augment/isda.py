@@ -73,6 +73,7 @@ class ISDAOptions(AugmenterOptions):
     """``train.feature_augmenter`` / ``retrain.augmenter: {name: isda, ...}``."""
 
     stage1: ClassVar[bool] = True
+    stage1_fit_reads_features: ClassVar[bool] = False  # online: the statistics come from the batches
     implicit: ClassVar[bool] = True
     name: Literal["isda"]
     lambda0: float = Field(0.5, ge=0)  # ISDA's published CIFAR value

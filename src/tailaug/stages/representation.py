@@ -11,7 +11,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from ..augment.base import AugmentContext, build_augmenter
+from ..augment.base import AugmentContext, build_augmenter, sizes_only
 from ..augment.meta import MetaStep, meta_indices, trainable
 from ..augment.mixup import mixed_loss, mixup
 from ..augment.remix import Remix
@@ -144,18 +144,23 @@ class Trainer:
 
     def fit_feature_augmenter(self, state: dict | None = None) -> None:
         """Fit train.feature_augmenter on the current network's features of the training and
-        validation images; a resumed run then restores the augmenter's checkpointed state."""
+        validation images (or on placeholders of their sizes when its options say that its
+        stage-1 fit does not read them); a resumed run then restores its checkpointed state."""
         if self.feature_aug is None:
             return
-        train = self.outputs(self.data.train)
-        val = self.outputs(self.data.val) if self.data.val is not None else None
+        splits = [self.data.train] + ([self.data.val] if self.data.val is not None else [])
+        if self.cfg.train.feature_augmenter.stage1_fit_reads_features:
+            outs = [self.outputs(split) for split in splits]
+            rows = [(out["features"].to(self.device), out["labels"].to(self.device)) for out in outs]
+        else:  # no forward pass over the data: the sizes and the labels
+            rows = [(sizes_only(len(split), self.model.feature_dim, self.device),
+                     torch.as_tensor(split.labels, device=self.device)) for split in splits]
         counts = self.data.class_counts
         self.feature_aug.fit(AugmentContext(
-            features=train["features"].to(self.device), labels=train["labels"].to(self.device),
+            features=rows[0][0], labels=rows[0][1],
             class_counts=torch.tensor(counts), num_classes=self.data.num_classes,
             head_classes=head_classes(counts, self.cfg.stg.head, many=self.cfg.data.shots.many),
-            validation=None if val is None else (val["features"].to(self.device), val["labels"].to(self.device)),
-            online=True,
+            validation=rows[1] if len(rows) > 1 else None, online=True,
         ))
         if state:
             self.feature_aug.load_state_tensors(state)

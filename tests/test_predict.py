@@ -133,6 +133,35 @@ def test_a_stage3_file_without_weights_says_what_to_do(finished, tmp_path):
         tailaug.load(run_dir, "crt")
 
 
+# keys data.transforms brought; a run made before it has none of them in its config.yaml
+NEW_KEYS = ("transforms", "crop_scale", "color_jitter", "eval_crop_ratio", "prefetch_factor", "gpu_decode")
+
+
+def test_a_run_made_before_data_transforms_is_still_loaded_and_evaluated(tmp_path, capsys):
+    """Such a run was trained with the small pipeline, and its saved config means small (a fresh
+    config file without the key means auto: natural for image files)."""
+    from tailaug.commands import load_run_config
+    from tailaug.data.natural import pipeline
+
+    images = write_class_folders(tmp_path / "old_images", {"cat": 30, "dog": 20, "emu": 16}, size=28)
+    short = [*TINY, "train.epochs=2", "stg.epochs=1", "retrain.epochs=2", "data.transforms=small"]
+    assert main(["run", CONFIG, f"data.root={images}", f"run.output_dir={tmp_path / 'runs'}", *short]) == 0
+    run_dir = tmp_path / "runs" / "my_images"
+    paths = folder_splits(load_config(run_dir / "config.yaml").data).test[0][:4]
+    before = tailaug.load(run_dir).predict_files(paths)
+    tree = yaml.safe_load((run_dir / "config.yaml").read_text())
+    for key in NEW_KEYS:
+        del tree["data"][key]
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(tree, sort_keys=False))
+    assert pipeline(load_config(run_dir / "config.yaml").data) == "natural"  # as a fresh config file
+    assert load_run_config(run_dir).data.transforms == "small"
+    assert load_run_config(run_dir, ["data.transforms=natural"]).data.transforms == "natural"  # overrides win
+    torch.testing.assert_close(tailaug.load(run_dir).predict_files(paths), before)
+    capsys.readouterr()
+    assert main(["evaluate", str(run_dir)]) == 0, capsys.readouterr().err
+    assert "stage 1 (last epoch)" in capsys.readouterr().out
+
+
 def test_predict_input_errors(finished, tmp_path, capsys):
     run_dir, _ = finished
     (tmp_path / "empty").mkdir()

@@ -25,7 +25,7 @@ def load_run_config(run_dir: Path, overrides: list[str] = ()) -> Config:
     if not path.is_file():
         raise TailaugError(f"{run_dir} is not a run directory (no config.yaml); give the directory a "
                            "'tailaug train' or 'tailaug run' wrote")
-    return load_config(path, overrides)
+    return load_config(path, overrides, saved=True)
 
 
 def _is_main(cfg: Config) -> bool:

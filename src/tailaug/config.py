@@ -758,11 +758,25 @@ def _list_index(node: list, part: str, path: list[str]) -> int:
     return int(part)
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+def load_config(path: str | Path | None = None, overrides: list[str] = (), *, saved: bool = False) -> Config:
+    """The config of the YAML file ``path`` (None: the defaults) with ``overrides``. ``saved``:
+    ``path`` is a run's config.yaml, whose missing keys mean what they meant when it was written
+    (:func:`saved_run_defaults`); a fresh config file's missing keys get today's defaults."""
     tree = read_tree(Path(path)) if path is not None else {}
+    if saved:
+        saved_run_defaults(tree)
     for text in overrides:
         apply_override(tree, *parse_override(text))
     return validate_config(tree, source=str(path) if path else "config")
+
+
+def saved_run_defaults(tree: dict) -> None:
+    """Fill in what a run's saved config means by a key it lacks because it was written before the
+    key existed: ``data.transforms`` of image files (image_folder, the published sets) is then
+    small, the pipeline such a run was trained with (auto would now give natural)."""
+    data = tree.get("data")
+    if isinstance(data, dict) and "transforms" not in data and data.get("dataset") in ("image_folder", *PUBLISHED):
+        data["transforms"] = "small"
 
 
 def read_tree(path: Path, _seen: tuple = ()) -> dict:

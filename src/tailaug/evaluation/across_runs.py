@@ -371,7 +371,7 @@ def class_counts_of(run_dir: Path, metrics: dict) -> list[int]:
     from ..config import load_config
     from ..data.datasets import planned_counts
 
-    return planned_counts(load_config(Path(run_dir) / "config.yaml").data)
+    return planned_counts(load_config(Path(run_dir) / "config.yaml", saved=True).data)
 
 
 def plot_report(report: Report, out: Path) -> list[Path]:

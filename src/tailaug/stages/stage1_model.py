@@ -86,7 +86,7 @@ def other_model_error(what: str, run_dir: Path, cfg: Config) -> CheckpointError:
     try:
         from ..config import load_config
 
-        fields = changed_fields(load_config(config_path(run_dir)), cfg)
+        fields = changed_fields(load_config(config_path(run_dir), saved=True), cfg)
     except TailaugError:
         fields = []
     if fields:

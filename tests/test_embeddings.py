@@ -196,6 +196,9 @@ CONFIG_ERRORS = [
     (("model.weights=w.pt",), None, "model.weights loads a backbone, and dataset 'embeddings' has none"),
     (("train.mixup_alpha=0.2",), None, "train.mixup_alpha mixes images; stage 1 on embeddings has none"),
     (("features.views=1",), None, "features.views adds augmented views of images"),
+    (("train.checkpoint_every_steps=50",), None, "train.checkpoint_every_steps checkpoints a backbone's training "
+                                                 "within an epoch; stage 1 on embeddings (a linear head, seconds) "
+                                                 "keeps no checkpoint: remove it"),
     (("train.loss=[{name: supcon}]",), None, "train.loss supcon needs two augmented views"),
     (("data.embeddings.test_labels=l.npy",), None, "data.embeddings.test_labels = 'l.npy': is the labels file of "
                                                    "data.embeddings.test, which is not set"),

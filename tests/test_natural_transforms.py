@@ -5,9 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
 
-from tailaug.config import load_config
+from tailaug.config import load_config, validate_config
 from tailaug.data import loaders, natural
 from tailaug.data.datasets import Split, image_files_dataset
 from tailaug.data.loaders import Batches
@@ -300,6 +301,33 @@ def test_config_errors(overrides, message):
     with pytest.raises(ConfigError) as err:
         load_config(None, overrides)
     assert message in str(err.value)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ([*FOLDER, "data.crop_padding=1"], "data.crop_padding = 1: is read by the small pipeline only, and this config's "
+                                       "is natural (data.transforms auto for image files): remove data.crop_padding, "
+                                       "or set data.transforms: small"),
+    ([*FOLDER, "data.transforms=small", "data.crop_scale=[0.5, 1]"],
+     "data.crop_scale = [0.5, 1.0]: is read by the natural pipeline only, and this config's is small "
+     "(data.transforms): remove data.crop_scale, or set data.transforms: natural"),
+    (["data.color_jitter=0"], "data.color_jitter = 0.0: is read by the natural pipeline only, and this config's is "
+                              "small (fashion_mnist is a built-in set): remove data.color_jitter"),
+    (["data.dataset=cifar10", "data.eval_crop_ratio=1"], "data.eval_crop_ratio = 1.0: is read by the natural "
+                                                         "pipeline only"),
+])
+def test_a_key_the_pipeline_does_not_read_is_an_error(overrides, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, overrides)
+    assert message in str(err.value)
+
+
+def test_the_keys_of_the_other_pipeline_at_their_defaults_are_accepted():
+    """A saved config.yaml lists every key, those of the other pipeline at their defaults."""
+    for overrides in (FOLDER, [*FOLDER, "data.transforms=small"], ["data.dataset=cifar100"]):
+        cfg = load_config(None, overrides)
+        assert validate_config(yaml.safe_load(cfg.to_yaml())) == cfg
+    assert load_config(None, [*FOLDER, "data.transforms=small", "data.crop_padding=2"]).data.crop_padding == 2
+    assert load_config(None, [*FOLDER, "data.color_jitter=0"]).data.color_jitter == 0
 
 
 def test_gpu_decode_without_a_gpu_is_an_error_at_start(monkeypatch):

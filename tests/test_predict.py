@@ -24,7 +24,7 @@ from synthetic import write_class_folders
 CONFIG = "configs/images/efficientnet_lite0.yaml"
 # the shipped config, on a ResNet-20 from scratch so that the test needs no pretrained weights
 TINY = ["data.image_size=28", "model.arch=resnet20", "model.name=", "model.weights=", "model.mode=finetune",
-        "train.epochs=10", "train.batch_size=16", "train.lr=0.05", "data.flip=false", "data.crop_padding=1", "train.precision=fp32", "data.num_workers=0",
+        "train.epochs=10", "train.batch_size=16", "train.lr=0.05", "data.flip=false", "train.precision=fp32", "data.num_workers=0",
         "stg.epochs=2", "stg.head.rule=top_k", "stg.head.top_k=1", "retrain.epochs=10", "--no-progress"]
 NAMES = ["cat", "dog", "emu"]
 

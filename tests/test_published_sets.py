@@ -17,10 +17,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
 
 from tailaug.cli import main
-from tailaug.config import DataConfig, load_config
+from tailaug.config import DataConfig, load_config, validate_config
 from tailaug.data import published
 from tailaug.data.classes import shot_groups
 from tailaug.data.datasets import build_data, planned_classes
@@ -286,6 +287,13 @@ def test_unknown_dataset_names_and_settings_that_do_not_apply():
     with pytest.raises(ConfigError, match=r"data.val_per_class = 20: is not read for dataset places_lt: "
                                           r"data.val_split names the validation split file; remove it"):
         load_config(None, ["data.dataset=places_lt", "data.val_per_class=20"])
+    with pytest.raises(ConfigError, match=r"data.imbalance_factor = 50.0: is not read for dataset imagenet_lt: "
+                                          r"the split files give the class counts \(profile as_is\); remove it"):
+        load_config(None, ["data.dataset=imagenet_lt", "data.imbalance_factor=50"])
+    with pytest.raises(ConfigError, match=r"data.lt_seed = 3: is not read for dataset inat2018: no subset is drawn"):
+        load_config(None, ["data.dataset=inat2018", "data.lt_seed=3"])
+    saved = load_config(None, ["data.dataset=places_lt"])  # a saved config.yaml lists the defaults: accepted
+    assert validate_config(yaml.safe_load(saved.to_yaml())).data == saved.data
     with pytest.raises(ConfigError, match=r"data.count_check = 'warn': is read for the published sets"):
         load_config(None, ["data.count_check=warn"])
     with pytest.raises(ConfigError, match=r"and this config has none: set data.val_split \(a split file of "

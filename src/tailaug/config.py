@@ -168,7 +168,7 @@ class DataConfig(Section):
 
     @model_validator(mode="after")
     def _transforms(self):
-        from .data.natural import pipeline
+        from .data.natural import PIPELINE_KEYS, pipeline
         from .data.sources import BUILT_IN
 
         scale = self.crop_scale
@@ -178,6 +178,18 @@ class DataConfig(Section):
         if self.transforms == "natural" and self.dataset in BUILT_IN:
             raise field_error("transforms", self.transforms, f"is the pipeline of image files; {self.dataset} is "
                               "a built-in set of small images held in memory: use small (or auto)")
+        used = pipeline(self)
+        for other, keys in PIPELINE_KEYS.items():
+            for key in keys if used is not None and other != used else ():
+                # not "set" alone: a saved config.yaml lists every key with its default
+                if key in self.model_fields_set and getattr(self, key) != type(self).model_fields[key].default:
+                    if self.dataset in BUILT_IN:
+                        how, fix = f"{self.dataset} is a built-in set", f"remove data.{key}"
+                    else:
+                        how = "data.transforms" + (" auto for image files" if self.transforms == "auto" else "")
+                        fix = f"remove data.{key}, or set data.transforms: {other}"
+                    raise field_error(key, getattr(self, key), f"is read by the {other} pipeline only, and this "
+                                      f"config's is {used} ({how}): {fix}")
         if self.gpu_decode and pipeline(self) != "natural":
             raise field_error("gpu_decode", self.gpu_decode, "decodes image files for data.transforms natural, "
                               f"and this config's pipeline is {pipeline(self) or 'none (embeddings)'}: "

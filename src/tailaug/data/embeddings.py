@@ -76,6 +76,9 @@ def config_problem(cfg) -> str | None:
         return "train.mixup_alpha mixes images; stage 1 on embeddings has none: set train.mixup_alpha=0"
     if cfg.train.grad_clip is not None:
         return "train.grad_clip is not read by the linear stage 1 on embeddings (Adam): remove it"
+    if cfg.train.checkpoint_every_steps:
+        return ("train.checkpoint_every_steps checkpoints a backbone's training within an epoch; stage 1 on "
+                "embeddings (a linear head, seconds) keeps no checkpoint: remove it")
     if cfg.features.views:
         return ("features.views adds augmented views of images; embeddings are cached as given: set "
                 "features.views=0")

@@ -44,6 +44,10 @@ _U_FACTORS, _U_ORDER = 2 * ATTEMPTS + 3, 2 * ATTEMPTS + 6
 _DRAWS = 2 * ATTEMPTS + 9
 
 
+# the data keys only one pipeline reads (flip and image_size: both)
+PIPELINE_KEYS = {"small": ("crop_padding",), "natural": ("crop_scale", "color_jitter", "eval_crop_ratio")}
+
+
 def pipeline(cfg) -> str | None:
     """The pipeline of a DataConfig: ``small`` or ``natural`` (None for embeddings, which have no images).
     ``auto`` is small for the built-in in-memory sets and natural for image files."""

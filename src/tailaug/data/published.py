@@ -61,6 +61,8 @@ _NOT_READ = {
     "val_per_class": "data.val_split names the validation split file",
     "test_per_class": "the published test split is used whole",
     "class_order": "the split files' labels are the classes",
+    "imbalance_factor": "the split files give the class counts (profile as_is)",
+    "lt_seed": "no subset is drawn, the split files list the images",
 }
 
 
@@ -73,8 +75,8 @@ def data_config_problem(d) -> tuple[str, object, str] | None:
                     "remove it")
         return None
     entry = PUBLISHED[d.dataset]
-    for key, instead in _NOT_READ.items():
-        if getattr(d, key) not in (None, 0):
+    for key, instead in _NOT_READ.items():  # not "set": a saved config.yaml lists every key with its default
+        if getattr(d, key) != type(d).model_fields[key].default:
             return (key, getattr(d, key), f"is not read for dataset {d.dataset}: {instead}; remove it")
     if "profile" not in d.model_fields_set:
         d.profile = "as_is"

@@ -226,6 +226,23 @@ def test_one_line_more_or_less_fails_the_check(tmp_path, standin_sizes):
     assert build_data(cfg_of("imagenet_lt", tmp_path, count_check="warn")).test.labels.max() == 4
 
 
+@pytest.mark.parametrize("name, file", [("imagenet_lt", "ImageNet_LT_val.txt"), ("places_lt", "Places_LT_val.txt")])
+def test_a_validation_file_of_yours_has_only_its_labels_checked(tmp_path, standin_sizes, name, file):
+    write_standin(tmp_path, name)
+    lines = (tmp_path / file).read_text().splitlines()
+    (tmp_path / file).write_text("\n".join(lines[:-1]) + "\n")  # the published default file: its size is checked
+    with pytest.raises(DataError, match=rf"{file} lists 11 images, the published .* val split 12; give the "):
+        build_data(cfg_of(name, tmp_path))
+    mine = [line for line in lines if line.endswith((" 0", " 4"))][:3]  # 3 images of 2 classes
+    (tmp_path / "mine.txt").write_text("\n".join(mine) + "\n")
+    data = build_data(cfg_of(name, tmp_path, val_split="mine.txt"))
+    assert data.val.labels.tolist() == [int(line[-1]) for line in mine] and len(data.test) == 18
+    assert not any(note.startswith("warning") for note in data.notes)
+    (tmp_path / "mine.txt").write_text(mine[0][:-1] + "6\n")
+    with pytest.raises(DataError, match=r"mine\.txt has label 6, the published .* 6 classes \(labels 0\.\.5\)"):
+        build_data(cfg_of(name, tmp_path, val_split="mine.txt"))
+
+
 def test_missing_split_files_and_images(tmp_path, standin_sizes):
     write_standin(tmp_path, "inat2018")
     (tmp_path / "iNaturalist18_val.txt").unlink()

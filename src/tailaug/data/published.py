@@ -119,11 +119,13 @@ def split_file(d, split: str, root: Path) -> Path | None:
                     f"published file there, or name yours with data.{split}_split")
 
 
-def count_problem(entry: PublishedSet, split: str, path: Path, labels) -> str | None:
-    """How the ``split`` file ``path`` (its labels) differs from the published counts, or None."""
+def count_problem(entry: PublishedSet, split: str, path: Path, labels, *, own: bool = False) -> str | None:
+    """How the ``split`` file ``path`` (its labels) differs from the published counts, or None.
+    ``own``: a file of the user's in place of a published one (a validation file named with
+    data.val_split), of which only the labels are checked."""
     classes = f"the published {entry.title} {entry.num_classes:,} classes (labels 0..{entry.num_classes - 1:,})"
-    published = entry.sizes.get(split)
-    if published is None:  # a split the set does not publish (iNaturalist's validation): only its labels
+    published = None if own else entry.sizes.get(split)
+    if published is None:  # a split the set does not publish (iNaturalist's validation), or yours: only its labels
         top = int(labels.max())
         return f"{path} has label {top:,}, {classes}" if top >= entry.num_classes else None
     problems = []
@@ -157,7 +159,7 @@ def read_published(d) -> tuple[dict, int, list[str], Path]:
             raise DataError(f"the validation and the test split are both {path}; choosing on it would choose on "
                             "the test set: name another validation file with data.val_split, or remove it")
         paths, labels, where = read_split_entries(path, root)
-        problem = count_problem(entry, split, path, labels)
+        problem = count_problem(entry, split, path, labels, own=split == "val" and d.val_split is not None)
         if problem and d.count_check == "strict":
             raise DataError(f"{problem}; give the published file, or set data.count_check: warn to use a variant "
                             "of the set")

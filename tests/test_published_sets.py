@@ -282,6 +282,22 @@ def test_missing_files_lists_each_folder_once(tmp_path, monkeypatch):
     assert sorted(scanned) == [str(tmp_path / "a"), str(tmp_path / "b")]
 
 
+def test_missing_files_splits_split_file_paths_at_slashes_under_windows_rules(tmp_path, monkeypatch):
+    """A split file's paths join root and a "/"-separated relative path; on Windows (os.sep "\\",
+    ntpath) every folder must still be found, not each whole path taken for a name in "."."""
+    import ntpath
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "x.jpg").write_bytes(b"")
+    paths = [f"{tmp_path}/a/x.jpg", f"{tmp_path}/a/y.jpg", "x.jpg"]
+    with monkeypatch.context() as windows:
+        windows.setattr(os, "sep", "\\")
+        windows.setattr(os, "path", ntpath)
+        windows.chdir(tmp_path / "a")  # the bare name is looked up in the working directory
+        missing = missing_files(paths)
+    assert missing == [1]
+
+
 def test_json_annotation_errors(tmp_path, standin_sizes):
     write_standin(tmp_path, "inat2018", inat_json=True)
     tree = json.loads((tmp_path / "train2018.json").read_text())

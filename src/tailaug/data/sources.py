@@ -375,7 +375,7 @@ def missing_files(paths: list[str | Path]) -> list[int]:
     per path), so 437,513 iNaturalist paths in 8,142 folders cost 8,142 directory reads."""
     by_dir: dict[str, list[tuple[int, str]]] = {}
     for i, p in enumerate(paths):
-        folder, _, name = os.fspath(p).rpartition(os.sep)
+        folder, name = os.path.split(os.fspath(p))  # on Windows at "/" too (split files' paths use "/")
         by_dir.setdefault(folder, []).append((i, name))
     missing = []
     for folder, entries in by_dir.items():

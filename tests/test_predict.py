@@ -153,13 +153,18 @@ def test_a_run_made_before_data_transforms_is_still_loaded_and_evaluated(tmp_pat
     for key in NEW_KEYS:
         del tree["data"][key]
     (run_dir / "config.yaml").write_text(yaml.safe_dump(tree, sort_keys=False))
-    assert pipeline(load_config(run_dir / "config.yaml").data) == "natural"  # as a fresh config file
+    shutil.copy(run_dir / "config.yaml", tmp_path / "fresh.yaml")
+    assert pipeline(load_config(tmp_path / "fresh.yaml").data) == "natural"  # a new config file: auto
+    assert pipeline(load_config(run_dir / "config.yaml").data) == "small"  # the run's own (tailaug run RUN/config.yaml)
     assert load_run_config(run_dir).data.transforms == "small"
     assert load_run_config(run_dir, ["data.transforms=natural"]).data.transforms == "natural"  # overrides win
     torch.testing.assert_close(tailaug.load(run_dir).predict_files(paths), before)
     capsys.readouterr()
     assert main(["evaluate", str(run_dir)]) == 0, capsys.readouterr().err
     assert "stage 1 (last epoch)" in capsys.readouterr().out
+    trained = (run_dir / "checkpoints" / "last.pt").stat().st_mtime_ns
+    assert main(["run", str(run_dir / "config.yaml"), "--resume", "--no-progress"]) == 0, capsys.readouterr().err
+    assert (run_dir / "checkpoints" / "last.pt").stat().st_mtime_ns == trained  # its stage 1, not trained again
 
 
 def test_predict_input_errors(finished, tmp_path, capsys):

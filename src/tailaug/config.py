@@ -771,15 +771,22 @@ def _list_index(node: list, part: str, path: list[str]) -> int:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = (), *, saved: bool = False) -> Config:
-    """The config of the YAML file ``path`` (None: the defaults) with ``overrides``. ``saved``:
-    ``path`` is a run's config.yaml, whose missing keys mean what they meant when it was written
+    """The config of the YAML file ``path`` (None: the defaults) with ``overrides``. ``saved``
+    (implied by a config.yaml beside a run's checkpoints or stage1.json): ``path`` is a run's
+    config.yaml, whose missing keys mean what they meant when it was written
     (:func:`saved_run_defaults`); a fresh config file's missing keys get today's defaults."""
     tree = read_tree(Path(path)) if path is not None else {}
-    if saved:
+    if saved or (path is not None and is_run_config(Path(path))):
         saved_run_defaults(tree)
     for text in overrides:
         apply_override(tree, *parse_override(text))
     return validate_config(tree, source=str(path) if path else "config")
+
+
+def is_run_config(path: Path) -> bool:
+    """Whether ``path`` is the config.yaml a run saved in its directory (resumed or rerun as is)."""
+    return path.name == "config.yaml" and ((path.parent / "checkpoints").is_dir()
+                                           or (path.parent / "stage1.json").is_file())
 
 
 def saved_run_defaults(tree: dict) -> None:

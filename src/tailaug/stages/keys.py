@@ -144,7 +144,10 @@ def stage1_key(cfg: Config) -> str:
 
 
 def _views_key(cfg: Config) -> dict[str, Any]:
-    return {"stage1": stage1_key(cfg), "views": cfg.features.views}
+    """The training features the generator learns from: the stage-1 model, its augmented
+    views and their storage dtype (absent for float32: keys made before the option stay valid)."""
+    views = {"stage1": stage1_key(cfg), "views": cfg.features.views}
+    return views if cfg.features.dtype == "float32" else {**views, "dtype": cfg.features.dtype}
 
 
 def features_key(cfg: Config) -> str:

@@ -316,9 +316,10 @@ class FeatureAugmenter(nn.Module):
         """Stage 1: the batch's features (after the step's loss); by default ignored."""
 
     def meta_rows(self) -> int:
-        """Rows of the meta batch this step's meta step needs (0, the default: no meta step).
-        When positive, the trainer passes a :class:`~tailaug.augment.meta.MetaStep` to
-        :meth:`set_meta_step` before :meth:`adjust_loss_inputs` (see :mod:`tailaug.augment.meta`)."""
+        """Rows of the meta batch this step's meta step needs (0, the default: no meta step);
+        the same on every step of an epoch (stage 1 decodes an epoch's meta images ahead). When
+        positive, the trainer passes a :class:`~tailaug.augment.meta.MetaStep` to :meth:`set_meta_step`
+        before :meth:`adjust_loss_inputs` (see :mod:`tailaug.augment.meta`)."""
         return 0
 
     def set_meta_step(self, meta) -> None:

@@ -11,8 +11,8 @@ the module's buffers (BatchNorm running statistics) are replaced by clones for t
 the virtual pass leaves the real parameters and buffers as they were.
 
 Stage 1 (``tailaug.stages.representation``) draws the meta images from ``data.val`` (the
-evaluation transform, no augmentation); stage 3 (``tailaug.stages.classifier``) draws rows of
-the validation features. Both seed the draw by (seed, epoch, step).
+evaluation transform, no augmentation; image files decoded ahead by loader workers); stage 3
+(``tailaug.stages.classifier``) draws rows of the validation features. Both seed the draw by (seed, epoch, step).
 """
 
 from __future__ import annotations

@@ -6,7 +6,8 @@ pinned memory on CUDA) that decodes them in its workers: small views at a fixed 
 batch transform then augments them like the in-memory sets), or natural views
 (``data.natural``) augmented per image in the workers by draws of (seed, epoch, rank, index)
 and only normalised by the batch transform. With ``data.gpu_decode`` the workers read the
-JPEG bytes and the batch is decoded and augmented on the device.
+JPEG bytes and the batch is decoded and augmented on the device. :class:`GivenBatches` runs
+the same machinery over index batches given one pass at a time (a trainer's meta batches).
 """
 
 from __future__ import annotations
@@ -91,6 +92,26 @@ def _collate(collate):
     return run
 
 
+def _checked(batch):
+    """A loaded batch, or the error of the item that failed in a worker, raised here."""
+    if isinstance(batch, _Failed):
+        raise batch.kind(batch.message)
+    return batch
+
+
+def _data_loader(dataset, encoded: bool, batch_sampler, device: torch.device, num_workers: int,
+                 prefetch_factor: int) -> torch.utils.data.DataLoader:
+    """A DataLoader of :class:`_Items` over ``batch_sampler``'s batches of (index, draw key)
+    pairs: persistent workers, prefetching, pinned memory on CUDA."""
+    return torch.utils.data.DataLoader(
+        _Items(dataset, encoded), batch_sampler=batch_sampler, num_workers=num_workers,
+        collate_fn=_collate(collate_encoded if encoded else torch.utils.data.default_collate),
+        pin_memory=torch.device(device).type == "cuda", persistent_workers=num_workers > 0,
+        prefetch_factor=prefetch_factor if num_workers > 0 else None,
+        generator=torch.Generator().manual_seed(0),  # the workers' seeds; no draw of the global RNG
+    )
+
+
 class Batches:
     """Iterate a split in batches of ``batch_size`` from ``order`` (an iterable of indices).
 
@@ -133,14 +154,8 @@ class Batches:
     def loader(self) -> torch.utils.data.DataLoader:
         """The split's DataLoader, made once: its workers persist across epochs."""
         if self._loader is None:
-            workers = self.num_workers
-            self._loader = torch.utils.data.DataLoader(
-                _Items(self.split.dataset, self.gpu_decode), batch_sampler=self.plan, num_workers=workers,
-                collate_fn=_collate(collate_encoded if self.gpu_decode else torch.utils.data.default_collate),
-                pin_memory=torch.device(self.device).type == "cuda", persistent_workers=workers > 0,
-                prefetch_factor=self.prefetch_factor if workers > 0 else None,
-                generator=torch.Generator().manual_seed(0),  # the workers' seeds; no draw of the global RNG
-            )
+            self._loader = _data_loader(self.split.dataset, self.gpu_decode, self.plan, self.device,
+                                        self.num_workers, self.prefetch_factor)
         return self._loader
 
     def raw(self, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
@@ -154,9 +169,7 @@ class Batches:
             return
         self.plan.first = start  # read by the plan when the loader's iterator starts
         for batch in self.loader():
-            if isinstance(batch, _Failed):
-                raise batch.kind(batch.message)
-            images, y, idx = batch
+            images, y, idx = _checked(batch)
             if self.gpu_decode:
                 images = decode_on_device(images, self.natural, torch.device(self.device))
             else:
@@ -170,3 +183,41 @@ class Batches:
         gen = self.generator()
         for images, y, idx in self.raw():
             yield self.transform(images, gen), y, idx
+
+
+class _Given:
+    """The batch sampler of :class:`GivenBatches`: the index batches of its current pass, each
+    index with no draw key (the evaluation view)."""
+
+    def __init__(self):
+        self.batches: Iterable = ()
+
+    def __iter__(self) -> Iterator[list[tuple[int, None]]]:
+        for idx in self.batches:
+            yield [(i, None) for i in idx.tolist()]
+
+
+class GivenBatches:
+    """The evaluation views (uint8, on the device) and labels of index batches of an
+    image-file split, given one pass at a time (e.g. the meta batches of a training epoch's
+    steps), decoded ahead by one DataLoader's persistent workers (prefetching, pinned memory
+    on CUDA). Each image is ``split.dataset[i]``'s, decoded in a worker (also with
+    ``data.gpu_decode``, which the training and evaluation batches use)."""
+
+    def __init__(self, split: Split, device: torch.device, *, num_workers: int = 0, prefetch_factor: int = 4):
+        self.split, self.device = split, device
+        self.plan = _Given()
+        self.loader = _data_loader(split.dataset, False, self.plan, device, num_workers, prefetch_factor)
+
+    def raw(self, batches: Iterable[torch.Tensor | np.ndarray]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(images, labels) on the device of every index batch of ``batches`` in turn (drawn
+        lazily, as the workers need them). The workers start decoding at this call: its
+        iterator replaces any earlier one, finished or not."""
+        self.plan.batches = batches  # read by the plan when the loader's iterator starts (now)
+        loaded = iter(self.loader)
+
+        def run():
+            for batch in loaded:
+                images, y, _ = _checked(batch)
+                yield images.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        return run()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,7 @@ from ..augment.stg import head_classes
 from ..config import Config
 from ..data.classes import SHOT_GROUPS, shot_groups
 from ..data.datasets import LTData, build_data
-from ..data.loaders import Batches
+from ..data.loaders import Batches, GivenBatches
 from ..data.natural import check_gpu_decode
 from ..data.samplers import build_sampler
 from ..engine import distributed
@@ -100,6 +101,12 @@ class Trainer:
         self.feature_aug = None
         if tc.feature_augmenter.name != "none":
             self.feature_aug = build_augmenter(tc.feature_augmenter).to(self.device)
+        # the meta batches of image files (meta_step), decoded ahead by loader workers in step with training
+        val = self.data.val
+        self.meta_loader = self.meta_feed = None
+        if self.feature_aug is not None and val is not None and val.images is None:
+            self.meta_loader = GivenBatches(val, self.device, num_workers=cfg.data.num_workers,
+                                            prefetch_factor=cfg.data.prefetch_factor)
         self.best: dict | None = None  # the best validation epoch so far (a mid-epoch checkpoint keeps it)
         self.resume_at: dict | None = None  # where restore() found a mid-epoch checkpoint (train_epoch continues it)
         self.net = train_net
@@ -251,6 +258,7 @@ class Trainer:
                                       f"device than {self.device.type}: resume on that device, or "
                                       f"{resume['fix']}") from None
             totals.copy_(resume["totals"])
+        self.meta_feed = self.meta_batches(epoch, first, steps)
         every = tc.checkpoint_every_steps
         t0 = time.perf_counter()
         bar = tqdm(total=steps, initial=first, desc=f"epoch {epoch + 1}/{tc.epochs}", leave=False,
@@ -278,6 +286,7 @@ class Trainer:
             if every and (step + 1) % every == 0 and step + 1 < steps:
                 self.save_mid_epoch(epoch, step + 1, streams, rng, totals, loss, before + time.perf_counter() - t0)
         bar.close()
+        self.meta_feed = None
         distributed.all_reduce_sum(totals)
         loss_sum, correct, seen = totals[:3].tolist()
         elapsed = before + time.perf_counter() - t0
@@ -371,16 +380,37 @@ class Trainer:
         self.scaler.update()
         return loss.detach(), logits[:batch].detach()
 
+    def meta_batches(self, epoch: int, first: int, steps: int) -> Iterator | None:
+        """For image files, when the feature augmenter takes meta steps in ``epoch`` (its
+        ``meta_rows``, the same on every step of an epoch): (step, (images, labels)) of the
+        epoch's steps from ``first`` (a resumed epoch's) to ``steps``, the meta indices of each
+        drawn as :meth:`meta_step` draws them and the images decoded ahead by the workers of
+        :attr:`meta_loader`; else None."""
+        rows = self.feature_aug.meta_rows() if self.feature_aug is not None else 0
+        if not rows or self.meta_loader is None:
+            return None
+        size, seed = len(self.data.val), self.cfg.run.seed
+        loaded = self.meta_loader.raw(meta_indices(size, rows, seed, epoch, s) for s in range(first, steps))
+        return zip(range(first, steps), loaded)
+
     def meta_step(self, rows: int, epoch: int, step: int) -> MetaStep:
         """This step's :class:`MetaStep`: the network (not a copy), its trainable parameters, the
-        loss, the lr, and ``rows`` validation images (evaluation transform) drawn by (seed, epoch, step)."""
+        loss, the lr, and ``rows`` validation images (evaluation transform) drawn by (seed, epoch, step):
+        rows of the in-memory images, or for image files the batch of :attr:`meta_feed`."""
         val = self.data.val
-        idx = meta_indices(len(val), rows, self.cfg.run.seed, epoch, step)
-        raw = val.images[idx] if val.images is not None else \
-            torch.stack([torch.as_tensor(val.dataset[i][0]) for i in idx.tolist()])
+        if val.images is not None:
+            idx = meta_indices(len(val), rows, self.cfg.run.seed, epoch, step)
+            raw, labels = val.images[idx].to(self.device), torch.from_numpy(val.labels)[idx].to(self.device)
+        else:
+            fed = None if self.meta_feed is None else next(self.meta_feed, None)
+            if fed is None or fed[0] != step:
+                raise TailaugError(f"no meta batch of image files was decoded for step {step + 1} of epoch "
+                                   f"{epoch + 1}: train_epoch decodes one for every step of an epoch in which "
+                                   "the feature augmenter's meta_rows is positive")
+            raw, labels = fed[1]
         return MetaStep(module=self.model, params=trainable(self.model), loss=self.loss_fn,
-                        lr=self.optimizer.param_groups[0]["lr"], meta_images=self.transform(raw.to(self.device)),
-                        meta_labels=torch.from_numpy(val.labels)[idx].to(self.device),
+                        lr=self.optimizer.param_groups[0]["lr"], meta_images=self.transform(raw),
+                        meta_labels=labels,
                         logits_of=lambda out: out.logits, autocast=lambda: autocast(self.device, self.dtype),
                         head_prefix="head.")
 

@@ -136,3 +136,21 @@ def train_tiny(overrides: list[str], root, out, name: str, resume: bool = False)
 
     args = [*overrides, f"data.root={root}", f"run.output_dir={out}", f"run.name={name}"]
     return commands.train("configs/fmnist_lt/demo.yaml", args, resume=resume, progress=False)
+
+
+def fit_without_forward_pass(tmp_path: Path, monkeypatch, overrides: list[str], name: str):
+    """A stage-1 Trainer of the demo config with ``overrides`` on synthetic Fashion-MNIST whose
+    feature augmenter (``name``) has been fitted while any forward pass over a split fails."""
+    from tailaug.config import load_config
+    from tailaug.stages.representation import Trainer
+
+    root = write_fashion_mnist(tmp_path / "fm", per_class_train=110, per_class_test=2)
+
+    def outputs(self, split):
+        raise AssertionError(f"the stage-1 fit of {name} ran a forward pass over a split")
+
+    monkeypatch.setattr(Trainer, "outputs", outputs)
+    cfg = load_config("configs/fmnist_lt/demo.yaml", [*overrides, f"data.root={root}"])
+    trainer = Trainer(cfg, tmp_path / "run", progress=False)
+    trainer.fit_feature_augmenter()
+    return trainer

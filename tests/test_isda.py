@@ -372,19 +372,10 @@ def _train(root, out, name, resume=False):
 def test_stage1_fit_of_isda_runs_no_forward_pass_over_the_training_set(tmp_path, monkeypatch, one_thread):
     """Online ISDA reads only N, d and the labels at fit: no features (nor logits) of the whole
     training set are computed; FASA's fit reads them, so it still gets the forward pass."""
-    from synthetic import write_fashion_mnist
+    from synthetic import fit_without_forward_pass
 
-    from tailaug.stages.representation import Trainer
-
-    root = write_fashion_mnist(tmp_path / "fm", per_class_train=110, per_class_test=2)
-
-    def outputs(self, split):
-        raise AssertionError("the stage-1 fit of isda ran a forward pass over a split")
-
-    monkeypatch.setattr(Trainer, "outputs", outputs)
-    cfg = load_config("configs/fmnist_lt/demo.yaml", [*STAGE1, f"data.root={root}"])
-    trainer = Trainer(cfg, tmp_path / "run", progress=False)
-    trainer.fit_feature_augmenter()
+    trainer = fit_without_forward_pass(tmp_path, monkeypatch, STAGE1, "isda")
+    cfg = trainer.cfg
     aug = trainer.feature_aug
     assert aug.fitted and aug.online and aug.source is None
     assert aug.moments.scatter.shape == (10, 64, 64) and aug.moments.count.sum() == 0

@@ -308,19 +308,9 @@ def test_the_meta_set_is_the_validation_split_disjoint_from_training(tmp_path, o
 
 
 def test_stage1_fit_reads_the_meta_set_sizes_without_a_forward_pass(tmp_path, monkeypatch, one_thread, capsys):
-    from synthetic import write_fashion_mnist
+    from synthetic import fit_without_forward_pass
 
-    from tailaug.stages.representation import Trainer
-
-    root = write_fashion_mnist(tmp_path / "fm", per_class_train=110, per_class_test=2)
-
-    def outputs(self, split):
-        raise AssertionError("the stage-1 fit of metasaug ran a forward pass over a split")
-
-    monkeypatch.setattr(Trainer, "outputs", outputs)
-    cfg = load_config("configs/fmnist_lt/demo.yaml", [*STAGE1, f"data.root={root}"])
-    trainer = Trainer(cfg, tmp_path / "run", progress=False)
-    trainer.fit_feature_augmenter()
+    trainer = fit_without_forward_pass(tmp_path, monkeypatch, STAGE1, "metasaug")
     train = len(trainer.data.train)
     assert trainer.feature_aug.fitted and trainer.feature_aug.moments.mean.shape == (10, 64)
     assert (f"meta set = the validation split, 100 images (10 per class, 10 classes), held out of the {train} "

@@ -13,13 +13,16 @@ from tailaug import commands
 from tailaug.augment.base import build_augmenter
 from tailaug.config import RetrainConfig, STGConfig, load_config
 from tailaug.engine.shards import ShardedArray, ShardWriter
-from tailaug.errors import CheckpointError, ConfigError
+from tailaug.engine.inference import iter_outputs
+from tailaug.errors import CheckpointError, ConfigError, TailaugError
+from tailaug.models import Output
 from tailaug.stages import features as features_stage
 from tailaug.stages.classifier import retrain_classifier
 from tailaug.stages.feature_cache import (dense_cache, find_cache, legacy_cache_path, load_cache,
                                           training_features, write_cache)
 from tailaug.stages.generator import train_generator
 from tailaug.stages.keys import features_key
+from tailaug.stages.stage1_model import Stage1Model
 
 from synthetic import gaussian_feature_cache, long_tail_embeddings
 
@@ -70,14 +73,15 @@ def test_extraction_writes_shard_by_shard_and_reads_back_the_same_features(tmp_p
         data = SimpleNamespace(train="train", val="val", test="test", class_counts=[40, 10, 4])
         model = SimpleNamespace(head=torch.nn.Linear(4, 3))
 
-        def batches_out(self, split, batch_size, *, augment=False, seed=0):
+        def batches_out(self, split, batch_size, *, augment=False, seed=0, keys=None):
             x = full[f"{split}_features"] + (1.0 if augment else 0.0)
             for start in range(0, len(x), batch_size):
                 stop = start + batch_size
                 files = list((tmp_path / "features").rglob("*.npy"))
                 seen.append((split, start, len(files)))
-                yield {"features": x[start:stop], "labels": full[f"{split}_labels"][start:stop],
+                out = {"features": x[start:stop], "labels": full[f"{split}_labels"][start:stop],
                        "index": torch.arange(len(x))[start:stop], "logits": torch.zeros(len(x[start:stop]), 3)}
+                yield {k: out[k] for k in keys}  # only what extraction asks for
 
     monkeypatch.setattr(features_stage, "load_finished", lambda *a: Stage1())
     cache = features_stage.extract_features(cfg, tmp_path, progress=False)
@@ -90,6 +94,59 @@ def test_extraction_writes_shard_by_shard_and_reads_back_the_same_features(tmp_p
     writer = ShardWriter(tmp_path / "w", "x", shard_rows=7)
     writer.append(torch.zeros(100, 3))
     assert writer.block.shape == (7, 3) and len(writer.shards) == 14 and writer.filled == 2
+
+
+class _Moved(torch.Tensor):
+    """Logits that record each move to the host (``.cpu()``) under their split's name."""
+
+    moves: list = []
+
+    def float(self):
+        out = super().float()
+        out.origin = self.origin
+        return out
+
+    def cpu(self, *a, **kw):
+        _Moved.moves.append(self.origin)
+        return super().cpu(*a, **kw).as_subclass(torch.Tensor)  # on the host: a plain tensor
+
+
+def test_extraction_moves_to_the_host_only_what_the_cache_keeps(tmp_path, monkeypatch):
+    """The real Stage1Model.batches_out and iter_outputs with a stand-in network: the training
+    split's logits (dropped by the cache) never reach .cpu(); val/test logits do and are cached."""
+    cfg = load_config(None, ["features.shard_rows=20", "features.batch_size=8", "features.views=1"])
+    full = full_cache()
+    weight = torch.randn(3, 4, generator=torch.Generator().manual_seed(3))
+
+    class Net(torch.nn.Module):
+        head = torch.nn.Linear(4, 3)
+
+        def forward(self, x):
+            split, feats = x
+            logits = (feats @ weight.T).as_subclass(_Moved)
+            logits.origin = split
+            return Output(feats, logits)
+
+    class Stage1(Stage1Model):
+        def _batches(self, split, batch_size, augment, seed):
+            x = full[f"{split}_features"] + (1.0 if augment else 0.0)
+            return [((split, x[s:s + batch_size]), full[f"{split}_labels"][s:s + batch_size],
+                     torch.arange(len(x))[s:s + batch_size]) for s in range(0, len(x), batch_size)]
+
+    data = SimpleNamespace(train="train", val="val", test="test", class_counts=[40, 10, 4])
+    stage1 = Stage1(cfg, data, Net(), None, torch.device("cpu"), None)
+    monkeypatch.setattr(_Moved, "moves", [])
+    monkeypatch.setattr(features_stage, "load_finished", lambda *a: stage1)
+    cache = features_stage.extract_features(cfg, tmp_path, progress=False)
+    assert _Moved.moves == ["val"] * 2 + ["test"] * 8  # 15 and 60 rows in batches of 8; no "train"
+    assert torch.equal(cache["train_features"].tensor(), torch.cat([full["train_features"], full["train_features"] + 1]))
+    assert "train_logits" not in cache and torch.equal(cache["train_index"], torch.arange(54).repeat(2))
+    for split in ("val", "test"):
+        assert torch.allclose(cache[f"{split}_logits"].tensor(), full[f"{split}_features"] @ weight.T)
+    got = next(iter_outputs(Net(), stage1._batches("val", 5, False, 0), torch.device("cpu"), keys=("labels",)))
+    assert list(got) == ["labels"] and torch.equal(got["labels"], full["val_labels"][:5])
+    with pytest.raises(TailaugError, match=r"cannot return 'probs'; ask for some of features, logits, labels, index"):
+        next(iter_outputs(Net(), [], torch.device("cpu"), keys=("features", "probs")))
 
 
 def test_float16_storage_rounds_to_float16_halves_the_files_and_changes_the_key(tmp_path):

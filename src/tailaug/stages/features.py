@@ -17,7 +17,7 @@ from typing import NamedTuple
 
 import torch
 
-from .feature_cache import CacheWriter, cache_path, find_cache, load_cache
+from .feature_cache import SPLIT_ENTRIES, CacheWriter, cache_path, find_cache, load_cache
 from .stage1_model import load_finished
 
 
@@ -52,9 +52,9 @@ def extract_features(cfg, run_dir: Path, *, progress: bool = True) -> dict:
     path = cache_path(run_dir, cfg)
     writer = CacheWriter(path, cfg.features.shard_rows, cfg.features.dtype)
 
-    def run(name, split, augment=False, view=0):
+    def run(name, split, augment=False, view=0):  # only what the cache keeps of the split leaves the device
         for batch in stage1.batches_out(split, cfg.features.batch_size, augment=augment,
-                                        seed=cfg.run.seed + 7919 * view):
+                                        seed=cfg.run.seed + 7919 * view, keys=SPLIT_ENTRIES[name]):
             writer.add(name, batch)
 
     run("train", data.train)

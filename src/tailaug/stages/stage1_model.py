@@ -19,7 +19,7 @@ from ..data.natural import pipeline
 from ..data.transforms import BatchTransform
 from ..engine.checkpoint import atomic_write_text, load_checkpoint, load_state
 from ..engine.device import resolve_device, resolve_precision
-from ..engine.inference import collect_outputs, iter_outputs
+from ..engine.inference import OUTPUTS, collect_outputs, iter_outputs
 from ..errors import CheckpointError, TailaugError
 from ..evaluation.report import read_json, write_json
 from ..models import Network, build_model, input_spec
@@ -196,9 +196,11 @@ class Stage1Model:
         """Features, logits, labels and indices of ``split`` (eval mode, no gradients)."""
         return collect_outputs(self.model, self._batches(split, batch_size, augment, seed), self.device, self.dtype)
 
-    def batches_out(self, split: Split, batch_size: int, *, augment: bool = False, seed: int = 0):
-        """:meth:`outputs` a batch at a time (dicts of CPU tensors)."""
-        return iter_outputs(self.model, self._batches(split, batch_size, augment, seed), self.device, self.dtype)
+    def batches_out(self, split: Split, batch_size: int, *, augment: bool = False, seed: int = 0, keys=OUTPUTS):
+        """:meth:`outputs` a batch at a time (dicts of CPU tensors), only ``keys`` of them
+        (``engine.inference.iter_outputs``: the others stay on the device)."""
+        return iter_outputs(self.model, self._batches(split, batch_size, augment, seed), self.device, self.dtype,
+                            keys)
 
     def _batches(self, split: Split, batch_size: int, augment: bool, seed: int) -> Batches:
         return Batches(split, batch_size, self.transform, self.device, augment=augment, seed=seed,

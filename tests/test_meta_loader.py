@@ -14,6 +14,7 @@ from tailaug.augment.meta import meta_indices
 from tailaug.config import load_config
 from tailaug.data.datasets import Split
 from tailaug.data.loaders import GivenBatches
+from tailaug.data.path_table import PathTable
 from tailaug.data.sources import ImageFolderDataset
 from tailaug.errors import DataError
 from tailaug.stages.representation import Trainer
@@ -125,7 +126,9 @@ def test_given_batches_follow_each_pass_and_carry_a_worker_error(images, tmp_pat
     first = given.raw([torch.tensor([0])])
     next(first)  # a pass left unfinished is replaced by the next
     assert [y.tolist() for _, y in given.raw([torch.tensor([2, 3])])] == [[0, 1]]
-    folder.paths[7] = str(tmp_path / "missing.png")  # a new loader: the workers of the first hold the old paths
+    paths = list(folder.paths)
+    paths[7] = str(tmp_path / "missing.png")
+    folder.paths = PathTable(paths)  # a new loader: the workers of the first hold the old paths
     with pytest.raises(DataError, match="missing.png") as err:
         list(GivenBatches(split, torch.device("cpu"), num_workers=1).raw([torch.tensor([6, 7])]))
     assert "\n" not in str(err.value)

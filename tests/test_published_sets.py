@@ -122,7 +122,7 @@ def test_splits_counts_class_order_and_shot_groups(standins, standin_sizes, name
             assert part is None  # iNaturalist publishes no validation split besides its val (= test)
             continue
         assert part.labels.tolist() == [c for _, c in listed[split]]  # in file order, labels as listed
-        assert part.dataset.paths == [str(root / rel) for rel, _ in listed[split]]
+        assert list(part.dataset.paths) == [str(root / rel) for rel, _ in listed[split]]
     assert shot_groups(data.class_counts) == {"many": [1, 3], "medium": [4, 5], "few": [0, 2]}
     image, label = data.train.dataset[7]  # the image behind a line is the one its label names
     assert label == listed["train"][7][1]

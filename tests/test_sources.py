@@ -1,6 +1,7 @@
 import gzip
 import os
 import pickle
+import re
 import struct
 
 import numpy as np
@@ -336,6 +337,41 @@ def test_corrupt_image(tmp_path):
     assert ds[0][0].shape == (3, 8, 8)
     with pytest.raises(DataError, match=r"broken\.jpg.*remove it from the split file or replace it"):
         ds[4]
+
+
+def test_dataset_paths_are_one_buffer_and_round_trip_unusual_names(tmp_path):
+    """ImageFolderDataset keeps its paths as two numpy arrays (bytes + offsets), no str objects,
+    and gives back every name exactly: spaces, non-ASCII, long nested, undecodable bytes."""
+    odd = os.fsdecode(b"raw \xff\xfe.png")  # not UTF-8: a surrogate-escaped name, as os.listdir gives it
+    rel = ["a dir/img 0.png", "café/ß.png", "/".join(f"level {i}" for i in range(30)) + "/deep.png", odd, "x.png"]
+    paths = []
+    for i, r in enumerate(rel):
+        path = tmp_path / r
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (12, 10), color=(40 * i, 7, 200)).save(path, format="PNG")
+        paths.append(path if i % 2 else str(path))  # Path or str in
+    ds = ImageFolderDataset(paths, np.arange(5) % 2, image_size=8)
+    table = ds.paths
+    assert {type(v) for v in vars(ds).values()} <= {np.ndarray, int, str, bool, type(None), type(table)}
+    assert isinstance(table.data, np.ndarray) and table.data.dtype == np.uint8
+    assert table.offsets.dtype == np.int64 and table.offsets.tolist()[0] == 0 and len(table.offsets) == 6
+    assert table.prefix == os.fsencode(f"{tmp_path}{os.sep}")  # held once, not in the buffer
+    assert table.nbytes == len(table.prefix) + table.data.nbytes + 6 * 8
+    assert table.data.nbytes == sum(len(os.fsencode(p)) for p in paths) - 5 * len(table.prefix)
+    expected = [str(p) for p in paths]
+    assert list(table) == expected and [ds.path(i) for i in range(5)] == expected and len(ds) == 5
+    assert table[-4] == str(tmp_path / "café/ß.png") and table[np.int64(3)] == str(tmp_path / odd)
+    assert table[1:4] == expected[1:4] and table[::-2] == expected[::-2]
+    with pytest.raises(IndexError, match="path index 5 out of range for 5 paths"):
+        table[5]
+    for i in range(5):
+        assert ds[i][0][:, 4, 4].tolist() == [40 * i, 7, 200]  # the file behind each name is read
+    again = pickle.loads(pickle.dumps(ds))  # as a spawned DataLoader worker receives it
+    assert list(again.paths) == expected and len(ImageFolderDataset([], [], 8).paths) == 0
+    (tmp_path / "café/ß.png").write_bytes(b"not a png")
+    with pytest.raises(DataError, match=f"cannot decode image {re.escape(str(tmp_path / 'café/ß.png'))} .*"
+                                        "remove it from the split file or replace it"):
+        ds[1]
 
 
 def test_dataset_spec():

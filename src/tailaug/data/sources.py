@@ -22,6 +22,7 @@ import torch
 from PIL import Image
 
 from ..errors import DataError
+from .path_table import PathTable
 
 _SPECS = {"cifar10": (10, 3, 32), "cifar100": (100, 3, 32), "fashion_mnist": (10, 1, 28), "mnist": (10, 1, 28)}
 BUILT_IN = tuple(_SPECS)  # the built-in sets: small images, held in memory
@@ -451,13 +452,14 @@ class ImageFolderDataset(torch.utils.data.Dataset):
     and the centre crop (the batch transform augments it on the device). With a
     :class:`~tailaug.data.natural.NaturalTransform`, ``dataset[i]`` and ``view(i)`` are the
     evaluation view and ``view(i, key)`` the training view drawn by (key, i); with
-    ``gpu_decode`` the loader asks for :meth:`encoded` items instead.
+    ``gpu_decode`` the loader asks for :meth:`encoded` items instead. ``paths`` is a
+    :class:`~.path_table.PathTable` (a sequence of str in one buffer), ``path(i)`` item i's file.
     """
 
     def __init__(self, paths, labels, image_size: int = 224,
                  fix: str = "remove it from the split file or replace it with an intact image", *,
                  natural=None, gpu_decode: bool = False):
-        self.paths = [os.fspath(p) for p in paths]  # str: a Path per image costs seconds and memory at 437k
+        self.paths = PathTable(paths)  # one buffer, not 437k str objects each forked worker would copy
         self.labels = np.asarray(labels, dtype=np.int64)
         if len(self.paths) != len(self.labels):
             raise DataError(f"{len(self.paths)} image paths but {len(self.labels)} labels")
@@ -468,6 +470,10 @@ class ImageFolderDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
+    def path(self, index: int) -> str:
+        """The file of item ``index``."""
+        return self.paths[index]
+
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         return self.view(index), int(self.labels[index])
 
@@ -476,8 +482,8 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         t = self.natural
         if t is None or key is None:
             resize = None if t is None else t.eval_resize
-            return read_image(self.paths[index], self.image_size, 3, fix=self.fix, resize=resize)
-        img = open_image(self.paths[index], 3, fix=self.fix)
+            return read_image(self.path(index), self.image_size, 3, fix=self.fix, resize=resize)
+        img = open_image(self.path(index), 3, fix=self.fix)
         return t.train_view(img, t.draw(img.height, img.width, key, index))
 
     def encoded(self, index: int, key=None):
@@ -485,7 +491,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         GPU can decode (RGB or grayscale), else the view made here."""
         from .natural import Encoded
 
-        path = self.paths[index]
+        path = self.path(index)
         try:
             with open(path, "rb") as f:
                 data = f.read()

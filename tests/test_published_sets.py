@@ -280,6 +280,10 @@ def test_missing_files_lists_each_folder_once(tmp_path, monkeypatch):
     monkeypatch.setattr("tailaug.data.sources.os.scandir", counting)
     assert missing_files(paths * 3) == [1, 3, 4, 6, 8, 9, 11, 13, 14]
     assert sorted(scanned) == [str(tmp_path / "a"), str(tmp_path / "b")]
+    listings: dict = {}  # kept across calls (the splits of a set): no folder is listed again
+    assert missing_files(paths[:2], listings) == [1] and missing_files(paths[2:], listings) == [1, 2]
+    assert sorted(scanned) == sorted([str(tmp_path / "a"), str(tmp_path / "b")] * 2)
+    assert listings == {str(tmp_path / "a"): {"x.jpg", "y.jpg"}, str(tmp_path / "b"): set()}
 
 
 def test_missing_files_splits_split_file_paths_at_slashes_under_windows_rules(tmp_path, monkeypatch):

@@ -148,9 +148,6 @@ class Batches:
     def __len__(self) -> int:
         return len(self.plan)
 
-    def _index_batches(self, first: int = 0) -> Iterator[np.ndarray]:
-        return self.plan.index_batches(first)
-
     def loader(self) -> torch.utils.data.DataLoader:
         """The split's DataLoader, made once: its workers persist across epochs."""
         if self._loader is None:
@@ -163,7 +160,7 @@ class Batches:
         epoch's batch ``start`` (0-based) on."""
         labels = torch.from_numpy(self.split.labels)
         if self.split.images is not None:
-            for idx in self._index_batches(start):
+            for idx in self.plan.index_batches(start):
                 t = torch.from_numpy(idx)
                 yield self.split.images[t].to(self.device, non_blocking=True), labels[t].to(self.device), t
             return

@@ -149,7 +149,7 @@ def read_published(d) -> tuple[dict, int, list[str], Path]:
         state = "is not set" if root is None else "is not a directory" if root.exists() else "does not exist"
         raise DataError(f"data.root {root or ''} {state}; set data.root to the {entry.title} image root (the folder "
                         "the split files' paths are relative to)".replace("  ", " "))
-    parts, notes, files = {}, list(entry.notes), {}
+    parts, notes, files, listings = {}, list(entry.notes), {}, {}
     for split in SPLITS:
         path = files[split] = split_file(d, split, root)
         if path is None:
@@ -166,7 +166,7 @@ def read_published(d) -> tuple[dict, int, list[str], Path]:
         if problem:
             notes.append(f"warning: {problem}: a variant of {entry.title} (data.count_check: warn), not comparable "
                          "with the published results")
-        check_listed_files(path, root, paths, where)
+        check_listed_files(path, root, paths, where, listings)  # each folder listed once for all splits
         parts[split] = (paths, labels)
         notes.append(f"{split}: {len(labels):,} images from {path}")
     num_classes = int(parts["train"][1].max()) + 1

@@ -371,27 +371,35 @@ def _read_coco(path: Path, root: Path) -> tuple[list[str], np.ndarray, list[int]
     return paths, np.asarray(labels, dtype=np.int64), list(range(len(paths)))
 
 
-def missing_files(paths: list[str | Path]) -> list[int]:
+def missing_files(paths: list[str | Path], listings: dict[str, set[str]] | None = None) -> list[int]:
     """Indices of ``paths`` that are not files. One ``os.scandir`` per directory (not a stat
-    per path), so 437,513 iNaturalist paths in 8,142 folders cost 8,142 directory reads."""
+    per path), so 437,513 iNaturalist paths in 8,142 folders cost 8,142 directory reads;
+    ``listings`` (folder -> its file names), when given, keeps them for the next call (the
+    splits of a set share folders)."""
+    listings = {} if listings is None else listings
     by_dir: dict[str, list[tuple[int, str]]] = {}
     for i, p in enumerate(paths):
         folder, name = os.path.split(os.fspath(p))  # on Windows at "/" too (split files' paths use "/")
         by_dir.setdefault(folder, []).append((i, name))
     missing = []
     for folder, entries in by_dir.items():
-        try:
-            with os.scandir(folder or ".") as listing:
-                files = {e.name for e in listing if e.is_file()}
-        except OSError:  # no such folder, not a folder, no permission
-            files = set()
+        files = listings.get(folder)
+        if files is None:
+            try:
+                with os.scandir(folder or ".") as listing:
+                    files = {e.name for e in listing if e.is_file()}
+            except OSError:  # no such folder, not a folder, no permission
+                files = set()
+            listings[folder] = files
         missing += [i for i, name in entries if name not in files]
     return sorted(missing)
 
 
-def check_listed_files(path: Path, root: Path, paths: list[str], where: list[int]) -> None:
-    """A DataError naming the first listed images of split file ``path`` that do not exist."""
-    missing = missing_files(paths)
+def check_listed_files(path: Path, root: Path, paths: list[str], where: list[int],
+                       listings: dict[str, set[str]] | None = None) -> None:
+    """A DataError naming the first listed images of split file ``path`` that do not exist
+    (``listings``: see :func:`missing_files`)."""
+    missing = missing_files(paths, listings)
     if missing:
         shown = "; ".join(f"{split_place(path, where[i])}: {paths[i]}" for i in missing[:5])
         raise DataError(f"{path}: {len(missing)} listed image(s) do not exist under {root} ({shown}"

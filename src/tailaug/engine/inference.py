@@ -37,6 +37,6 @@ def iter_outputs(model, batches, device, dtype=None, keys=OUTPUTS):
         model.train(was_training)
 
 
-def collect_outputs(model, batches, device, dtype=None, keys=OUTPUTS) -> dict[str, torch.Tensor]:
-    parts = list(iter_outputs(model, batches, device, dtype, keys))
-    return {k: torch.cat([p[k] for p in parts]) for k in tuple(keys)}
+def collect_outputs(model, batches, device, dtype=None) -> dict[str, torch.Tensor]:
+    parts = list(iter_outputs(model, batches, device, dtype))
+    return {k: torch.cat([p[k] for p in parts]) for k in OUTPUTS}

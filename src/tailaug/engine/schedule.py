@@ -7,6 +7,11 @@ import math
 from ..config import TrainConfig
 
 
+def cosine(lr: float, t: float, min_lr: float = 0.0) -> float:
+    """The cosine decay from ``lr`` at t = 0 to ``min_lr`` at t = 1."""
+    return min_lr + (lr - min_lr) * 0.5 * (1 + math.cos(math.pi * t))
+
+
 def lr_at(cfg: TrainConfig, epoch: int, step: int = 0, steps_per_epoch: int = 1) -> float:
     """The learning rate for ``step`` (0-based) of ``epoch`` (0-based)."""
     progress = epoch + step / steps_per_epoch
@@ -18,4 +23,4 @@ def lr_at(cfg: TrainConfig, epoch: int, step: int = 0, steps_per_epoch: int = 1)
         return cfg.lr * cfg.gamma ** (epoch // cfg.step_size)
     span = max(cfg.epochs - cfg.warmup_epochs, 1)
     t = (progress - cfg.warmup_epochs) / span
-    return cfg.min_lr + (cfg.lr - cfg.min_lr) * 0.5 * (1 + math.cos(math.pi * t))
+    return cosine(cfg.lr, t, cfg.min_lr)

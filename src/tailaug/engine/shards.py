@@ -310,6 +310,4 @@ def dense(value) -> torch.Tensor:
     return value.tensor() if isinstance(value, ShardedArray) else value
 
 
-def row_count(value) -> int:
-    return len(value) if isinstance(value, ShardedArray) else int(value.shape[0])
 

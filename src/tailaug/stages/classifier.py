@@ -36,6 +36,7 @@ from ..augment.stg import head_classes as _head_classes
 from ..data.classes import check_features
 from ..data.samplers import build_sampler
 from ..engine.device import autocast
+from ..engine.schedule import cosine
 from ..engine.shards import CHUNK_ROWS, ShardedArray
 from ..errors import ConfigError, DataError, TailaugError
 from ..losses.base import LossInputs
@@ -214,7 +215,7 @@ def fit_trained(model: nn.Module, inp: Stage3Inputs) -> nn.Module:
             )
         )
     model.history = _train(model, inp.x, inp.y, inp.cfg, inp.num_classes, inp.seed, augmenter, inp.val_xy,
-                           inp.progress, inp.device, inp.dtype)
+                           inp.progress, inp.device, inp.dtype, cosine_lr=inp.cfg.schedule == "cosine")
     model.choices = {"seed": inp.seed}
     return model
 
@@ -232,9 +233,10 @@ def _meta_step(model, loss_fn, lr, val_xy, rows, seed, epoch, step, device, dtyp
 
 
 def _train(model, x, y, cfg, num_classes, seed, augmenter, val_xy, progress, device, dtype, *,
-           loss_fn=_cross_entropy, set_epoch=None, desc: str | None = None, section: str = "retrain") -> list[dict]:
-    """Train ``model`` on (x, y) with Adam at ``cfg.lr`` (constant, or on a cosine schedule to 0
-    over all steps: ``cfg.schedule``), batches of ``cfg.batch_size`` drawn by ``cfg.sampler``
+           loss_fn=_cross_entropy, set_epoch=None, desc: str | None = None, section: str = "retrain",
+           cosine_lr: bool = False) -> list[dict]:
+    """Train ``model`` on (x, y) with Adam at ``cfg.lr`` (constant, or with ``cosine_lr`` on a
+    cosine schedule to 0 over all steps), batches of ``cfg.batch_size`` drawn by ``cfg.sampler``
     for ``cfg.epochs`` epochs. ``loss_fn(model, batch features, float32 logits,
     labels)`` is cross-entropy unless given (the linear stage 1 on embeddings passes its
     ``train.loss``), ``set_epoch(epoch)`` is called at the start of every epoch; ``section``
@@ -247,7 +249,6 @@ def _train(model, x, y, cfg, num_classes, seed, augmenter, val_xy, progress, dev
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     sampler = build_sampler(cfg.sampler, y.cpu(), num_classes, seed=seed, total_epochs=cfg.epochs)
     aug_rng = torch.Generator(device=device).manual_seed(seed + 1)
-    cosine = section == "retrain" and cfg.schedule == "cosine"  # stage 1 on embeddings: constant (linear_head)
     history: list[dict] = []
     bar = tqdm(range(cfg.epochs), desc=desc or f"stage 3 ({cfg.method})", disable=not progress, leave=False)
     for epoch in bar:
@@ -262,10 +263,10 @@ def _train(model, x, y, cfg, num_classes, seed, augmenter, val_xy, progress, dev
         total, seen, augment_s = torch.zeros((), device=device), 0, 0.0
         steps = -(-order.numel() // cfg.batch_size)
         for start in range(0, order.numel(), cfg.batch_size):
-            if cosine:
+            if cosine_lr:
                 done = (epoch * steps + start // cfg.batch_size) / (cfg.epochs * steps)
                 for group in optimiser.param_groups:
-                    group["lr"] = cfg.lr * 0.5 * (1.0 + math.cos(math.pi * done))
+                    group["lr"] = cosine(cfg.lr, done)
             b = order[start : start + cfg.batch_size]
             # mapped rows are read by host row numbers (no device sync), then moved to the device
             xb = x[host_order[start : start + cfg.batch_size]] if streamed else x[b]

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from ..engine.checkpoint import atomic_write, atomic_write_text, exception_summary, load_tensors
-from ..engine.shards import ShardedArray, ShardWriter, row_count
+from ..engine.shards import ShardedArray, ShardWriter, dense
 from ..errors import CheckpointError
 from .keys import features_key
 
@@ -121,7 +121,7 @@ def load_cache(path: Path) -> dict:
     if missing:
         raise CheckpointError(f"feature cache {path} lacks {', '.join(missing)}; {fix}")
     for split, entries in SPLIT_ENTRIES.items():
-        rows = {row_count(cache[f"{split}_{e}"]) for e in entries if f"{split}_{e}" in cache}
+        rows = {len(cache[f"{split}_{e}"]) for e in entries if f"{split}_{e}" in cache}
         if len(rows) > 1:
             raise CheckpointError(
                 f"feature cache {path}: the {split}_* entries disagree in length {sorted(rows)}; {fix}"
@@ -162,7 +162,7 @@ def training_features(cache: dict, cfg):
 
 def dense_cache(cache: dict) -> dict[str, torch.Tensor]:
     """Every entry of ``cache`` in memory (float32 arrays), for analyses of small runs."""
-    return {k: v.tensor() if isinstance(v, ShardedArray) else v for k, v in cache.items()}
+    return {k: dense(v) for k, v in cache.items()}
 
 
 def stage1_head_tensors(run_dir: Path, cfg, fix: str) -> dict[str, torch.Tensor]:

@@ -86,7 +86,7 @@ def test_select_round_trips_through_the_saved_config(tmp_path):
      "(augmenter.lam, ...); compare augmenters as rows"),
     ([VAL, "retrain.select={grid: {tau: [1.0]}}"],
      "retrain.select.grid varies tau, which retrain.method crt does not read, so every point would give the "
-     "same classifier; it reads epochs, batch_size, lr, weight_decay, sampler, augmenter"),
+     "same classifier; it reads epochs, batch_size, lr, weight_decay, sampler, augmenter, loss"),
     ([VAL, "retrain.method=ncm", "retrain.select={grid: {lr: [0.1]}}"],
      "retrain.select.grid varies lr, which retrain.method ncm does not read, so every point would give the "
      "same classifier; it has no option to choose: remove retrain.select"),

@@ -471,9 +471,16 @@ class RetrainConfig(Section):
     augmenter: AugmenterSection = Field(
         default_factory=lambda: AUGMENTERS.get("none").config()
     )
+    # the loss of a trained classifier (crt, lws): terms as in train.loss, on a linear head, so
+    # not the cosine margins (ldam, ...); e.g. [{name: balanced_softmax}] with sampler {kind: instance}
+    loss: list[LossSection] = Field(default_factory=lambda: [LOSSES.get("ce").config()], min_length=1)
     tau: float | None = Field(None, ge=0)  # tau-norm; None: chosen on the validation split
     seed: int | None = Field(None, ge=0, lt=SEED_LIMIT)  # None: run.seed
     select: SelectConfig | None = None  # options chosen on the validation split; None: as given
+
+    def plain_loss(self) -> bool:
+        """True when ``loss`` is the default, plain cross-entropy."""
+        return [t.model_dump() for t in self.loss] == [LOSSES.get("ce").config().model_dump()]
 
     def at(self, point: dict[str, Any]) -> "RetrainConfig":
         """This config, without ``select``, with the dotted options of ``point`` (a point of

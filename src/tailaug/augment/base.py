@@ -239,6 +239,15 @@ class AugmentContext:
                     for s in range(0, n, CHUNK_ROWS))
         return total / n
 
+    def feature_range(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(min [d], max [d]) of every coordinate over the training rows, ``CHUNK_ROWS`` at a time."""
+        low = high = None
+        for s in range(0, self.features.shape[0], CHUNK_ROWS):
+            chunk = self.features[s : s + CHUNK_ROWS].float()
+            low = chunk.amin(0) if low is None else torch.minimum(low, chunk.amin(0))
+            high = chunk.amax(0) if high is None else torch.maximum(high, chunk.amax(0))
+        return low, high
+
     def dense_features(self) -> torch.Tensor:
         """All training features in memory (float32), for an augmenter that needs them at once."""
         return dense(self.features).float()

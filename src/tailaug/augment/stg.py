@@ -21,6 +21,7 @@ Decisions fixed here (methods.md where it decides, otherwise stated):
 
 from __future__ import annotations
 
+import dataclasses
 from typing import ClassVar, Literal
 
 import torch
@@ -30,7 +31,8 @@ from torch import nn
 
 from ..data.classes import shot_groups
 from ..errors import ConfigError
-from ..models.heads import head_logits
+from ..losses.base import LossInputs
+from ..models.heads import head_logits, linear_form
 from ..registry import AUGMENTERS
 from .base import AugmentContext, AugmenterOptions, FeatureAugmenter
 
@@ -344,9 +346,20 @@ class STGAugmenter(AugmenterOptions):
     mu_scale: float = Field(1.0, ge=0)  # scale of the mean term; 0 turns it off
     token: Literal["prototype", "classifier"] = "prototype"
     targets: Literal["tail", "all"] = "tail"
+    # the share of target rows augmented at each step (drawn per row); the others stay clean
+    rows: float = Field(1.0, gt=0, le=1)
+    # keep augmented features within each coordinate's range over the training features
+    # (after a ReLU and average pooling: never negative)
+    clamp: bool = False
+    # sample: draw augmented features (Eq. 3-4); implicit: no draws, the expected
+    # cross-entropy's upper bound over that same distribution (ISDA's bound, per sample)
+    mode: Literal["sample", "implicit"] = "sample"
 
     def label(self) -> str:
-        return f"STG (lambda {self.lam})"
+        extras = [f"{k} {v}" for k, v, default in (("rows", self.rows, 1.0), ("mu_scale", self.mu_scale, 1.0))
+                  if v != default]
+        extras += ["clamped"] * self.clamp + ["implicit"] * (self.mode == "implicit")
+        return f"STG (lambda {self.lam}{''.join(', ' + e for e in extras)})"
 
 
 @AUGMENTERS.register("stg", config=STGAugmenter, label="STG")
@@ -357,6 +370,15 @@ class STGAugmenterModule(FeatureAugmenter):
     takes a_aug with probability t (u < t, u ~ U(0, 1)) and keeps a otherwise. Tail rows
     borrow the token of their most similar head class; with ``targets="all"`` head rows use
     their own class token. The generator is frozen (no gradients) and stays in eval mode.
+
+    ``rows`` < 1 augments that share of the target rows of each batch (a draw per row), the
+    rest stay clean; ``clamp`` keeps every augmented coordinate within its range over the
+    training features. ``mode="implicit"`` draws nothing: per coordinate the augmented
+    feature has mean a + t s mu and variance t s^2 Sigma + t (1 - t) s^2 mu^2 (s = lam
+    beta_y, mu scaled by mu_scale), and the loss gets ISDA's upper bound of the expected
+    cross-entropy under a Gaussian with these moments: the logit of class j != y gains
+    (w_j - w_y)^T m + 1/2 sum_k v_k (w_jk - w_yk)^2, with m the mean shift and v the variance
+    (:func:`implicit_term`).
     """
 
     name = "stg"
@@ -370,6 +392,9 @@ class STGAugmenterModule(FeatureAugmenter):
         mu_scale: float = 1.0,
         token: str = "prototype",
         targets: str = "tail",
+        rows: float = 1.0,
+        clamp: bool = False,
+        mode: str = "sample",
     ):
         super().__init__(targets)
         if generator_module is None:
@@ -380,6 +405,17 @@ class STGAugmenterModule(FeatureAugmenter):
             raise ConfigError(f"lam and mu_scale must be >= 0, got {lam}, {mu_scale}")
         if token not in ("prototype", "classifier"):
             raise ConfigError(f"unknown token mode {token!r}; use prototype or classifier")
+        if not 0 < rows <= 1:
+            raise ConfigError(f"rows (the share of target rows augmented) must lie in (0, 1], got {rows}")
+        if mode not in ("sample", "implicit"):
+            raise ConfigError(f"unknown STG mode {mode!r}; use sample or implicit")
+        if clamp and mode == "implicit":
+            raise ConfigError("clamp acts on drawn features and the implicit mode draws none; "
+                              "set clamp: false or mode: sample")
+        self.rows, self.clamp, self.mode = float(rows), bool(clamp), mode
+        self.implicit_rows: torch.Tensor | None = None  # implicit mode: the batch's augmented rows
+        self.register_buffer("low", None, persistent=False)  # [d] range of the training features (clamp)
+        self.register_buffer("high", None, persistent=False)
         self.generator_module = generator_module
         self.generator_module.requires_grad_(False)
         self.generator_module.eval()
@@ -395,7 +431,8 @@ class STGAugmenterModule(FeatureAugmenter):
     @classmethod
     def from_config(cls, cfg, generator_module=None) -> "STGAugmenterModule":
         return cls(
-            generator_module, lam=cfg.lam, t=cfg.t, mu_scale=cfg.mu_scale, token=cfg.token, targets=cfg.targets
+            generator_module, lam=cfg.lam, t=cfg.t, mu_scale=cfg.mu_scale, token=cfg.token, targets=cfg.targets,
+            rows=cfg.rows, clamp=cfg.clamp, mode=cfg.mode,
         )
 
     def train(self, mode: bool = True):
@@ -429,6 +466,8 @@ class STGAugmenterModule(FeatureAugmenter):
         self.head = torch.tensor(ctx.head_classes, dtype=torch.long, device=device)
         self.head_mask = ctx.head_mask
         self.prototypes = ctx.class_means(ctx.head_classes)
+        if self.clamp:
+            self.low, self.high = ctx.feature_range()
         if self.token == "classifier":
             if ctx.classifier_weight is None:
                 raise ConfigError(
@@ -458,8 +497,18 @@ class STGAugmenterModule(FeatureAugmenter):
             mu, log_var = self.generator_module(features, self.token_classes(features, labels))
         return mu, torch.exp(log_var.clamp(-60.0, 60.0))
 
-    def forward(self, features, labels, *, generator=None):
+    def augmented_rows(self, labels: torch.Tensor, generator=None) -> torch.Tensor:
+        """Bool [B]: the target rows, each kept with probability ``rows`` (no draw at 1)."""
         rows = self.target_rows(labels)
+        if self.rows < 1:
+            rows = rows & (torch.rand(labels.shape, generator=generator, device=labels.device) < self.rows)
+        return rows
+
+    def forward(self, features, labels, *, generator=None):
+        rows = self.augmented_rows(labels, generator)
+        if self.mode == "implicit":  # the loss carries the augmentation of these rows (adjust_loss_inputs)
+            self.implicit_rows = rows
+            return features, labels
         if not bool(rows.any()):
             return features, labels
         a, y = features[rows], labels[rows]
@@ -467,17 +516,47 @@ class STGAugmenterModule(FeatureAugmenter):
         eps = torch.randn(a.shape, generator=generator, device=a.device, dtype=a.dtype)
         scale = (self.lam * self.beta.to(a.device)[y])[:, None].to(a.dtype)
         augmented = a + (sigma.sqrt().to(a.dtype) * eps + self.mu_scale * mu.to(a.dtype)) * scale
+        if self.clamp:
+            augmented = torch.maximum(torch.minimum(augmented, self.high.to(a.dtype)), self.low.to(a.dtype))
         u = torch.rand(a.shape, generator=generator, device=a.device)
         mixed = torch.where(u < self.t, augmented, a)
         out = features.clone()
         out[rows] = mixed
         return out, labels
 
+    def adjust_loss_inputs(self, inputs: LossInputs, head) -> LossInputs:
+        if self.mode != "implicit":
+            return inputs
+        form = linear_form(head)
+        if form.normalised:
+            raise ConfigError("STG's implicit mode needs a linear classifier (crt, lws), not a cosine one; "
+                              "use mode: sample")
+        a, y = inputs.features.detach().float(), inputs.targets.long()
+        mu, sigma = self.transformation(a, y)
+        s = (self.lam * self.beta.to(a.device)[y])[:, None]
+        m = self.mu_scale * mu.float() * s
+        shift = self.t * m
+        var = self.t * sigma.float() * s**2 + self.t * (1 - self.t) * m**2
+        term = implicit_term(form.weight.float(), y, shift, var)
+        term = term * self.implicit_rows[:, None]  # the rows forward() chose for this batch
+        return dataclasses.replace(inputs, logits=inputs.logits + term)
+
     def extra_repr(self) -> str:
         return (
             f"lam={self.lam}, t={self.t}, mu_scale={self.mu_scale}, token={self.token!r}, "
-            f"targets={self.targets!r}"
+            f"targets={self.targets!r}, rows={self.rows}, clamp={self.clamp}, mode={self.mode!r}"
         )
+
+
+def implicit_term(weight: torch.Tensor, labels: torch.Tensor, shift: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
+    """[B, C]: (w_j - w_y)^T shift_i + 1/2 sum_k var_ik (w_jk - w_yk)^2 for row i (label y)
+    and class j, zero at j = y: what a Gaussian feature with mean a_i + shift_i and diagonal
+    variance var_i adds to the logit z_j - z_y in ISDA's bound. Expanded into products of
+    [B, d] and [C, d] (no [B, C, d] tensor)."""
+    w_y = weight[labels]
+    linear = shift @ weight.T - (shift * w_y).sum(1, keepdim=True)
+    quadratic = var @ (weight**2).T - 2 * (var * w_y) @ weight.T + (var * w_y**2).sum(1, keepdim=True)
+    return (linear + 0.5 * quadratic).masked_fill(F.one_hot(labels, weight.shape[0]).bool(), 0.0)
 
 
 def transformation_kl_matrix(mu: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
@@ -494,5 +573,6 @@ __all__ = [
     "SemanticTransformationGenerator",
     "choose_tokens",
     "STGAugmenterModule",
+    "implicit_term",
     "transformation_kl_matrix",
 ]

@@ -142,7 +142,7 @@ def build_loss(train_cfg: TrainConfig, class_counts: Sequence[int]) -> LossFunct
     silently do nothing. Warns when re-weighting would start at or after the last epoch.
     """
     counts = check_counts(class_counts)
-    terms = [(LOSSES.get(term_cfg.name).obj(term_cfg, counts), term_cfg.weight) for term_cfg in train_cfg.loss]
+    terms = loss_terms(train_cfg.loss, counts)
     reweight = train_cfg.reweight
     if reweight.scheme != "none":
         if not any(t.uses_class_weights for t, _ in terms):
@@ -160,6 +160,12 @@ def build_loss(train_cfg: TrainConfig, class_counts: Sequence[int]) -> LossFunct
                 stacklevel=2,
             )
     return LossFunction(terms, counts, reweight)
+
+
+def loss_terms(configs, class_counts: Sequence[int]) -> list[tuple[BaseLossTerm, float]]:
+    """(term, weight) of each configured loss term (a ``train.loss`` or ``retrain.loss`` list)."""
+    counts = check_counts(class_counts)
+    return [(LOSSES.get(term_cfg.name).obj(term_cfg, counts), term_cfg.weight) for term_cfg in configs]
 
 
 def _unique_names(names: list[str]) -> list[str]:

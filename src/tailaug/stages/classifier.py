@@ -190,7 +190,7 @@ class Stage3Inputs:
 
 
 # the retrain options a trained classifier's result depends on (its stage key)
-TRAINED_OPTIONS = ("epochs", "batch_size", "lr", "weight_decay", "sampler", "augmenter", "seed")
+TRAINED_OPTIONS = ("epochs", "batch_size", "lr", "weight_decay", "sampler", "augmenter", "seed", "loss")
 
 
 def fit_trained(model: nn.Module, inp: Stage3Inputs) -> nn.Module:
@@ -215,13 +215,31 @@ def fit_trained(model: nn.Module, inp: Stage3Inputs) -> nn.Module:
             )
         )
     model.history = _train(model, inp.x, inp.y, inp.cfg, inp.num_classes, inp.seed, augmenter, inp.val_xy,
-                           inp.progress, inp.device, inp.dtype, cosine_lr=inp.cfg.schedule == "cosine")
+                           inp.progress, inp.device, inp.dtype, loss_fn=stage3_loss(inp.cfg, inp.counts, inp.device),
+                           cosine_lr=inp.cfg.schedule == "cosine")
     model.choices = {"seed": inp.seed}
     return model
 
 
 def _cross_entropy(model, features, logits, labels):
     return F.cross_entropy(logits, labels)
+
+
+def stage3_loss(cfg, counts, device):
+    """``loss_fn`` of ``_train`` for ``retrain.loss``: plain cross-entropy (Eq. 5) by default,
+    else the weighted sum of the terms (balanced softmax, logit adjustment, focal, ...) with
+    the training-image ``counts`` as the class prior."""
+    if cfg.plain_loss():
+        return _cross_entropy
+    from ..losses.combined import LossFunction, loss_terms
+
+    loss = LossFunction(loss_terms(cfg.loss, counts.tolist()), counts.tolist()).to(device)
+    if loss.needs_cosine or loss.needs_two_views:
+        names = ", ".join(t.name for t in loss.terms if t.needs_cosine or t.needs_two_views)
+        raise ConfigError(f"retrain.loss: {names} needs a cosine head or two views of each image, which a "
+                          "stage-3 classifier on cached features does not have; use ce, focal, "
+                          "balanced_softmax or logit_adjust")
+    return lambda model, features, logits, labels: loss(LossInputs(logits, labels, features))
 
 
 def _meta_step(model, loss_fn, lr, val_xy, rows, seed, epoch, step, device, dtype) -> MetaStep:

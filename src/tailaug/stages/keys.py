@@ -205,7 +205,10 @@ def retrain_fields(cfg: Config, retrain: RetrainConfig) -> dict[str, Any]:
     their training settings and the resolved seed) and, with an augmenter, the head set (and
     the generator when the augmenter uses it)."""
     reads = CLASSIFIERS.get(retrain.method).reads
-    fields: dict[str, Any] = {"method": retrain.method, **_pick(retrain, tuple(r for r in reads if r != "seed"))}
+    fields: dict[str, Any] = {"method": retrain.method,
+                              **_pick(retrain, tuple(r for r in reads if r not in ("seed", "loss")))}
+    if "loss" in reads and not retrain.plain_loss():  # absent: keys made before the option stay valid
+        fields["loss"] = [term.model_dump(mode="json") for term in retrain.loss]
     if "seed" in reads:
         fields["seed"] = retrain_seed(cfg, retrain)
     if "lr" in reads and retrain.schedule != "constant":  # absent: keys made before the option stay valid

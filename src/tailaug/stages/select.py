@@ -52,6 +52,8 @@ def row_label(retrain: RetrainConfig) -> str:
     if augmenter.name != "none":
         chosen = select is not None and any(k.startswith(AUGMENTER) for k in select.grid)
         label += f" + {AUGMENTERS.get(augmenter.name).label if chosen else augmenter.label()}"
+    if not retrain.plain_loss() and "loss" in CLASSIFIERS.get(retrain.method).reads:
+        label += f", {' + '.join(t.name.replace('_', ' ') for t in retrain.loss)} loss"
     if select is not None:
         label += f" [{', '.join(select.grid)} chosen on validation {select.metric}]"
     return label

@@ -1,0 +1,186 @@
+"""Issue #11: can feature-space augmentation beat balanced softmax on Fashion-MNIST-LT?
+
+Both class orders (the dataset's own, and the hard-tail order of configs/fmnist_lt/hard_tail.yaml,
+where Coat and Shirt are the tail), seeds 0-2. Every row starts from the same stage-1 model
+per seed: ResNet-32 trained 30 epochs with the balanced-softmax loss, with a balanced validation
+split of 100 images per class taken from the images the long-tailed draw leaves unused (the
+largest class gives up 100 of its 6,000). Stage-3 rows re-train the classifier on its cached
+features; a row marked "[... on validation]" chooses its options on the validation split
+(``retrain.select``, top-1) and meets the test set once, with the chosen classifier. The
+"best on validation" row applies one rule to every seed and order: of the augmented rows, the
+one whose chosen point scored highest on validation.
+
+Two oracle rows bound what any stage-3 augmentation can reach on these backbones: cRT trained
+on the real features of all 60,000 training images (6,000 per class), and on the long-tailed
+features plus the real features of every training image of the tail classes. They read images
+the long-tailed set does not have, so they are bounds, not methods.
+
+    .venv/bin/python benchmarks/feature_aug.py [--seeds 0 1 2] [--orders default hard_tail] [--report-only]
+
+Writes benchmarks/results/feature_aug.json (every run's test metrics and its choices; a row
+already there is not run again) and feature_aug.md. Run directories: benchmarks/out/fmnist_lt/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from fmnist_lt import config
+from tailaug.data.datasets import Split
+from tailaug.data.sources import load_idx
+from tailaug.evaluation.report import mean_std_table, write_json
+from tailaug.evaluation.scoring import score
+from tailaug.stages.classifier import predict, retrain_classifier
+from tailaug.stages.features import extract_features
+from tailaug.stages.pipeline import ensure_generator, ensure_stage1, head_set, retrain
+from tailaug.stages.stage1_model import load_finished
+
+RESULTS = Path(__file__).parent / "results"
+ORDERS = {"default": "balanced_softmax.yaml", "hard_tail": "hard_tail_balanced_softmax.yaml"}
+VALIDATION = ["data.val_per_class=100"]
+GRID = "{augmenter.lam: [0.5, 1.0, 1.5], augmenter.mu_scale: [0.0, 0.5, 1.0]}"
+BALANCED_SOFTMAX = ["retrain.loss=[{name: balanced_softmax}]", "retrain.sampler={kind: instance}"]
+
+
+def stg(options: str = "", select: bool = True) -> list[str]:
+    chosen = [f"retrain.select={{grid: {GRID}, metric: top1}}"] if select else []
+    return [f"retrain.augmenter={{name: stg, lam: 1.5{options}}}", *chosen]
+
+
+STAGE3 = {  # label -> overrides of the backbone's config
+    "cRT": ["retrain.augmenter={name: none}"],
+    "cRT + STG (paper defaults, lambda 1.5)": stg(select=False),
+    "cRT + STG [lambda, mu_scale on validation]": stg(),
+    "cRT + STG, clamped, half the tail rows [lambda, mu_scale on validation]": stg(", rows: 0.5, clamp: true"),
+    "cRT + STG implicit [lambda, mu_scale on validation]": stg(", mode: implicit"),
+    "balanced-softmax stage 3 (instance sampling)": ["retrain.augmenter={name: none}", *BALANCED_SOFTMAX],
+    "balanced-softmax stage 3 + STG implicit [lambda, mu_scale on validation]":
+        [*stg(", mode: implicit"), *BALANCED_SOFTMAX],
+}
+AUGMENTED = [label for label in STAGE3 if "on validation" in label]
+BEST = "best on validation (of the rows above marked so)"
+ORACLES = ("oracle: cRT on all 6,000 real images per class", "oracle: cRT with every real tail-class image")
+
+
+def backbone(order: str, seed: int, overrides=()):
+    return config(ORDERS[order], seed, [*VALIDATION, *overrides])
+
+
+def stage1_row(order: str, seed: int) -> dict:
+    cfg = backbone(order, seed)
+    run_dir = Path(cfg.run.output_dir) / cfg.run.name
+    ensure_stage1(cfg, run_dir, progress=False)
+    cache = extract_features(cfg, run_dir, progress=False)
+    return score(cache["test_logits"], cache["test_labels"], cache["class_counts"].tolist(), cfg)
+
+
+def stage3_row(order: str, seed: int, overrides) -> dict:
+    cfg = backbone(order, seed, overrides)
+    run_dir = Path(cfg.run.output_dir) / cfg.run.name
+    cache = extract_features(cfg, run_dir, progress=False)
+    aug = cfg.retrain.augmenter
+    gen = ensure_generator(cfg, run_dir, cache, False) if aug.uses_generator else None
+    _, row = retrain(cfg, run_dir, cache, aug, gen, progress=False)
+    return {**row["metrics"], "choices": row.get("choices", {})}
+
+
+def oracle_row(order: str, seed: int, tail_only: bool) -> dict:
+    """cRT on real features the long-tailed set does not have (see the module doc)."""
+    cfg = backbone(order, seed, ["retrain.augmenter={name: none}"])
+    run_dir = Path(cfg.run.output_dir) / cfg.run.name
+    cache = extract_features(cfg, run_dir, progress=False)
+    counts = cache["class_counts"].tolist()
+    stage1 = load_finished(cfg, run_dir)
+    images, labels = load_idx(cfg.data.root, cfg.data.dataset, True)
+    full = stage1.outputs(Split(labels.numpy(), images), 512)
+    x, y = full["features"].float(), full["labels"].long()
+    if tail_only:
+        tail = torch.tensor([c not in head_set(cfg, counts) for c in range(len(counts))])
+        x = torch.cat([torch.as_tensor(cache["train_features"][:]).float(), x[tail[y]]])
+        y = torch.cat([torch.as_tensor(cache["train_labels"]).long(), y[tail[y]]])
+    head = retrain_classifier(x, y, torch.bincount(y, minlength=len(counts)).tolist(), cfg.retrain,
+                              num_classes=len(counts), seed=seed, progress=False)
+    logits = predict(head, cache["test_features"], "cpu")
+    return score(logits, cache["test_labels"], counts, cfg)
+
+
+def best_row(results: dict, order: str, seed: int) -> dict | None:
+    """The augmented row whose chosen point scored highest on validation (ties: the first)."""
+    key = f"s{seed}"
+    runs = [(results[order][label][key]["choices"]["select"]["score"], -i, label)
+            for i, label in enumerate(AUGMENTED) if key in results[order].get(label, {})]
+    if len(runs) < len(AUGMENTED):
+        return None
+    _, _, label = max(runs)
+    return {**results[order][label][key], "row": label}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--orders", nargs="+", default=list(ORDERS), choices=list(ORDERS))
+    parser.add_argument("--no-oracle", action="store_true", help="skip the oracle rows (a pass over 60,000 images)")
+    parser.add_argument("--report-only", action="store_true", help="only rewrite the tables from the JSON")
+    args = parser.parse_args()
+    store = RESULTS / "feature_aug.json"
+    results: dict = json.loads(store.read_text()) if store.is_file() else {}
+
+    def record(order, label, seed, fn):
+        runs = results.setdefault(order, {}).setdefault(label, {})
+        if f"s{seed}" in runs:
+            return
+        t0 = time.perf_counter()
+        row = fn()
+        if row is None:
+            return
+        runs[f"s{seed}"] = row
+        print(f"{order:<9} {label:<60} seed {seed}: top1 {row['top1']:.2f} ({time.perf_counter() - t0:.0f} s)",
+              flush=True)
+        write_json(store, results)
+
+    for order in [] if args.report_only else args.orders:
+        for seed in args.seeds:
+            record(order, "balanced softmax (stage 1)", seed, lambda: stage1_row(order, seed))
+            for label, overrides in STAGE3.items():
+                record(order, label, seed, lambda: stage3_row(order, seed, overrides))
+            record(order, BEST, seed, lambda: best_row(results, order, seed))
+            if not args.no_oracle:
+                for label, tail_only in zip(ORACLES, (False, True)):
+                    record(order, label, seed, lambda: oracle_row(order, seed, tail_only))
+    write_report(results)
+
+
+def chosen_text(row: dict) -> str:
+    select = row.get("choices", {}).get("select")
+    if not select:
+        return ""
+    values = ", ".join(f"{k.split('.')[-1]} {v}" for k, v in select["chosen"].items())
+    return f"{values} (val {select['score']:.1f})"
+
+
+def write_report(results: dict) -> None:
+    text = ["# Feature-space augmentation against balanced softmax on Fashion-MNIST-LT (issue #11)\n",
+            "Backbone: ResNet-32, balanced-softmax loss, 30 epochs, validation split of 100 images per class. "
+            "Mean ± sample std over seeds 0-2; medium = the two tail classes.\n"]
+    for order, rows in results.items():
+        text += [f"\n## Class order: {order}\n",
+                 mean_std_table({label: list(runs.values()) for label, runs in rows.items()})]
+        chosen = [(label, seed, chosen_text(run) if label != BEST else run["row"])
+                  for label, runs in rows.items() for seed, run in sorted(runs.items())]
+        chosen = [c for c in chosen if c[2]]
+        if chosen:
+            text += ["\nChosen on validation, per seed:\n", "| row | seed | chosen |", "|:---|:---|:---|",
+                     *(f"| {label} | {seed} | {value} |" for label, seed, value in chosen)]
+    path = RESULTS / "feature_aug.md"
+    path.write_text("\n".join(text) + "\n")
+    print("\n".join(text))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

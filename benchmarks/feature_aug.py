@@ -58,6 +58,10 @@ STAGE3 = {  # label -> overrides of the backbone's config
     "cRT + STG [lambda, mu_scale on validation]": stg(),
     "cRT + STG, clamped, half the tail rows [lambda, mu_scale on validation]": stg(", rows: 0.5, clamp: true"),
     "cRT + STG implicit [lambda, mu_scale on validation]": stg(", mode: implicit"),
+    "cRT + STG, targets from the 10 nearest neighbours [lambda, mu_scale on validation]":
+        ["stg.neighbours=10", *stg()],
+    "cRT + STG implicit, targets from the 10 nearest neighbours [lambda, mu_scale on validation]":
+        ["stg.neighbours=10", *stg(", mode: implicit")],
     "balanced-softmax stage 3 (instance sampling)": ["retrain.augmenter={name: none}", *BALANCED_SOFTMAX],
     "balanced-softmax stage 3 + STG implicit [lambda, mu_scale on validation]":
         [*stg(", mode: implicit"), *BALANCED_SOFTMAX],

@@ -151,9 +151,10 @@ def test_rows_sharing_an_index_are_not_neighbours():
     assert torch.allclose(mu[:, 0], T([4.5, 4.5, -4.5]))
 
 
-def test_target_estimator_matches_a_loop_reference():
+@pytest.mark.parametrize("k", [0, 3])  # 0: every same-class neighbour; 3: the 3 nearest
+def test_target_estimator_matches_a_loop_reference(k):
     g = torch.Generator().manual_seed(1)
-    est = TargetEstimator(memory_size=7, min_neighbours=2, ema=0.8)
+    est = TargetEstimator(memory_size=7, min_neighbours=2, ema=0.8, neighbours=k)
     history = []  # (feature, label, index) rows pushed so far
     state = {}
     for step in range(4):
@@ -166,6 +167,8 @@ def test_target_estimator_matches_a_loop_reference():
         for i in range(9):
             pool = [(feats[j], labels[j], index[j]) for j in range(9)] + memory
             nb = [f for f, lab, ix in pool if lab == labels[i] and ix != index[i]]
+            if k:
+                nb = sorted(nb, key=lambda f: float((f - feats[i]).norm()))[:k]
             assert bool(mask[i]) == (len(nb) >= 2)
             if len(nb) < 2:
                 continue

@@ -214,3 +214,10 @@ def test_stage3_trains_with_the_implicit_term_and_is_repeatable():
     with torch.no_grad():
         recall = [float((m(test_x).argmax(1) == 2).float().mean()) for m in (first, plain)]
     assert recall[0] >= recall[1] and recall[0] > 0.5, recall
+
+
+def test_nearest_neighbour_targets_name_their_own_generator():
+    from tailaug.stages.keys import generator_key
+
+    keys = [generator_key(load_config(None, overrides)) for overrides in ([], ["stg.neighbours=0"], ["stg.neighbours=10"])]
+    assert keys[0] == keys[1] != keys[2]

@@ -387,6 +387,9 @@ class STGConfig(Section):
     memory_size: int = Field(1200, ge=0)
     ema: float = Field(0.9, ge=0, lt=1)  # rho of the per-sample moving average of targets
     min_neighbours: int = Field(2, ge=1)
+    # Eq. 1 over the k nearest same-class neighbours (Euclidean, batch plus memory) rather
+    # than all of them, so the targets carry the local geometry; 0: all (the paper)
+    neighbours: int = Field(0, ge=0)
     token_std: float = Field(1.0, ge=0)
     hidden_dims: list[Annotated[int, Field(ge=1)]] = [256]  # widths of the hidden layers; [] for none
     loss: Literal["mse", "kl"] = "mse"

@@ -122,16 +122,20 @@ class TargetEstimator:
     computes the targets of the batch from the batch and the memory, smooths them over
     visits of the same dataset index, then pushes the batch into the memory. The pieces are
     also available separately (:meth:`estimate`, :meth:`smooth`, :meth:`push`).
-    Rows with ``mask`` False have no target (mu and sigma are zero there).
+    Rows with ``mask`` False have no target (mu and sigma are zero there). ``neighbours`` k > 0
+    takes Eq. 1 over the k nearest same-class rows only (fewer when fewer exist).
     """
 
-    def __init__(self, memory_size: int = 1200, min_neighbours: int = 2, ema: float = 0.9):
+    def __init__(self, memory_size: int = 1200, min_neighbours: int = 2, ema: float = 0.9, neighbours: int = 0):
         if memory_size < 0:
             raise ValueError(f"memory_size must be >= 0, got {memory_size}")
         if min_neighbours < 1:
             raise ValueError(f"min_neighbours must be >= 1, got {min_neighbours}")
         if not 0 <= ema < 1:
             raise ValueError(f"ema must lie in [0, 1), got {ema}")
+        if neighbours < 0:
+            raise ValueError(f"neighbours must be >= 0 (0: every same-class row), got {neighbours}")
+        self.neighbours = int(neighbours)  # k nearest same-class rows; 0: all of them
         self.memory_size = int(memory_size)
         self.min_neighbours = int(min_neighbours)
         self.ema = float(ema)
@@ -178,6 +182,10 @@ class TargetEstimator:
             same &= index[:, None] != pool_index[None, :]
         else:
             same[:, :b] &= ~torch.eye(b, dtype=torch.bool, device=a.device)
+        if self.neighbours:
+            distance = torch.cdist(a.float(), pool.float()).masked_fill(~same, float("inf"))
+            nearest = distance.topk(min(self.neighbours, pool.shape[0]), dim=1, largest=False).indices
+            same = torch.zeros_like(same).scatter_(1, nearest, True) & same
         k = same.sum(1)
         mask = k >= self.min_neighbours
         # float64 and a common shift keep E[x^2] - E[x]^2 accurate

@@ -86,7 +86,7 @@ def train_generator(
     model.to(device)
     optimiser = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    estimator = TargetEstimator(cfg.memory_size, cfg.min_neighbours, cfg.ema)
+    estimator = TargetEstimator(cfg.memory_size, cfg.min_neighbours, cfg.ema, cfg.neighbours)
     order_rng = torch.Generator().manual_seed(seed)
     batch_size = cfg.batch_size
     log.info("stage 2: %d head classes %s, %d rows, %d epochs", len(heads), heads, n, cfg.epochs)

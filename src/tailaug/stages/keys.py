@@ -189,6 +189,8 @@ def generator_key(cfg: Config) -> str:
     split does not reach it."""
     stg = cfg.stg.model_dump(mode="json")
     stg["head"] = head_set_fields(cfg)
+    if not stg["neighbours"]:  # absent: keys made before the option stay valid
+        del stg["neighbours"]
     return f"{stage1_key(cfg)}-{short_hash({**_views_key(cfg), 'stg': stg, 'seed': cfg.run.seed})}"
 
 

@@ -33,6 +33,7 @@ import torch
 from fmnist_lt import config
 from tailaug.data.datasets import Split
 from tailaug.data.sources import load_idx
+from tailaug.engine.shards import dense
 from tailaug.evaluation.report import mean_std_table, write_json
 from tailaug.evaluation.scoring import score
 from tailaug.stages.classifier import predict, retrain_classifier
@@ -44,6 +45,7 @@ RESULTS = Path(__file__).parent / "results"
 ORDERS = {"default": "balanced_softmax.yaml", "hard_tail": "hard_tail_balanced_softmax.yaml"}
 VALIDATION = ["data.val_per_class=100"]
 GRID = "{augmenter.lam: [0.5, 1.0, 1.5], augmenter.mu_scale: [0.0, 0.5, 1.0]}"
+LOW_RANK = ["stg.loss=nll", "stg.rank=4"]
 BALANCED_SOFTMAX = ["retrain.loss=[{name: balanced_softmax}]", "retrain.sampler={kind: instance}"]
 
 
@@ -62,6 +64,10 @@ STAGE3 = {  # label -> overrides of the backbone's config
         ["stg.neighbours=10", *stg()],
     "cRT + STG implicit, targets from the 10 nearest neighbours [lambda, mu_scale on validation]":
         ["stg.neighbours=10", *stg(", mode: implicit")],
+    "cRT + STG, rank-4 covariance [lambda, mu_scale on validation]": [*LOW_RANK, *stg()],
+    "cRT + STG implicit, rank-4 covariance [lambda, mu_scale on validation]": [*LOW_RANK, *stg(", mode: implicit")],
+    "cRT + STG implicit, every class augmented [lambda, mu_scale on validation]":
+        stg(", mode: implicit, targets: all"),
     "balanced-softmax stage 3 (instance sampling)": ["retrain.augmenter={name: none}", *BALANCED_SOFTMAX],
     "balanced-softmax stage 3 + STG implicit [lambda, mu_scale on validation]":
         [*stg(", mode: implicit"), *BALANCED_SOFTMAX],
@@ -80,7 +86,7 @@ def stage1_row(order: str, seed: int) -> dict:
     run_dir = Path(cfg.run.output_dir) / cfg.run.name
     ensure_stage1(cfg, run_dir, progress=False)
     cache = extract_features(cfg, run_dir, progress=False)
-    return score(cache["test_logits"], cache["test_labels"], cache["class_counts"].tolist(), cfg)
+    return score(dense(cache["test_logits"]), cache["test_labels"], cache["class_counts"].tolist(), cfg)
 
 
 def stage3_row(order: str, seed: int, overrides) -> dict:
@@ -105,7 +111,7 @@ def oracle_row(order: str, seed: int, tail_only: bool) -> dict:
     x, y = full["features"].float(), full["labels"].long()
     if tail_only:
         tail = torch.tensor([c not in head_set(cfg, counts) for c in range(len(counts))])
-        x = torch.cat([torch.as_tensor(cache["train_features"][:]).float(), x[tail[y]]])
+        x = torch.cat([dense(cache["train_features"]).float(), x[tail[y]]])
         y = torch.cat([torch.as_tensor(cache["train_labels"]).long(), y[tail[y]]])
     head = retrain_classifier(x, y, torch.bincount(y, minlength=len(counts)).tolist(), cfg.retrain,
                               num_classes=len(counts), seed=seed, progress=False)

@@ -29,6 +29,7 @@ from statistics import median
 
 from tailaug.config import load_config
 from tailaug.evaluation.report import mean_std_table, write_json
+from tailaug.engine.shards import dense
 from tailaug.evaluation.results import record_results
 from tailaug.evaluation.scoring import score
 from tailaug.stages.features import extract_features
@@ -95,7 +96,7 @@ def stage1_row(name: str, seed: int, epochs: int, extra=()) -> dict:
     run_dir = Path(cfg.run.output_dir) / cfg.run.name
     ensure_stage1(cfg, run_dir, progress=False)
     cache = extract_features(cfg, run_dir, progress=False)
-    return score(cache["test_logits"], cache["test_labels"], cache["class_counts"].tolist(), cfg)
+    return score(dense(cache["test_logits"]), cache["test_labels"], cache["class_counts"].tolist(), cfg)
 
 
 def stage3_row(seed: int, overrides, epochs: int, timings: dict) -> dict:

@@ -30,14 +30,15 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class FixedGenerator(nn.Module):
-    """Stub STG: the same (mu, log_var) for every row; records the tokens it was asked for."""
+    """Stub STG: the same (mu, log_var, factor) for every row; records the tokens it was asked for."""
 
-    def __init__(self, mu, var, num_classes):
+    def __init__(self, mu, var, num_classes, factor=None):
         super().__init__()
         self.dim = len(mu)
         self.num_classes = num_classes
         self.register_buffer("mu", T(mu, dtype=torch.float32))
         self.register_buffer("log_var", torch.log(T(var, dtype=torch.float32)))
+        self.register_buffer("u", torch.zeros(self.dim, 0) if factor is None else T(factor, dtype=torch.float32))
         self.register_buffer("trained_tokens", torch.zeros(num_classes, dtype=torch.bool))
         self.last_tokens = None
 
@@ -45,6 +46,9 @@ class FixedGenerator(nn.Module):
         self.last_tokens = token_classes.clone()
         n = features.shape[0]
         return self.mu.expand(n, -1), self.log_var.expand(n, -1)
+
+    def factor(self, features, token_classes):
+        return self.u.expand(features.shape[0], -1, -1)
 
 
 def _ctx(features, labels, counts, heads, **kw):

@@ -392,11 +392,22 @@ class STGConfig(Section):
     neighbours: int = Field(0, ge=0)
     token_std: float = Field(1.0, ge=0)
     hidden_dims: list[Annotated[int, Field(ge=1)]] = [256]  # widths of the hidden layers; [] for none
-    loss: Literal["mse", "kl"] = "mse"
+    # mse / kl fit Eq. 1's mean and diagonal variance; nll: the neighbours' likelihood under
+    # the predicted Gaussian (full covariance up to a constant; needed by rank > 0)
+    loss: Literal["mse", "kl", "nll"] = "mse"
+    # r > 0: Sigma = diagonal + a rank-r factor per sample (off-diagonal structure); 0: the paper
+    rank: int = Field(0, ge=0)
     epochs: int = Field(20, ge=1)
     batch_size: int = Field(128, ge=2)
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(0.0, ge=0)
+
+    @model_validator(mode="after")
+    def _rank_needs_nll(self):
+        if self.rank and self.loss != "nll":
+            raise ValueError(f"stg.rank {self.rank} needs stg.loss: nll (the {self.loss} loss fits a diagonal "
+                             "covariance only)")
+        return self
 
 
 class SelectConfig(Section):

@@ -112,6 +112,34 @@ def generator_loss(mu, log_var, mu_target, sigma_target, kind: str = "mse", *, e
     raise ConfigError(f"unknown generator loss {kind!r}; use mse or kl (stg.loss)")
 
 
+def neighbour_nll(mu, log_var, factor, anchors, pool, same) -> torch.Tensor:
+    """The stage-2 loss ``stg.loss = nll`` (a scalar): the negative log-likelihood of each row's
+    neighbours under its predicted Gaussian N(anchor + mu, diag(exp(log_var)) + U U^T),
+    averaged over the neighbours (``same`` [B, P] marks them among the ``pool`` rows [P, d]),
+    divided by d, then averaged over the rows; the 2 pi term is dropped. Up to a constant
+    this is KL(the neighbours' Gaussian, full covariance || prediction), so it fits Eq. 1's
+    mean and, with U [B, d, r], the off-diagonal covariance too. The Woodbury identity keeps
+    it to products of [B, d] and [B, d, r] with [P, d]: no [B, P, d] tensor, no d x d matrix.
+    """
+    dim, rank = factor.shape[1], factor.shape[2]
+    inv = torch.exp(-log_var)
+    centre = pool.mean(0)
+    p = pool - centre
+    b = anchors + mu - centre  # the predicted mean, shifted like the pool
+    weights = same.to(p.dtype) / same.sum(1, keepdim=True).clamp_min(1).to(p.dtype)
+    # (p_j - b_i)^T D_i^-1 (p_j - b_i) for every pair, expanded
+    quad = inv @ p.square().T - 2 * (b * inv) @ p.T + (b.square() * inv).sum(1, keepdim=True)
+    log_det = log_var.sum(1)
+    if rank:
+        v = factor * inv[:, :, None]  # D^-1 U
+        inner = torch.eye(rank, dtype=p.dtype, device=p.device) + factor.transpose(1, 2) @ v
+        chol = torch.linalg.cholesky(inner)
+        proj = torch.einsum("bdr,pd->brp", v, p) - torch.einsum("bdr,bd->br", v, b)[:, :, None]
+        quad = quad - torch.linalg.solve_triangular(chol, proj, upper=False).square().sum(1)
+        log_det = log_det + 2 * chol.diagonal(dim1=1, dim2=2).log().sum(1)
+    return (0.5 * ((weights * quad).sum(1) + log_det)).mean() / dim
+
+
 # --------------------------------------------------------------------------- targets (Eq. 1)
 
 
@@ -161,10 +189,11 @@ class TargetEstimator:
 
     # ------------------------------------------------------------------ pieces
 
-    def estimate(self, features: torch.Tensor, labels: torch.Tensor, index: torch.Tensor | None = None):
-        """Raw Eq. 1 targets of a batch (no smoothing, memory unchanged)."""
+    def neighbourhood(self, features: torch.Tensor, labels: torch.Tensor, index: torch.Tensor | None = None):
+        """(pool [P, d], same bool [B, P]): the rows Eq. 1 may use (the batch, then the memory)
+        and, per batch row, which of them are its neighbours (memory unchanged)."""
         a = features.detach()
-        b, d = a.shape
+        b = a.shape[0]
         labels = labels.to(a.device).long()
         if index is not None:
             index = index.to(a.device).long()
@@ -186,6 +215,12 @@ class TargetEstimator:
             distance = torch.cdist(a.float(), pool.float()).masked_fill(~same, float("inf"))
             nearest = distance.topk(min(self.neighbours, pool.shape[0]), dim=1, largest=False).indices
             same = torch.zeros_like(same).scatter_(1, nearest, True) & same
+        return pool, same
+
+    def estimate(self, features: torch.Tensor, labels: torch.Tensor, index: torch.Tensor | None = None):
+        """Raw Eq. 1 targets of a batch (no smoothing, memory unchanged)."""
+        a = features.detach()
+        pool, same = self.neighbourhood(a, labels, index)
         k = same.sum(1)
         mask = k >= self.min_neighbours
         # float64 and a common shift keep E[x^2] - E[x]^2 accurate
@@ -261,13 +296,13 @@ class TargetEstimator:
 # --------------------------------------------------------------------------- the generator (Eq. 2)
 
 
-def _branch(dim: int, hidden_dims) -> nn.Sequential:
+def _branch(dim: int, hidden_dims, out: int | None = None) -> nn.Sequential:
     layers: list[nn.Module] = []
     prev = dim
     for h in hidden_dims:
         layers += [nn.Linear(prev, h), nn.BatchNorm1d(h), nn.ReLU(inplace=True)]
         prev = h
-    layers.append(nn.Linear(prev, dim))
+    layers.append(nn.Linear(prev, dim if out is None else out))
     return nn.Sequential(*layers)
 
 
@@ -276,12 +311,16 @@ class SemanticTransformationGenerator(nn.Module):
 
     ``tokens`` [C, d] are the learnable class tokens, initialised N(0, token_std^2);
     ``trained_tokens`` (bool [C] buffer) marks the classes whose tokens were trained.
+    ``rank`` r > 0 adds a third branch, :meth:`factor`, for a low-rank part of the covariance:
+    Sigma = diag(exp(log_var)) + U U^T with U [d, r] per sample (the paper: r = 0).
     """
 
-    def __init__(self, dim: int, num_classes: int, hidden_dims=(256,), token_std: float = 1.0):
+    def __init__(self, dim: int, num_classes: int, hidden_dims=(256,), token_std: float = 1.0, rank: int = 0):
         super().__init__()
         if dim < 1 or num_classes < 1:
             raise ValueError(f"dim and num_classes must be >= 1, got {dim}, {num_classes}")
+        if not 0 <= rank <= dim:
+            raise ConfigError(f"stg.rank must lie in [0, {dim}] (the feature dimension), got {rank}")
         if any(int(h) < 1 for h in hidden_dims):
             raise ConfigError(f"every hidden layer needs at least one unit; got stg.hidden_dims = {list(hidden_dims)}")
         self.dim = int(dim)
@@ -291,6 +330,12 @@ class SemanticTransformationGenerator(nn.Module):
         self.tokens = nn.Parameter(torch.randn(num_classes, dim) * token_std)
         self.mean_branch = _branch(dim, self.hidden_dims)
         self.var_branch = _branch(dim, self.hidden_dims)
+        self.rank = int(rank)
+        if rank:
+            self.factor_branch = _branch(dim, self.hidden_dims, dim * rank)
+            with torch.no_grad():  # start near the diagonal model: small factors
+                self.factor_branch[-1].weight.mul_(0.1)
+                self.factor_branch[-1].bias.zero_()
         self.register_buffer("trained_tokens", torch.zeros(num_classes, dtype=torch.bool))
 
     def arch(self) -> dict:
@@ -300,11 +345,19 @@ class SemanticTransformationGenerator(nn.Module):
             "num_classes": self.num_classes,
             "hidden_dims": list(self.hidden_dims),
             "token_std": self.token_std,
+            **({"rank": self.rank} if self.rank else {}),
         }
 
     def forward(self, features: torch.Tensor, token_classes: torch.Tensor):
         x = features + self.tokens[token_classes]
         return self.mean_branch(x), self.var_branch(x)
+
+    def factor(self, features: torch.Tensor, token_classes: torch.Tensor) -> torch.Tensor:
+        """U [B, d, r] of the low-rank part of Sigma ([B, d, 0] at rank 0)."""
+        if not self.rank:
+            return features.new_zeros(features.shape[0], self.dim, 0)
+        x = features + self.tokens[token_classes]
+        return self.factor_branch(x).view(-1, self.dim, self.rank)
 
 
 # --------------------------------------------------------------------------- stage-3 augmenter
@@ -500,10 +553,13 @@ class STGAugmenterModule(FeatureAugmenter):
         return torch.where(self.head_mask.to(labels.device)[labels], labels, borrowed)
 
     def transformation(self, features: torch.Tensor, labels: torch.Tensor):
-        """(mu, Sigma) the frozen generator predicts for these rows."""
+        """(mu, diagonal Sigma, U [B, d, r]) the frozen generator predicts for these rows;
+        the covariance is diag(Sigma) + U U^T (r = 0 unless stage 2 had ``stg.rank``)."""
+        tokens = self.token_classes(features, labels)
         with torch.no_grad():
-            mu, log_var = self.generator_module(features, self.token_classes(features, labels))
-        return mu, torch.exp(log_var.clamp(-60.0, 60.0))
+            mu, log_var = self.generator_module(features, tokens)
+            factor = self.generator_module.factor(features, tokens)
+        return mu, torch.exp(log_var.clamp(-60.0, 60.0)), factor
 
     def augmented_rows(self, labels: torch.Tensor, generator=None) -> torch.Tensor:
         """Bool [B]: the target rows, each kept with probability ``rows`` (no draw at 1)."""
@@ -520,10 +576,14 @@ class STGAugmenterModule(FeatureAugmenter):
         if not bool(rows.any()):
             return features, labels
         a, y = features[rows], labels[rows]
-        mu, sigma = self.transformation(a, y)
+        mu, sigma, factor = self.transformation(a, y)
         eps = torch.randn(a.shape, generator=generator, device=a.device, dtype=a.dtype)
+        noise = sigma.sqrt().to(a.dtype) * eps
+        if factor.shape[2]:
+            shared = torch.randn(a.shape[0], factor.shape[2], 1, generator=generator, device=a.device, dtype=a.dtype)
+            noise = noise + (factor.to(a.dtype) @ shared).squeeze(2)
         scale = (self.lam * self.beta.to(a.device)[y])[:, None].to(a.dtype)
-        augmented = a + (sigma.sqrt().to(a.dtype) * eps + self.mu_scale * mu.to(a.dtype)) * scale
+        augmented = a + (noise + self.mu_scale * mu.to(a.dtype)) * scale
         if self.clamp:
             augmented = torch.maximum(torch.minimum(augmented, self.high.to(a.dtype)), self.low.to(a.dtype))
         u = torch.rand(a.shape, generator=generator, device=a.device)
@@ -540,12 +600,16 @@ class STGAugmenterModule(FeatureAugmenter):
             raise ConfigError("STG's implicit mode needs a linear classifier (crt, lws), not a cosine one; "
                               "use mode: sample")
         a, y = inputs.features.detach().float(), inputs.targets.long()
-        mu, sigma = self.transformation(a, y)
+        mu, sigma, factor = self.transformation(a, y)
         s = (self.lam * self.beta.to(a.device)[y])[:, None]
         m = self.mu_scale * mu.float() * s
         shift = self.t * m
-        var = self.t * sigma.float() * s**2 + self.t * (1 - self.t) * m**2
-        term = implicit_term(form.weight.float(), y, shift, var)
+        u = factor.float() * s[:, :, None]
+        # each coordinate moves with probability t, so the shared (low-rank) part keeps t^2 of
+        # its covariance off the diagonal and t on it
+        var = self.t * (sigma.float() * s**2 + u.square().sum(2)) - self.t**2 * u.square().sum(2) \
+            + self.t * (1 - self.t) * m**2
+        term = implicit_term(form.weight.float(), y, shift, var, self.t * u)
         term = term * self.implicit_rows[:, None]  # the rows forward() chose for this batch
         return dataclasses.replace(inputs, logits=inputs.logits + term)
 
@@ -556,14 +620,20 @@ class STGAugmenterModule(FeatureAugmenter):
         )
 
 
-def implicit_term(weight: torch.Tensor, labels: torch.Tensor, shift: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
-    """[B, C]: (w_j - w_y)^T shift_i + 1/2 sum_k var_ik (w_jk - w_yk)^2 for row i (label y)
-    and class j, zero at j = y: what a Gaussian feature with mean a_i + shift_i and diagonal
-    variance var_i adds to the logit z_j - z_y in ISDA's bound. Expanded into products of
-    [B, d] and [C, d] (no [B, C, d] tensor)."""
+def implicit_term(weight: torch.Tensor, labels: torch.Tensor, shift: torch.Tensor, var: torch.Tensor,
+                  factor: torch.Tensor | None = None) -> torch.Tensor:
+    """[B, C]: (w_j - w_y)^T shift_i + 1/2 (w_j - w_y)^T Sigma_i (w_j - w_y) for row i (label y)
+    and class j, zero at j = y, with Sigma_i = diag(var_i) + F_i F_i^T (``factor`` F [B, d, r],
+    optional): what a Gaussian feature with mean a_i + shift_i and covariance Sigma_i adds to
+    the logit z_j - z_y in ISDA's bound. Expanded into products of [B, d] and [C, d]; the
+    low-rank part is [B, C, r] (no [B, C, d] tensor)."""
     w_y = weight[labels]
     linear = shift @ weight.T - (shift * w_y).sum(1, keepdim=True)
     quadratic = var @ (weight**2).T - 2 * (var * w_y) @ weight.T + (var * w_y**2).sum(1, keepdim=True)
+    if factor is not None and factor.shape[2]:
+        projected = torch.einsum("bdr,cd->bcr", factor, weight)  # F_i^T w_j
+        own = projected.gather(1, labels[:, None, None].expand(-1, 1, factor.shape[2]))
+        quadratic = quadratic + (projected - own).square().sum(2)
     return (linear + 0.5 * quadratic).masked_fill(F.one_hot(labels, weight.shape[0]).bool(), 0.0)
 
 
@@ -577,6 +647,7 @@ __all__ = [
     "class_betas",
     "gaussian_kl",
     "generator_loss",
+    "neighbour_nll",
     "TargetEstimator",
     "SemanticTransformationGenerator",
     "choose_tokens",

@@ -36,7 +36,7 @@ def analyze_generator(cfg: Config, cache: dict, generator, head: list[int], stag
     rows = torch.where(original & (labels == cls))[0]
     rows = rows[torch.randperm(len(rows), generator=gen)[:num_samples]]
     tokens = augmenter.token_classes(feats[rows], labels[rows])
-    mu, sigma = augmenter.transformation(feats[rows], labels[rows])
+    mu, sigma, _ = augmenter.transformation(feats[rows], labels[rows])
     kl = transformation_kl_matrix(mu, sigma)
     names = [f"sample {i + 1}" for i in range(num_samples)]
     table = [(n, {m: float(kl[i, j]) for j, m in enumerate(names)}) for i, n in enumerate(names)]

@@ -18,7 +18,13 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from ..augment.stg import SemanticTransformationGenerator, TargetEstimator, generator_loss, head_classes
+from ..augment.stg import (
+    SemanticTransformationGenerator,
+    TargetEstimator,
+    generator_loss,
+    head_classes,
+    neighbour_nll,
+)
 from ..data.classes import check_features
 from ..engine.checkpoint import atomic_write, atomic_write_text, exception_summary
 from ..engine.device import autocast
@@ -81,7 +87,7 @@ def train_generator(
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = SemanticTransformationGenerator(dim, num_classes, cfg.hidden_dims, cfg.token_std)
+        model = SemanticTransformationGenerator(dim, num_classes, cfg.hidden_dims, cfg.token_std, cfg.rank)
     model.trained_tokens[torch.tensor(heads)] = True
     model.to(device)
     optimiser = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -103,13 +109,19 @@ def train_generator(
             if b.numel() < 2:  # BatchNorm needs two rows; the row is used in the next epoch
                 continue
             xb, yb, ib = x[b], y[b], idx[b]
+            if cfg.loss == "nll":
+                pool, same = estimator.neighbourhood(xb, yb, ib)
             mu_t, sigma_t, mask = estimator(xb, yb, ib)
             if not bool(mask.any()):
                 continue
             with autocast(device, dtype):
                 mu, log_var = model(xb, yb)
-            mu, log_var = mu.float(), log_var.float()
-            loss = generator_loss(mu[mask], log_var[mask], mu_t[mask], sigma_t[mask], cfg.loss)
+                factor = model.factor(xb, yb)
+            mu, log_var, factor = mu.float(), log_var.float(), factor.float()
+            if cfg.loss == "nll":
+                loss = neighbour_nll(mu[mask], log_var[mask], factor[mask], xb[mask].float(), pool.float(), same[mask])
+            else:
+                loss = generator_loss(mu[mask], log_var[mask], mu_t[mask], sigma_t[mask], cfg.loss)
             if not torch.isfinite(loss):
                 raise TailaugError(
                     f"the generator loss became {loss.item()} in epoch {epoch + 1}; lower stg.lr or "
@@ -210,7 +222,8 @@ def load_generator(
     arch = meta.get("arch") or {}
     try:
         model = SemanticTransformationGenerator(
-            int(arch["dim"]), int(arch["num_classes"]), [int(h) for h in arch["hidden_dims"]], float(arch["token_std"])
+            int(arch["dim"]), int(arch["num_classes"]), [int(h) for h in arch["hidden_dims"]], float(arch["token_std"]),
+            int(arch.get("rank", 0)),
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(f"{side} has an invalid architecture entry ({exc!r}); {fix}") from None

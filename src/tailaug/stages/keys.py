@@ -189,8 +189,9 @@ def generator_key(cfg: Config) -> str:
     split does not reach it."""
     stg = cfg.stg.model_dump(mode="json")
     stg["head"] = head_set_fields(cfg)
-    if not stg["neighbours"]:  # absent: keys made before the option stay valid
-        del stg["neighbours"]
+    for option in ("neighbours", "rank"):  # absent at 0: keys made before the options stay valid
+        if not stg[option]:
+            del stg[option]
     return f"{stage1_key(cfg)}-{short_hash({**_views_key(cfg), 'stg': stg, 'seed': cfg.run.seed})}"
 
 

@@ -15,7 +15,7 @@ on the real features of all 60,000 training images (6,000 per class), and on the
 features plus the real features of every training image of the tail classes. They read images
 the long-tailed set does not have, so they are bounds, not methods.
 
-    .venv/bin/python benchmarks/feature_aug.py [--seeds 0 1 2] [--orders default hard_tail] [--report-only]
+    .venv/bin/python benchmarks/feature_aug.py [--seeds 0 1 2] [--orders default hard_tail] [--only TEXT ...] [--report-only]
 
 Writes benchmarks/results/feature_aug.json (every run's test metrics and its choices; a row
 already there is not run again) and feature_aug.md. Run directories: benchmarks/out/fmnist_lt/.
@@ -62,10 +62,7 @@ STAGE3 = {  # label -> overrides of the backbone's config
     "cRT + STG implicit [lambda, mu_scale on validation]": stg(", mode: implicit"),
     "cRT + STG, targets from the 10 nearest neighbours [lambda, mu_scale on validation]":
         ["stg.neighbours=10", *stg()],
-    "cRT + STG implicit, targets from the 10 nearest neighbours [lambda, mu_scale on validation]":
-        ["stg.neighbours=10", *stg(", mode: implicit")],
     "cRT + STG, rank-4 covariance [lambda, mu_scale on validation]": [*LOW_RANK, *stg()],
-    "cRT + STG implicit, rank-4 covariance [lambda, mu_scale on validation]": [*LOW_RANK, *stg(", mode: implicit")],
     "cRT + STG implicit, every class augmented [lambda, mu_scale on validation]":
         stg(", mode: implicit, targets: all"),
     "balanced-softmax stage 3 (instance sampling)": ["retrain.augmenter={name: none}", *BALANCED_SOFTMAX],
@@ -73,6 +70,7 @@ STAGE3 = {  # label -> overrides of the backbone's config
         [*stg(", mode: implicit"), *BALANCED_SOFTMAX],
 }
 AUGMENTED = [label for label in STAGE3 if "on validation" in label]
+STAGE1 = "balanced softmax (stage 1)"
 BEST = "best on validation (of the rows above marked so)"
 ORACLES = ("oracle: cRT on all 6,000 real images per class", "oracle: cRT with every real tail-class image")
 
@@ -136,11 +134,18 @@ def main() -> None:
     parser.add_argument("--orders", nargs="+", default=list(ORDERS), choices=list(ORDERS))
     parser.add_argument("--no-oracle", action="store_true", help="skip the oracle rows (a pass over 60,000 images)")
     parser.add_argument("--report-only", action="store_true", help="only rewrite the tables from the JSON")
+    parser.add_argument("--only", nargs="+", metavar="TEXT", help="run only the rows whose label contains one of these")
     args = parser.parse_args()
     store = RESULTS / "feature_aug.json"
-    results: dict = json.loads(store.read_text()) if store.is_file() else {}
+
+    def stored() -> dict:
+        return json.loads(store.read_text()) if store.is_file() else {}
+
+    results = stored()
 
     def record(order, label, seed, fn):
+        if args.only and not any(text in label for text in args.only):
+            return
         runs = results.setdefault(order, {}).setdefault(label, {})
         if f"s{seed}" in runs:
             return
@@ -148,20 +153,21 @@ def main() -> None:
         row = fn()
         if row is None:
             return
-        runs[f"s{seed}"] = row
+        results.update(stored())  # rows another run wrote meanwhile are kept
+        results.setdefault(order, {}).setdefault(label, {})[f"s{seed}"] = row
         print(f"{order:<9} {label:<60} seed {seed}: top1 {row['top1']:.2f} ({time.perf_counter() - t0:.0f} s)",
               flush=True)
         write_json(store, results)
 
     for order in [] if args.report_only else args.orders:
         for seed in args.seeds:
-            record(order, "balanced softmax (stage 1)", seed, lambda: stage1_row(order, seed))
-            for label, overrides in STAGE3.items():
-                record(order, label, seed, lambda: stage3_row(order, seed, overrides))
-            record(order, BEST, seed, lambda: best_row(results, order, seed))
+            record(order, STAGE1, seed, lambda: stage1_row(order, seed))
             if not args.no_oracle:
                 for label, tail_only in zip(ORACLES, (False, True)):
                     record(order, label, seed, lambda: oracle_row(order, seed, tail_only))
+            for label, overrides in STAGE3.items():
+                record(order, label, seed, lambda: stage3_row(order, seed, overrides))
+            record(order, BEST, seed, lambda: best_row(results, order, seed))
     write_report(results)
 
 
@@ -177,7 +183,9 @@ def write_report(results: dict) -> None:
     text = ["# Feature-space augmentation against balanced softmax on Fashion-MNIST-LT (issue #11)\n",
             "Backbone: ResNet-32, balanced-softmax loss, 30 epochs, validation split of 100 images per class. "
             "Mean ± sample std over seeds 0-2; medium = the two tail classes.\n"]
+    order_of_rows = [STAGE1, *STAGE3, BEST, *ORACLES]
     for order, rows in results.items():
+        rows = dict(sorted(rows.items(), key=lambda kv: order_of_rows.index(kv[0]) if kv[0] in order_of_rows else 99))
         text += [f"\n## Class order: {order}\n",
                  mean_std_table({label: list(runs.values()) for label, runs in rows.items()})]
         chosen = [(label, seed, chosen_text(run) if label != BEST else run["row"])

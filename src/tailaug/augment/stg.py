@@ -605,9 +605,9 @@ class STGAugmenterModule(FeatureAugmenter):
         m = self.mu_scale * mu.float() * s
         shift = self.t * m
         u = factor.float() * s[:, :, None]
-        # each coordinate moves with probability t, so the shared (low-rank) part keeps t^2 of
-        # its covariance off the diagonal and t on it
-        var = self.t * (sigma.float() * s**2 + u.square().sum(2)) - self.t**2 * u.square().sum(2) \
+        # each coordinate moves with probability t, so the low-rank part keeps t^2 of its
+        # covariance (the factor t u below) and its diagonal t: the diagonal gets t - t^2 more
+        var = self.t * sigma.float() * s**2 + (self.t - self.t**2) * u.square().sum(2) \
             + self.t * (1 - self.t) * m**2
         term = implicit_term(form.weight.float(), y, shift, var, self.t * u)
         term = term * self.implicit_rows[:, None]  # the rows forward() chose for this batch

@@ -109,9 +109,12 @@ def train_generator(
             if b.numel() < 2:  # BatchNorm needs two rows; the row is used in the next epoch
                 continue
             xb, yb, ib = x[b], y[b], idx[b]
-            if cfg.loss == "nll":
+            if cfg.loss == "nll":  # the neighbours themselves, not their smoothed moments
                 pool, same = estimator.neighbourhood(xb, yb, ib)
-            mu_t, sigma_t, mask = estimator(xb, yb, ib)
+                mask = same.sum(1) >= estimator.min_neighbours
+                estimator.push(xb, yb, ib)
+            else:
+                mu_t, sigma_t, mask = estimator(xb, yb, ib)
             if not bool(mask.any()):
                 continue
             with autocast(device, dtype):

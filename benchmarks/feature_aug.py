@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+import fmnist_lt
 from fmnist_lt import config
 from tailaug.data.datasets import Split
 from tailaug.data.sources import load_idx
@@ -38,7 +39,7 @@ from tailaug.evaluation.report import mean_std_table, write_json
 from tailaug.evaluation.scoring import score
 from tailaug.stages.classifier import predict, retrain_classifier
 from tailaug.stages.features import extract_features
-from tailaug.stages.pipeline import ensure_generator, ensure_stage1, head_set, retrain
+from tailaug.stages.pipeline import ensure_generator, head_set, retrain
 from tailaug.stages.stage1_model import load_finished
 
 RESULTS = Path(__file__).parent / "results"
@@ -80,11 +81,7 @@ def backbone(order: str, seed: int, overrides=()):
 
 
 def stage1_row(order: str, seed: int) -> dict:
-    cfg = backbone(order, seed)
-    run_dir = Path(cfg.run.output_dir) / cfg.run.name
-    ensure_stage1(cfg, run_dir, progress=False)
-    cache = extract_features(cfg, run_dir, progress=False)
-    return score(dense(cache["test_logits"]), cache["test_labels"], cache["class_counts"].tolist(), cfg)
+    return fmnist_lt.stage1_row(ORDERS[order], seed, 30, VALIDATION)
 
 
 def stage3_row(order: str, seed: int, overrides) -> dict:

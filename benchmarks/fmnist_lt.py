@@ -28,8 +28,8 @@ from pathlib import Path
 from statistics import median
 
 from tailaug.config import load_config
-from tailaug.evaluation.report import mean_std_table, write_json
 from tailaug.engine.shards import dense
+from tailaug.evaluation.report import mean_std_table, write_json
 from tailaug.evaluation.results import record_results
 from tailaug.evaluation.scoring import score
 from tailaug.stages.features import extract_features

@@ -10,12 +10,18 @@ features; a row marked "[... on validation]" chooses its options on the validati
 "best on validation" row applies one rule to every seed and order: of the augmented rows, the
 one whose chosen point scored highest on validation.
 
+``--backbones`` adds stage-1 models trained with other losses (CE, LDAM-DRW, and balanced
+softmax with ISDA's implicit feature augmentation during stage 1), same epochs and validation
+split; on each, its stage-1 row and the main stage-3 rows (cRT, STG at the paper's defaults and
+chosen on validation, STG implicit, balanced-softmax stage 3), labelled with the backbone.
+
 Two oracle rows bound what any stage-3 augmentation can reach on these backbones: cRT trained
 on the real features of all 60,000 training images (6,000 per class), and on the long-tailed
 features plus the real features of every training image of the tail classes. They read images
 the long-tailed set does not have, so they are bounds, not methods.
 
-    .venv/bin/python benchmarks/feature_aug.py [--seeds 0 1 2] [--orders default hard_tail] [--only TEXT ...] [--report-only]
+    .venv/bin/python benchmarks/feature_aug.py [--seeds 0 1 2] [--orders default hard_tail]
+        [--backbones "balanced softmax" CE LDAM-DRW "balanced softmax + ISDA"] [--only TEXT ...] [--report-only]
 
 Writes benchmarks/results/feature_aug.json (every run's test metrics and its choices; a row
 already there is not run again) and feature_aug.md. Run directories: benchmarks/out/fmnist_lt/.
@@ -76,16 +82,41 @@ BEST = "best on validation (of the rows above marked so)"
 ORACLES = ("oracle: cRT on all 6,000 real images per class", "oracle: cRT with every real tail-class image")
 
 
-def backbone(order: str, seed: int, overrides=()):
-    return config(ORDERS[order], seed, [*VALIDATION, *overrides])
+MAIN = "balanced softmax"
+BACKBONES = {  # stage-1 loss -> its config per class order
+    MAIN: ORDERS,
+    "CE": {"default": "ce.yaml", "hard_tail": "hard_tail_ce.yaml"},
+    "LDAM-DRW": {"default": "ldam_drw.yaml", "hard_tail": "hard_tail_ldam_drw.yaml"},
+    "balanced softmax + ISDA": {"default": "balanced_softmax_isda.yaml",
+                                "hard_tail": "hard_tail_balanced_softmax_isda.yaml"},
+}
+ON_EVERY_BACKBONE = ["cRT", "cRT + STG (paper defaults, lambda 1.5)", "cRT + STG [lambda, mu_scale on validation]",
+                     "cRT + STG implicit [lambda, mu_scale on validation]",
+                     "balanced-softmax stage 3 (instance sampling)"]
 
 
-def stage1_row(order: str, seed: int) -> dict:
-    return fmnist_lt.stage1_row(ORDERS[order], seed, 30, VALIDATION)
+def rows(name: str) -> dict[str, list[str]]:
+    """The stage-3 rows on one backbone, label -> overrides: every row on the balanced-softmax
+    backbone (labels as they are), the rows above on the others (labels prefixed)."""
+    if name == MAIN:
+        return STAGE3
+    return {f"{name} backbone: {label}": STAGE3[label] for label in ON_EVERY_BACKBONE}
 
 
-def stage3_row(order: str, seed: int, overrides) -> dict:
-    cfg = backbone(order, seed, overrides)
+def stage1_label(name: str) -> str:
+    return STAGE1 if name == MAIN else f"{name} (stage 1)"
+
+
+def backbone(order: str, seed: int, overrides=(), name: str = MAIN):
+    return config(BACKBONES[name][order], seed, [*VALIDATION, *overrides])
+
+
+def stage1_row(order: str, seed: int, name: str = MAIN) -> dict:
+    return fmnist_lt.stage1_row(BACKBONES[name][order], seed, 30, VALIDATION)
+
+
+def stage3_row(order: str, seed: int, overrides, name: str = MAIN) -> dict:
+    cfg = backbone(order, seed, overrides, name)
     run_dir = Path(cfg.run.output_dir) / cfg.run.name
     cache = extract_features(cfg, run_dir, progress=False)
     aug = cfg.retrain.augmenter
@@ -129,6 +160,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--orders", nargs="+", default=list(ORDERS), choices=list(ORDERS))
+    parser.add_argument("--backbones", nargs="+", default=[MAIN], choices=list(BACKBONES),
+                        help="stage-1 models whose rows to run (the oracles and every variant: balanced softmax)")
     parser.add_argument("--no-oracle", action="store_true", help="skip the oracle rows (a pass over 60,000 images)")
     parser.add_argument("--report-only", action="store_true", help="only rewrite the tables from the JSON")
     parser.add_argument("--only", nargs="+", metavar="TEXT", help="run only the rows whose label contains one of these")
@@ -158,12 +191,13 @@ def main() -> None:
 
     for order in [] if args.report_only else args.orders:
         for seed in args.seeds:
-            record(order, STAGE1, seed, lambda: stage1_row(order, seed))
-            if not args.no_oracle:
-                for label, tail_only in zip(ORACLES, (False, True)):
-                    record(order, label, seed, lambda: oracle_row(order, seed, tail_only))
-            for label, overrides in STAGE3.items():
-                record(order, label, seed, lambda: stage3_row(order, seed, overrides))
+            for name in args.backbones:
+                record(order, stage1_label(name), seed, lambda: stage1_row(order, seed, name))
+                if name == MAIN and not args.no_oracle:
+                    for label, tail_only in zip(ORACLES, (False, True)):
+                        record(order, label, seed, lambda: oracle_row(order, seed, tail_only))
+                for label, overrides in rows(name).items():
+                    record(order, label, seed, lambda: stage3_row(order, seed, overrides, name))
             record(order, BEST, seed, lambda: best_row(results, order, seed))
     write_report(results)
 
@@ -178,9 +212,11 @@ def chosen_text(row: dict) -> str:
 
 def write_report(results: dict) -> None:
     text = ["# Feature-space augmentation against balanced softmax on Fashion-MNIST-LT (issue #11)\n",
-            "Backbone: ResNet-32, balanced-softmax loss, 30 epochs, validation split of 100 images per class. "
-            "Mean ± sample std over seeds 0-2; medium = the two tail classes.\n"]
-    order_of_rows = [STAGE1, *STAGE3, BEST, *ORACLES]
+            "Backbone: ResNet-32, 30 epochs, validation split of 100 images per class; balanced-softmax loss "
+            "unless the row names another backbone. Mean ± sample std over the seeds run (0-2); "
+            "medium = the two tail classes.\n"]
+    order_of_rows = [STAGE1, *STAGE3, BEST, *ORACLES,
+                     *(label for name in BACKBONES if name != MAIN for label in [stage1_label(name), *rows(name)])]
     for order, rows in results.items():
         rows = dict(sorted(rows.items(), key=lambda kv: order_of_rows.index(kv[0]) if kv[0] in order_of_rows else 99))
         text += [f"\n## Class order: {order}\n",

@@ -52,12 +52,13 @@ RESULTS = Path(__file__).parent / "results"
 ORDERS = {"default": "balanced_softmax.yaml", "hard_tail": "hard_tail_balanced_softmax.yaml"}
 VALIDATION = ["data.val_per_class=100"]
 GRID = "{augmenter.lam: [0.5, 1.0, 1.5], augmenter.mu_scale: [0.0, 0.5, 1.0]}"
+WIDE = "{augmenter.lam: [1.0, 2.0, 4.0, 8.0]}"  # beyond the grid's edge, which the implicit rows chose
 LOW_RANK = ["stg.loss=nll", "stg.rank=4"]
 BALANCED_SOFTMAX = ["retrain.loss=[{name: balanced_softmax}]", "retrain.sampler={kind: instance}"]
 
 
-def stg(options: str = "", select: bool = True) -> list[str]:
-    chosen = [f"retrain.select={{grid: {GRID}, metric: top1}}"] if select else []
+def stg(options: str = "", select: bool = True, grid: str = GRID) -> list[str]:
+    chosen = [f"retrain.select={{grid: {grid}, metric: top1}}"] if select else []
     return [f"retrain.augmenter={{name: stg, lam: 1.5{options}}}", *chosen]
 
 
@@ -72,6 +73,8 @@ STAGE3 = {  # label -> overrides of the backbone's config
     "cRT + STG, rank-4 covariance [lambda, mu_scale on validation]": [*LOW_RANK, *stg()],
     "cRT + STG implicit, every class augmented [lambda, mu_scale on validation]":
         stg(", mode: implicit, targets: all"),
+    "cRT + STG implicit, no mean term, lambda up to 8 [lambda on validation]":
+        stg(", mode: implicit, mu_scale: 0.0", grid=WIDE),
     "balanced-softmax stage 3 (instance sampling)": ["retrain.augmenter={name: none}", *BALANCED_SOFTMAX],
     "balanced-softmax stage 3 + STG implicit [lambda, mu_scale on validation]":
         [*stg(", mode: implicit"), *BALANCED_SOFTMAX],
@@ -146,7 +149,8 @@ def oracle_row(order: str, seed: int, tail_only: bool) -> dict:
 
 
 def best_row(results: dict, order: str, seed: int) -> dict | None:
-    """The augmented row whose chosen point scored highest on validation (ties: the first)."""
+    """The augmented row whose chosen point scored highest on validation (ties: the first);
+    None until every augmented row has run on that seed."""
     key = f"s{seed}"
     runs = [(results[order][label][key]["choices"]["select"]["score"], -i, label)
             for i, label in enumerate(AUGMENTED) if key in results[order].get(label, {})]
@@ -198,7 +202,12 @@ def main() -> None:
                         record(order, label, seed, lambda: oracle_row(order, seed, tail_only))
                 for label, overrides in rows(name).items():
                     record(order, label, seed, lambda: stage3_row(order, seed, overrides, name))
-            record(order, BEST, seed, lambda: best_row(results, order, seed))
+    results.update(stored())
+    for order, runs in results.items():  # derived, so always recomputed from the rows as they are now
+        seeds = sorted({key for label, row in runs.items() if label != BEST for key in row})
+        best = {key: best_row(results, order, int(key[1:])) for key in seeds}
+        runs[BEST] = {key: row for key, row in best.items() if row is not None}
+    write_json(store, results)
     write_report(results)
 
 
@@ -217,12 +226,12 @@ def write_report(results: dict) -> None:
             "medium = the two tail classes.\n"]
     order_of_rows = [STAGE1, *STAGE3, BEST, *ORACLES,
                      *(label for name in BACKBONES if name != MAIN for label in [stage1_label(name), *rows(name)])]
-    for order, rows in results.items():
-        rows = dict(sorted(rows.items(), key=lambda kv: order_of_rows.index(kv[0]) if kv[0] in order_of_rows else 99))
+    for order, table in results.items():
+        table = dict(sorted(table.items(), key=lambda kv: order_of_rows.index(kv[0]) if kv[0] in order_of_rows else 99))
         text += [f"\n## Class order: {order}\n",
-                 mean_std_table({label: list(runs.values()) for label, runs in rows.items()})]
+                 mean_std_table({label: list(runs.values()) for label, runs in table.items()})]
         chosen = [(label, seed, chosen_text(run) if label != BEST else run["row"])
-                  for label, runs in rows.items() for seed, run in sorted(runs.items())]
+                  for label, runs in table.items() for seed, run in sorted(runs.items())]
         chosen = [c for c in chosen if c[2]]
         if chosen:
             text += ["\nChosen on validation, per seed:\n", "| row | seed | chosen |", "|:---|:---|:---|",

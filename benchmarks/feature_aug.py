@@ -148,10 +148,9 @@ def oracle_row(order: str, seed: int, tail_only: bool) -> dict:
     return score(logits, cache["test_labels"], counts, cfg)
 
 
-def best_row(results: dict, order: str, seed: int) -> dict | None:
+def best_row(results: dict, order: str, key: str) -> dict | None:
     """The augmented row whose chosen point scored highest on validation (ties: the first);
-    None until every augmented row has run on that seed."""
-    key = f"s{seed}"
+    None until every augmented row has run on that seed (key "s<seed>")."""
     runs = [(results[order][label][key]["choices"]["select"]["score"], -i, label)
             for i, label in enumerate(AUGMENTED) if key in results[order].get(label, {})]
     if len(runs) < len(AUGMENTED):
@@ -205,7 +204,7 @@ def main() -> None:
     results.update(stored())
     for order, runs in results.items():  # derived, so always recomputed from the rows as they are now
         seeds = sorted({key for label, row in runs.items() if label != BEST for key in row})
-        best = {key: best_row(results, order, int(key[1:])) for key in seeds}
+        best = {key: best_row(results, order, key) for key in seeds}
         runs[BEST] = {key: row for key, row in best.items() if row is not None}
     write_json(store, results)
     write_report(results)

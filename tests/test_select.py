@@ -1,6 +1,7 @@
 """retrain.select: stage-3 options chosen on the validation split, never on the test set."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -91,7 +92,7 @@ def test_select_round_trips_through_the_saved_config(tmp_path):
      "retrain.select.grid varies lr, which retrain.method ncm does not read, so every point would give the "
      "same classifier; it has no option to choose: remove retrain.select"),
     ([VAL, "retrain.select={grid: {lr: [0.1]}, metric: top5}"],
-     "retrain.select.metric = 'top5': Input should be 'top1', 'balanced' or 'shot_mean'"),
+     "retrain.select.metric = 'top5': Input should be 'top1', 'balanced', 'shot_mean' or 'nll'"),
 ])
 def test_a_bad_select_is_a_config_error_before_anything_trains(overrides, message):
     assert error_of(overrides) == message
@@ -165,6 +166,9 @@ def test_validation_score_of_each_metric_by_hand():
     assert score("top1") == pytest.approx(100 * 7 / 10)
     assert score("balanced") == pytest.approx((100 + 0 + 50 + 100) / 4)
     assert score("shot_mean") == pytest.approx(((100 + 0) / 2 + 50 + 100) / 3)
+    # one-hot logits: the true class has probability e / (e + 3) when predicted, 1 / (e + 3) if not
+    e = math.e
+    assert score("nll") == pytest.approx((7 * -math.log(e / (e + 3)) + 3 * -math.log(1 / (e + 3))) / 10)
 
 
 # --------------------------------------------------------------------------- the choice
@@ -195,6 +199,19 @@ def test_the_first_of_tied_points_is_chosen_and_every_score_recorded():
     assert [s["point"] for s in select["scores"]] == cfg.retrain.select.points()
     assert select["chosen"] == {"lr": 0.01, "epochs": 1} and select["score"] == 100
     assert best.choices["seed"] == 0 and select["validation_samples"] == 6
+
+
+def test_nll_chooses_the_lowest_score():
+    cfg = load_config(None, [VAL, "retrain.select={grid: {lr: [0.1, 0.01, 0.001]}, metric: nll}"])
+    labels = torch.tensor([0, 1, 2, 2])
+    # every point predicts every image right; lr 0.01 is the most confident, so its NLL is lowest
+    margin = {0.1: 1.0, 0.01: 3.0, 0.001: 2.0}
+    fit = lambda point: Fixed(margin[point.lr] * torch.nn.functional.one_hot(labels, 3).float())  # noqa: E731
+    best = select_on_validation(fit, cfg.retrain, torch.zeros(4, 4), labels, [10, 10, 10], cfg.data.shots)
+    select = best.choices["select"]
+    nll = [math.log(1 + 2 * math.exp(-m)) for m in margin.values()]
+    assert [s["score"] for s in select["scores"]] == pytest.approx(nll)
+    assert select["chosen"] == {"lr": 0.01} and select["score"] == pytest.approx(min(nll))
 
 
 def test_a_point_that_fails_names_itself():

@@ -416,14 +416,15 @@ class SelectConfig(Section):
     ``grid`` maps options of ``retrain``, dotted (``lr``, ``augmenter.lam``, ``sampler.kind``;
     nested mappings are read as dotted keys), to the values to try. Every combination (the
     first key varies slowest) trains the classifier and is scored on the validation split by
-    ``metric``, in %: ``top1`` (accuracy over the validation images), ``balanced`` (mean of the
-    per-class accuracies; top1 on a balanced split) or ``shot_mean`` (mean of the many-,
-    medium- and few-shot accuracies, groups by ``data.shots``: the tail weighs as much as the
-    head). The best point is kept, ties going to the first in grid order.
+    ``metric``: ``top1`` (accuracy over the validation images, %), ``balanced`` (mean of the
+    per-class accuracies, %; top1 on a balanced split), ``shot_mean`` (mean of the many-,
+    medium- and few-shot accuracies, %, groups by ``data.shots``: the tail weighs as much as
+    the head) or ``nll`` (mean negative log-likelihood, nats; the lowest wins). The best point
+    is kept, ties going to the first in grid order.
     """
 
     grid: dict[str, list[Any]]
-    metric: Literal["top1", "balanced", "shot_mean"] = "top1"
+    metric: Literal["top1", "balanced", "shot_mean", "nll"] = "top1"
 
     @model_validator(mode="before")
     @classmethod

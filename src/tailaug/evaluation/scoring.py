@@ -41,19 +41,25 @@ def eval_settings(cfg: Config) -> dict:
     return {"shots": cfg.data.shots.model_dump(), **cfg.eval.model_dump(mode="json")}
 
 
+LOWER_IS_BETTER = frozenset({"nll"})  # the validation metrics a smaller value of wins
+
+
 def validation_score(logits: torch.Tensor, labels, class_counts, metric: str, *, many: int, few: int) -> float:
-    """The number ``retrain.select`` ranks a classifier by, in %, from its own logits on the
-    validation split (no post-hoc adjustment): ``top1``, accuracy over the images;
-    ``balanced``, the mean of the per-class accuracies; ``shot_mean``, the mean of the
-    many-, medium- and few-shot accuracies (groups by the training counts ``class_counts``
-    and the thresholds ``many``/``few``; a group without classes is left out)."""
+    """The number ``retrain.select`` ranks a classifier by, from its own logits on the
+    validation split (no post-hoc adjustment): ``top1``, accuracy over the images (%);
+    ``balanced``, the mean of the per-class accuracies (%); ``shot_mean``, the mean of the
+    many-, medium- and few-shot accuracies (%; groups by the training counts ``class_counts``
+    and the thresholds ``many``/``few``; a group without classes is left out); ``nll``, the
+    mean negative log-likelihood of the true labels (nats; smaller wins, see
+    ``LOWER_IS_BETTER``). NLL moves with every image's probability, not only with the
+    images that change side, so it separates close grid points that top1 scores alike."""
     results = evaluate_logits(logits, torch.as_tensor(labels), class_counts, many=many, few=few)
-    if metric == "top1":
-        return results["top1"]
+    if metric in ("top1", "nll"):
+        return results[metric]
     if metric == "balanced":
         values = [a for a in results["per_class"] if a is not None]
     elif metric == "shot_mean":
         values = [results[g] for g in SHOT_GROUPS if results[g] is not None]
     else:
-        raise ConfigError(f"unknown retrain.select.metric {metric!r}; use top1, balanced or shot_mean")
+        raise ConfigError(f"unknown retrain.select.metric {metric!r}; use top1, balanced, shot_mean or nll")
     return float(sum(values) / len(values))

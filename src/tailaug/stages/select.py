@@ -23,7 +23,7 @@ from torch import nn
 
 from ..config import RetrainConfig, SelectConfig, ShotThresholds
 from ..errors import ConfigError, TailaugError
-from ..evaluation.scoring import validation_score
+from ..evaluation.scoring import LOWER_IS_BETTER, validation_score
 from ..registry import AUGMENTERS, CLASSIFIERS
 
 log = logging.getLogger(__name__)
@@ -68,13 +68,15 @@ def select_on_validation(
     shots: ShotThresholds,
 ) -> nn.Module:
     """Train ``fit(point config)`` for every point of ``retrain.select.grid``, score each on
-    (``val_features``, ``val_labels``) and return the best classifier. Its ``choices`` gain
-    ``select``: the metric, the grid, every point with its validation score (%), the chosen
+    (``val_features``, ``val_labels``) and return the best classifier (the highest score, or the
+    lowest for a metric in ``LOWER_IS_BETTER``). Its ``choices`` gain
+    ``select``: the metric, the grid, every point with its validation score, the chosen
     point and its score."""
     select = retrain.select
     if select is None:
         raise ConfigError("select_on_validation needs retrain.select")
     best, best_score, scores = None, None, []
+    sign = -1.0 if select.metric in LOWER_IS_BETTER else 1.0
     for point in select.points():
         point_cfg = retrain.at(point)
         try:
@@ -85,7 +87,7 @@ def select_on_validation(
                                  many=shots.many, few=shots.few)
         log.info("retrain.select: %s -> validation %s %.2f", _shown(point), select.metric, score)
         scores.append({"point": point, "score": score})
-        if best_score is None or score > best_score:  # ties: the earlier point stays
+        if best_score is None or sign * score > sign * best_score:  # ties: the earlier point stays
             best, best_score, chosen = model, score, point
     best.choices = {
         **getattr(best, "choices", {}),

@@ -10,7 +10,8 @@
    100 x 64; bounded memory at 1,000 x 2,048 where the naive one needs gigabytes.
 2. MetaSAug (``tailaug.augment.metasaug``): one training step of a ResNet-32 on 32x32x3
    images, batch 128, 100 classes, meta batch 100: plain cross-entropy, ISDA, MetaSAug (the
-   virtual step of all parameters a ``torch.func.functional_call`` of the same network), MetaSAug
+   virtual step of all parameters a ``torch.func.functional_call`` of the same network, the
+   Sigma-gradient by one forward-mode pass instead of a second-order one), MetaSAug
    with ``meta_params: head`` (the classifier alone takes the virtual step), and a naive MetaSAug
    step that deep-copies the model every step and swaps the updated tensors into the copy.
    Goal: a MetaSAug step at most 3x a plain step.
@@ -206,17 +207,18 @@ def meta_case(impl: str, size: int, classes: int, batch: int, meta_batch: int, s
     def real_step(adjust):
         out = model(x)
         inputs = LossInputs(out.logits.float(), y, out.features.float())
-        loss = ce(adjust(inputs))
+        loss = ce(adjust(inputs, out.features))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
 
-    def metasaug_adjust(inputs):
+    def metasaug_adjust(inputs, features):
         aug.set_meta_step(MetaStep(module=model, params=trainable(model), loss=ce, lr=0.1, meta_images=meta_x,
-                                   meta_labels=meta_y, logits_of=lambda o: o.logits, head_prefix="head."))
+                                   meta_labels=meta_y, logits_of=lambda o: o.logits, head_prefix="head.",
+                                   batch=x, features=features))
         return aug.adjust_loss_inputs(inputs, model.head)
 
-    def naive_adjust(inputs):  # the copy-based meta step, then ISDA's term with the refined Sigma
+    def naive_adjust(inputs, _features):  # the copy-based meta step, then ISDA's term with the refined Sigma
         phi = inputs.features.detach()
         classes_, slot = aug.moments.update(phi, y)
         sigma = aug.moments.covariance(classes_).full.clone().requires_grad_()
@@ -233,7 +235,7 @@ def meta_case(impl: str, size: int, classes: int, batch: int, meta_batch: int, s
         shift = implicit_shift(linear_form(model.head).weight, y, classes_, slot, refined, aug.lam)
         return LossInputs(inputs.logits + shift, y, inputs.features)
 
-    adjust = {"plain": lambda i: i, "isda": lambda i: aug.adjust_loss_inputs(i, model.head),
+    adjust = {"plain": lambda i, _: i, "isda": lambda i, _: aug.adjust_loss_inputs(i, model.head),
               "metasaug": metasaug_adjust, "metasaug_head": metasaug_adjust, "naive_metasaug": naive_adjust}[impl]
     return _timed(lambda: real_step(adjust), steps, device)
 

@@ -54,8 +54,8 @@ def spied(monkeypatch):
         seen["decoded"] += os.getpid() == main
         return real_view(self, index, key)
 
-    def meta_step(self, rows, epoch, step):
-        meta = real_meta(self, rows, epoch, step)
+    def meta_step(self, rows, epoch, step, **batch):
+        meta = real_meta(self, rows, epoch, step, **batch)
         seen["meta"].append((epoch, step, meta.meta_images.clone(), meta.meta_labels.clone()))
         return meta
 

@@ -2,6 +2,7 @@
 set, stage 1 (learning, exact resume) and stage 3."""
 
 import copy
+import dataclasses
 import json
 
 import numpy as np
@@ -14,7 +15,7 @@ from tailaug.augment import metasaug
 from tailaug.augment.base import AugmentContext, build_augmenter
 from tailaug.augment.class_moments import Covariance, class_slots
 from tailaug.augment.isda import implicit_shift
-from tailaug.augment.meta import MetaStep, meta_indices, trainable
+from tailaug.augment.meta import MetaStep, meta_indices, rng_snapshot, trainable
 from tailaug.config import load_config
 from tailaug.errors import ConfigError
 from tailaug.losses import LossInputs
@@ -77,7 +78,8 @@ def test_the_meta_gradient_of_sigma_matches_finite_differences_of_a_copied_model
     out = model(x)
     aug = _augmenter(meta_params=meta_params)
     meta = MetaStep(module=model, params=trainable(model), loss=loss, lr=lr, meta_images=meta_x,
-                    meta_labels=meta_y, logits_of=lambda o: o.logits, head_prefix="head.")
+                    meta_labels=meta_y, logits_of=lambda o: o.logits, head_prefix="head.", batch=x,
+                    features=out.features)
     refined = aug.refine(Covariance(full=sigma), augment_for(model, (out.features, out.logits)), meta)
     grad = (sigma - refined.full) / 0.5
 
@@ -103,6 +105,85 @@ def test_the_meta_gradient_of_sigma_matches_finite_differences_of_a_copied_model
     assert aug.meta_steps == 1 and float(aug.meta_loss_sum) == pytest.approx(meta_loss(sigma), rel=1e-12)
 
 
+def _second_order_refinement(model, x, y, meta_x, meta_y, sigma, lr, lam, moved):
+    """The reference: the meta gradient by differentiating through the virtual step's graph
+    (create_graph), on the graph of one forward pass of ``x``."""
+    classes, slot = class_slots(y, 3)
+    leaf = sigma.clone().requires_grad_()
+    out = model(x)
+    shift = implicit_shift(model.head.weight, y, classes, slot, Covariance(full=leaf), lam)
+    params = dict(model.named_parameters())
+    grads = torch.autograd.grad(F.cross_entropy(out.logits + shift, y), [params[n] for n in moved], create_graph=True)
+    stepped = {**params, **{n: params[n] - lr * g for n, g in zip(moved, grads)}}
+    buffers = {n: b.clone() for n, b in model.named_buffers()}
+    meta_loss = F.cross_entropy(torch.func.functional_call(model, {**buffers, **stepped}, (meta_x,)).logits, meta_y)
+    return torch.autograd.grad(meta_loss, leaf)[0]
+
+
+@pytest.mark.parametrize("meta_params", ["all", "head"])
+def test_the_forward_mode_meta_gradient_equals_differentiating_through_the_virtual_step(meta_params):
+    """float64, a network with BatchNorm and dropout: refine's gradient (one backward pass,
+    a forward-mode derivative of the features, second order only in the classifier) equals the
+    reference's second-order pass through the whole network, the dropout masks replayed."""
+    torch.manual_seed(3)
+    backbone = nn.Sequential(nn.Linear(3, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Dropout(0.3), nn.Linear(8, 4))
+    backbone.feature_dim = 4
+    model = Network(backbone, LinearHead(4, 3)).double().train()
+    x, y = _batch(12, 0)
+    meta_x, meta_y = _batch(9, 1)
+    classes, slot = class_slots(y, 3)
+    sigma, lr, lam = _sigma(classes), 0.3, 0.5
+    moved = [n for n, _ in model.named_parameters() if meta_params == "all" or n.startswith("head.")]
+
+    torch.manual_seed(11)  # the dropout masks of the reference's forward pass
+    expected = _second_order_refinement(model, x, y, meta_x, meta_y, sigma, lr, lam, moved)
+    torch.manual_seed(11)
+    rng = rng_snapshot("cpu")
+    out = model(x)
+    aug = _augmenter(meta_params=meta_params)
+    meta = MetaStep(module=model, params=trainable(model), lr=lr, meta_images=meta_x, meta_labels=meta_y,
+                    loss=lambda i: F.cross_entropy(i.logits, i.targets), logits_of=lambda o: o.logits,
+                    head_prefix="head.", batch=x, features=out.features, rng=rng)
+
+    def augment(cov):
+        return LossInputs(out.logits + implicit_shift(model.head.weight, y, classes, slot, cov, lam), y, out.features)
+
+    refined = aug.refine(Covariance(full=sigma), augment, meta)
+    assert expected.abs().max() > 1e-4
+    torch.testing.assert_close((sigma - refined.full) / aug.meta_lr, expected, rtol=1e-9, atol=1e-12)
+    if meta_params == "all":  # without the replay other masks: another (wrong) gradient
+        meta.rng = None
+        stray = aug.refine(Covariance(full=sigma), augment, meta)
+        assert not torch.allclose(stray.full, refined.full)
+
+
+def test_feature_tangent_is_the_directional_derivative_and_leaves_buffers_alone():
+    model = _tiny()
+    x, _ = _batch(8, 0)
+    out = model(x)
+    bn = model.backbone[1]
+    running = bn.running_mean.clone()
+    meta = MetaStep(module=model, params=trainable(model), loss=None, lr=0.1, meta_images=x, meta_labels=None,
+                    head_prefix="head.", batch=x, features=out.features, rng=rng_snapshot("cpu"))
+    direction = {"backbone.0.weight": torch.randn(4, 3, dtype=torch.float64), "backbone.1.bias": torch.ones(4, dtype=torch.float64)}
+    torch.rand(5)  # the generator moves on; the replay sets it back for the call and returns it after
+    state = torch.get_rng_state()
+    tangent = meta.feature_tangent(direction)
+    eps = 1e-6
+
+    def at(sign):
+        params = {n: p.detach() + sign * eps * direction.get(n, 0) for n, p in meta.params.items()}
+        buffers = {n: b.clone() for n, b in model.named_buffers()}
+        return torch.func.functional_call(model, {**buffers, **params}, (x,)).features
+
+    torch.testing.assert_close(tangent, (at(1) - at(-1)) / (2 * eps), rtol=1e-6, atol=1e-8)
+    assert torch.equal(bn.running_mean, running) and torch.equal(torch.get_rng_state(), state)
+    assert torch.equal(meta.feature_tangent({"head.bias": torch.ones(3, dtype=torch.float64)}), torch.zeros(8, 4,
+                                                                                                           dtype=torch.float64))
+    with pytest.raises(ValueError, match="needs the training batch"):
+        dataclasses.replace(meta, batch=None).feature_tangent(direction)
+
+
 def test_the_virtual_step_leaves_parameters_and_batchnorm_buffers_alone_and_refines_the_term():
     model = _tiny(torch.float32)
     x, y = _batch(12, 0, torch.float32)
@@ -115,8 +196,9 @@ def test_the_virtual_step_leaves_parameters_and_batchnorm_buffers_alone_and_refi
         after_real = {k: v.detach().clone() for k, v in model.state_dict().items()}
         assert aug.meta_rows() == aug.meta_batch == 100
         aug.set_meta_step(MetaStep(module=model, params=trainable(model), lr=0.1, meta_images=meta_x,
-                                   meta_labels=meta_y, logits_of=lambda o: o.logits,
-                                   loss=lambda i: F.cross_entropy(i.logits, i.targets)))
+                                   meta_labels=meta_y, logits_of=lambda o: o.logits, head_prefix="head.",
+                                   loss=lambda i: F.cross_entropy(i.logits, i.targets), batch=x,
+                                   features=out.features))
         inputs = aug.adjust_loss_inputs(LossInputs(out.logits, y, out.features), model.head)
         for k, v in model.state_dict().items():  # nothing changed by the meta step
             assert torch.equal(v, after_real[k]), k
@@ -223,7 +305,8 @@ def _ddp_worker(rank, world, port, where):
             x, y = _batch(6, 10 * step + rank)  # each process its own share of the batch
             out = net(x)
             aug.set_meta_step(MetaStep(module=model, params=trainable(model), loss=ce, lr=0.1, meta_images=meta_x,
-                                       meta_labels=meta_y, logits_of=lambda o: o.logits, head_prefix="head."))
+                                       meta_labels=meta_y, logits_of=lambda o: o.logits, head_prefix="head.",
+                                       batch=x, features=out.features))
             loss = ce(aug.adjust_loss_inputs(LossInputs(out.logits, y, out.features), model.head))
             opt.zero_grad()
             loss.backward()

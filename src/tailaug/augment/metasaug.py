@@ -6,11 +6,17 @@ Sigma of the classes in the batch is first refined by one meta step on a balance
 
 1. the training loss L(theta, Sigma) of the batch with ISDA's term (the configured loss:
    CE, or LDAM with its DRW weights, ...), at the current parameters theta;
-2. a virtual SGD step theta' = theta - lr * dL/dtheta (the current learning rate; the graph
-   is kept, so theta' is a function of Sigma);
+2. a virtual SGD step theta' = theta - lr * dL/dtheta (the current learning rate), theta' a
+   function of Sigma;
 3. the cross-entropy of the module at theta' on a meta batch (a functional call of the same
    module, :class:`tailaug.augment.meta.MetaStep`; no copy of the model);
-4. Sigma <- Sigma - meta_lr * d(meta loss)/d(Sigma);
+4. Sigma <- Sigma - meta_lr * d(meta loss)/d(Sigma), exact, and without differentiating
+   through the network's backward pass: by the chain rule d(meta loss)/dSigma =
+   -lr d/dSigma <dL/dtheta, v>, v the meta loss's gradient at theta'; Sigma enters L after the
+   features f, so <dL/dtheta, v> = <dL/df, J v> + (the classifier's terms), where J v, the
+   features' derivative along v, comes from one forward-mode pass of the training batch
+   (:meth:`~tailaug.augment.meta.MetaStep.feature_tangent`, the random layers replaying the
+   real pass's draws). Only the classifier is differentiated twice;
 
 then the real step uses the refined Sigma. The meta set is the balanced validation split
 (``data.val_per_class``; 10 per class in the configs, as methods.md's meta set), never the test
@@ -21,13 +27,13 @@ Decisions (the paper and issue leave them open):
 
 - Parameters of the virtual step (``meta_params``): ``all`` trainable ones of the module being
   trained (backbone and head in stage 1; the classifier in stage 3), the default, as the
-  paper; or only the classifier's (``head``): then the Sigma-gradient needs no second-order
-  pass through the backbone, and a step costs about one extra forward pass of the meta batch
-  (``benchmarks/isda_speed.py``) instead of a few. The step is plain SGD on the loss's
+  paper; or only the classifier's (``head``): then no backward or forward-mode pass of the
+  training batch goes through the backbone, and a step costs about one extra forward pass of
+  the meta batch (``benchmarks/isda_speed.py``). The step is plain SGD on the loss's
   gradient (no momentum, no weight decay: the plainest reading of "a virtual SGD step"; in
   stage 3 at ``retrain.lr``, the lr of its Adam, so the refinement is small there). The
   virtual gradient reuses the real forward pass's graph (the same parameters and batch give
-  the same outputs), so only the meta batch is sent through the network again. The meta pass
+  the same outputs), which the real backward pass then uses again. The meta pass
   runs in training mode (BatchNorm uses the meta batch's statistics) on clones of the buffers:
   no running statistic changes.
 - The refined Sigma serves the step only; the running statistics stay the exact moments of the
@@ -168,19 +174,38 @@ class MetaSAugAugmenter(ISDAAugmenter):
         return self.refine(cov, augment, meta)
 
     def refine(self, cov: Covariance, augment, meta: MetaStep) -> Covariance:
-        """Sigma - meta_lr * d/dSigma CE(module at theta - lr dL(theta, Sigma)/dtheta, meta batch)."""
+        """Sigma - meta_lr * d/dSigma CE(module at theta - lr dL(theta, Sigma)/dtheta, meta batch).
+
+        Without a second-order pass through the network: with v = dCE/dtheta' at the virtually
+        stepped parameters theta', the chain rule gives dCE/dSigma = -lr d/dSigma <dL/dtheta, v>,
+        and Sigma enters L only after the features f, so <dL/dtheta, v> = <dL/df, J v> +
+        <dL/dtheta_head, v_head> with J v the features' forward-mode derivative along v
+        (:meth:`MetaStep.feature_tangent`). Only the classifier's part is differentiated twice."""
         leaves = {f.name: getattr(cov, f.name).detach().clone().requires_grad_()
                   for f in dataclasses.fields(cov) if getattr(cov, f.name) is not None}
+        chosen = meta.params if self.meta_params == "all" else meta.head_params()
+        head = {n: p for n, p in chosen.items() if n.startswith(meta.head_prefix)}
+        body = {n: p for n, p in chosen.items() if n not in head}
+        if body and meta.features is None:
+            raise ValueError("metasaug: MetaStep.features (the classifier's input in the real pass) is needed to "
+                             "step the parameters before the classifier")
         with torch.enable_grad():
-            chosen = meta.params if self.meta_params == "all" else meta.head_params()
-            names = list(chosen)
-            params = [chosen[n] for n in names]
             loss = meta.loss(augment(Covariance(**leaves)))
-            grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
-            stepped = dict(meta.params)
-            stepped.update({n: p - meta.lr * g for n, p, g in zip(names, params, grads) if g is not None})
-            meta_loss = F.cross_entropy(meta.meta_logits(stepped), meta.meta_labels)
-            found = torch.autograd.grad(meta_loss, list(leaves.values()), allow_unused=True)
+            wrt = [*head.values(), *([meta.features] if body else [])]
+            inner = torch.autograd.grad(loss, wrt, create_graph=True, allow_unused=True)  # the classifier's part
+            grads, d_features = dict(zip(head, inner[: len(head)])), inner[-1] if body else None
+            if d_features is not None:  # the rest by one backward pass through the network, on the real step's graph
+                grads.update(zip(body, torch.autograd.grad(meta.features, list(body.values()), d_features.detach(),
+                                                           retain_graph=True, allow_unused=True)))
+            stepped = {n: (chosen[n] - meta.lr * g).detach().requires_grad_() for n, g in grads.items() if g is not None}
+            meta_loss = F.cross_entropy(meta.meta_logits({**meta.params, **stepped}), meta.meta_labels)
+            v = dict(zip(stepped, torch.autograd.grad(meta_loss, list(stepped.values()))))
+            # <dL/dtheta, v>, differentiable in Sigma: the classifier's terms, and the features' along J v
+            terms = [(grads[n] * v[n]).sum() for n in head if n in v]
+            if moved := {n: v[n] for n in body if n in v}:
+                terms.append((d_features.float() * meta.feature_tangent(moved)).sum())
+            found = torch.autograd.grad(-meta.lr * sum(terms), list(leaves.values()), allow_unused=True) if terms \
+                else [None] * len(leaves)
         found = [torch.zeros_like(v) if g is None else g for v, g in zip(leaves.values(), found)]
         if distributed.is_active():  # the mean over the processes: every one refines Sigma alike
             flat = distributed.all_reduce_sum(torch.cat([g.flatten() for g in found]))

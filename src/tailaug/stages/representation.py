@@ -13,7 +13,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from ..augment.base import AugmentContext, build_augmenter, sizes_only
-from ..augment.meta import MetaStep, meta_indices, trainable
+from ..augment.meta import MetaStep, meta_indices, rng_snapshot, trainable
 from ..augment.mixup import mixed_loss, mixup
 from ..augment.remix import Remix
 from ..augment.stg import head_classes
@@ -346,6 +346,8 @@ class Trainer:
             extra, extra_y = self.feature_aug.virtual(len(y), aug_gen) or (None, None)
             if extra_y is not None and not len(extra_y):
                 extra = None
+        rows = self.feature_aug.meta_rows() if self.feature_aug is not None else 0
+        rng = rng_snapshot(self.device) if rows else None  # the meta step replays this pass's random draws
         with autocast(self.device, self.dtype):
             out = self.net(x, extra, labels=y) if self.stage_module is not None else self.net(x, extra)
         logits, features = out.logits.float(), out.features.float()
@@ -356,8 +358,8 @@ class Trainer:
         cosine = self.model.head.cosine(features)  # None for a linear head
         inputs = LossInputs(logits, y, features, cosine)
         if self.feature_aug is not None:  # never with mixup (a config error): one label per feature
-            if rows := self.feature_aug.meta_rows():
-                self.feature_aug.set_meta_step(self.meta_step(rows, *at))
+            if rows:
+                self.feature_aug.set_meta_step(self.meta_step(rows, *at, batch=x, features=out.features, rng=rng))
             inputs = self.feature_aug.adjust_loss_inputs(inputs, self.model.head)
         if perm is None:
             loss = self.loss_fn(inputs)
@@ -393,10 +395,12 @@ class Trainer:
         loaded = self.meta_loader.raw(meta_indices(size, rows, seed, epoch, s) for s in range(first, steps))
         return zip(range(first, steps), loaded)
 
-    def meta_step(self, rows: int, epoch: int, step: int) -> MetaStep:
+    def meta_step(self, rows: int, epoch: int, step: int, *, batch=None, features=None, rng=None) -> MetaStep:
         """This step's :class:`MetaStep`: the network (not a copy), its trainable parameters, the
         loss, the lr, and ``rows`` validation images (evaluation transform) drawn by (seed, epoch, step):
-        rows of the in-memory images, or for image files the batch of :attr:`meta_feed`."""
+        rows of the in-memory images, or for image files the batch of :attr:`meta_feed`; ``batch``,
+        ``features``, ``rng``: the step's training images, their features in its forward pass and
+        the generators' states before that pass."""
         val = self.data.val
         if val.images is not None:
             idx = meta_indices(len(val), rows, self.cfg.run.seed, epoch, step)
@@ -412,7 +416,7 @@ class Trainer:
                         lr=self.optimizer.param_groups[0]["lr"], meta_images=self.transform(raw),
                         meta_labels=labels,
                         logits_of=lambda out: out.logits, autocast=lambda: autocast(self.device, self.dtype),
-                        head_prefix="head.")
+                        head_prefix="head.", batch=batch, features=features, rng=rng)
 
     # ------------------------------------------------------------------ evaluation
 

@@ -104,6 +104,9 @@ BACKBONES = {  # stage-1 loss -> its config per class order
     "LDAM-DRW": {"default": "ldam_drw.yaml", "hard_tail": "hard_tail_ldam_drw.yaml"},
     "balanced softmax + ISDA": {"default": "balanced_softmax_isda.yaml",
                                 "hard_tail": "hard_tail_balanced_softmax_isda.yaml"},
+    # the meta set is the benchmark's validation split (100 per class), as it is for retrain.select
+    "balanced softmax + MetaSAug": {"default": "balanced_softmax_metasaug.yaml",
+                                    "hard_tail": "hard_tail_balanced_softmax_metasaug.yaml"},
 }
 ON_EVERY_BACKBONE = ["cRT", "cRT + STG (paper defaults, lambda 1.5)", "cRT + STG [lambda, mu_scale on validation]",
                      "cRT + STG implicit [lambda, mu_scale on validation]",

@@ -1,6 +1,7 @@
 """MetaSAug: the meta gradient with respect to Sigma, the functional virtual step, the meta
 set, stage 1 (learning, exact resume) and stage 3."""
 
+import contextlib
 import copy
 import dataclasses
 import json
@@ -15,7 +16,7 @@ from tailaug.augment import metasaug
 from tailaug.augment.base import AugmentContext, build_augmenter
 from tailaug.augment.class_moments import Covariance, class_slots
 from tailaug.augment.isda import implicit_shift
-from tailaug.augment.meta import MetaStep, meta_indices, rng_snapshot, trainable
+from tailaug.augment.meta import MetaStep, meta_indices, replay, rng_snapshot, trainable
 from tailaug.config import load_config
 from tailaug.errors import ConfigError
 from tailaug.losses import LossInputs
@@ -182,6 +183,24 @@ def test_feature_tangent_is_the_directional_derivative_and_leaves_buffers_alone(
                                                                                                            dtype=torch.float64))
     with pytest.raises(ValueError, match="needs the training batch"):
         dataclasses.replace(meta, batch=None).feature_tangent(direction)
+
+
+def test_the_rng_snapshot_of_a_cuda_step_holds_and_replays_that_device(monkeypatch):
+    """No GPU here: the CUDA calls are recorded. A CUDA step's snapshot holds that device's
+    generator state beside the CPU's, and the replay forks and sets exactly that device."""
+    import torch.random
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device: calls.append(("get", device)) or "state")
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: calls.append(("set", state, device)))
+    monkeypatch.setattr(torch.random, "fork_rng", lambda devices: calls.append(("fork", devices)) or contextlib.nullcontext())
+    cpu_only = rng_snapshot("cpu")
+    assert cpu_only[2] is None and not calls
+    snap = rng_snapshot("cuda:1")
+    assert snap[1] == torch.device("cuda:1") and calls == [("get", torch.device("cuda:1"))]
+    with replay(snap):
+        pass
+    assert calls[1:] == [("fork", [torch.device("cuda:1")]), ("set", "state", torch.device("cuda:1"))]
 
 
 def test_the_virtual_step_leaves_parameters_and_batchnorm_buffers_alone_and_refines_the_term():

@@ -199,10 +199,10 @@ class MetaSAugAugmenter(ISDAAugmenter):
                                                            retain_graph=True, allow_unused=True)))
             stepped = {n: (chosen[n] - meta.lr * g).detach().requires_grad_() for n, g in grads.items() if g is not None}
             meta_loss = F.cross_entropy(meta.meta_logits({**meta.params, **stepped}), meta.meta_labels)
-            v = dict(zip(stepped, torch.autograd.grad(meta_loss, list(stepped.values()))))
+            meta_grad = dict(zip(stepped, torch.autograd.grad(meta_loss, list(stepped.values()))))
             # <dL/dtheta, v>, differentiable in Sigma: the classifier's terms, and the features' along J v
-            terms = [(grads[n] * v[n]).sum() for n in head if n in v]
-            if moved := {n: v[n] for n in body if n in v}:
+            terms = [(grads[n] * meta_grad[n]).sum() for n in head if n in meta_grad]
+            if moved := {n: meta_grad[n] for n in body if n in meta_grad}:
                 terms.append((d_features.float() * meta.feature_tangent(moved)).sum())
             found = torch.autograd.grad(-meta.lr * sum(terms), list(leaves.values()), allow_unused=True) if terms \
                 else [None] * len(leaves)

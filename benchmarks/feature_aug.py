@@ -12,9 +12,10 @@ rule to every seed and order: of the augmented rows chosen by top-1, the one who
 scored highest on validation.
 
 ``--backbones`` adds stage-1 models trained with other losses (CE, LDAM-DRW, and balanced
-softmax with ISDA's implicit feature augmentation during stage 1), same epochs and validation
-split; on each, its stage-1 row and the main stage-3 rows (cRT, STG at the paper's defaults and
-chosen on validation, STG implicit, balanced-softmax stage 3), labelled with the backbone.
+softmax with ISDA's implicit feature augmentation during stage 1, alone or refined by MetaSAug's
+meta step on the validation split), same epochs and validation split; on each, its stage-1 row
+and the main stage-3 rows (cRT, STG at the paper's defaults and chosen on validation, STG
+implicit, balanced-softmax stage 3), labelled with the backbone.
 
 One row re-weighs the prior at test time instead of augmenting: the balanced-softmax model's
 logits minus tau * log(prior), tau from -1 to 1 chosen on validation. It tells a missing bias
@@ -26,7 +27,8 @@ features plus the real features of every training image of the tail classes. The
 the long-tailed set does not have, so they are bounds, not methods.
 
     .venv/bin/python benchmarks/feature_aug.py [--seeds 0 1 2] [--orders default hard_tail]
-        [--backbones "balanced softmax" CE LDAM-DRW "balanced softmax + ISDA"] [--only TEXT ...] [--report-only]
+        [--backbones "balanced softmax" CE LDAM-DRW "balanced softmax + ISDA" "balanced softmax + MetaSAug"]
+        [--only TEXT ...] [--report-only]
 
 Writes benchmarks/results/feature_aug.json (every run's test metrics and its choices; a row
 already there is not run again) and feature_aug.md. Run directories: benchmarks/out/fmnist_lt/.
